@@ -1,0 +1,366 @@
+"""The `tlsearch` command: parse, call one function, print, exit code.
+
+Exit codes: 0 success; 1 the work failed; 2 bad usage or bad input (one line on stderr, no
+traceback); 130 interrupted by Ctrl-C (the study stays resumable). Modules load lazily so that
+`tlsearch --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from search.config import TLSearchError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 2 like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise TLSearchError(f"{message} (see {self.prog} --help)")
+
+
+def _add_search_options(p: argparse.ArgumentParser, *, resume: bool = False) -> None:
+    d = argparse.SUPPRESS if resume else None
+    p.add_argument("--trials", type=int, default=d, help="total trials the study should reach (default 20)")
+    p.add_argument("--time-budget", default=d, help="wall-clock limit of this run, e.g. 30m, 2h")
+    p.add_argument("--max-epochs", type=int, default=d, help="ASHA's largest rung (epochs of a full trial)")
+    p.add_argument("--gpus-per-trial", type=float, default=d, help="GPUs per trial, fractions allowed")
+    p.add_argument("--cpus-per-trial", type=float, default=d, help="CPUs per trial (= torch threads)")
+    p.add_argument("--max-concurrent", type=int, default=d, help="trials at once (default: fits the machine)")
+    p.add_argument("--address", default=d, help="join an existing Ray cluster (HOST:PORT or auto)")
+    p.add_argument("--weights-dir", default=d, help="folder of <model name>.pth state dicts")
+    p.add_argument("--no-progress", action="store_true", help="no live view")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `tlsearch` and all its commands."""
+    p = _Parser(
+        prog="tlsearch",
+        description="Backbone and hyperparameter search for transfer learning in image classification.",
+    )
+    from search import __version__
+
+    p.add_argument("--version", action="version", version=f"tlsearch {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    c = sub.add_parser("demo", help="make a demo dataset, search it, report and export the best config")
+    c.add_argument("--dir", default=".", help="working folder (data/, studies/, reports/ go here)")
+    c.add_argument("--weights-dir", default=None, help="folder of <model name>.pth state dicts")
+    c.add_argument("--trials", type=int, default=None, help="trials to run (default 8)")
+
+    c = sub.add_parser("run", help="search backbones and hyperparameters on a dataset")
+    c.add_argument("data", metavar="DATA", help="ImageFolder: DATA/train + DATA/val, or class folders")
+    c.add_argument("--study", required=True, help="study name (an existing study is continued)")
+    c.add_argument("--space", default=None, help="search space YAML (default: built-in for this hardware)")
+    _add_search_options(c)
+    c.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///studies/NAME.db)")
+    c.add_argument("--no-pretrained", action="store_true", help="random initialisation for every trial")
+    c.add_argument("--no-cache", action="store_true", help="no image or feature cache")
+    c.add_argument("--seed", type=int, default=0, help="sampler and data-split seed")
+    c.add_argument("--sampler", default="tpe", help="tpe | random | cmaes | qmc")
+    c.add_argument("--val-fraction", type=float, default=0.2, help="validation share when DATA has no val/")
+
+    c = sub.add_parser("resume", help="continue an interrupted search with its stored settings")
+    c.add_argument("name", metavar="NAME")
+    c.add_argument("--storage", default=None, help="the study's storage URL, when not the default")
+    _add_search_options(c, resume=True)
+
+    c = sub.add_parser("studies", help="list studies: trials by state, best value, best backbone")
+    c.add_argument("--storage", default=None)
+    c.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("show", help="the leaderboard of a study")
+    c.add_argument("name", metavar="NAME")
+    c.add_argument("--top", type=int, default=None)
+    c.add_argument("--storage", default=None)
+    c.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("report", help="write the HTML report of a study")
+    c.add_argument("name", metavar="NAME")
+    c.add_argument("--storage", default=None)
+
+    c = sub.add_parser("export", help="write the best (or a chosen) trial's config")
+    c.add_argument("name", metavar="NAME")
+    c.add_argument("--trial", type=int, default=None)
+    c.add_argument("--out", default=None)
+    c.add_argument("--format", default="yaml", choices=("yaml", "json"))
+    c.add_argument("--pareto", action="store_true", help="export the accuracy/size Pareto set")
+    c.add_argument("--storage", default=None)
+
+    c = sub.add_parser("train", help="train one config and save a deployable model")
+    c.add_argument("config", metavar="CONFIG")
+    c.add_argument("data", metavar="DATA")
+    c.add_argument("--out", default=None, help="model folder (default models/<config name>)")
+    c.add_argument("--weights-dir", default=None)
+    c.add_argument("--no-cache", action="store_true")
+    c.add_argument("--full", action="store_true", help="train on train+val (the final fit)")
+    c.add_argument("--val-fraction", type=float, default=0.2)
+    c.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("predict", help="classify images with a saved model")
+    c.add_argument("model", metavar="MODEL")
+    c.add_argument("images", metavar="IMAGE", nargs="+")
+    c.add_argument("--top", type=int, default=1)
+    c.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("check", help="validate a dataset and print what was found")
+    c.add_argument("data", metavar="DATA")
+    c.add_argument("--val-fraction", type=float, default=0.2)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("backbones", help="list backbones, their stages, sizes and weights")
+    c.add_argument("pattern", nargs="?", default="*")
+    c.add_argument("--weights-dir", default=None)
+    c.add_argument("--json", action="store_true")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands: each takes the parsed args and returns an exit code.
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from search.data import format_summary, scan_dataset
+
+    index = scan_dataset(a.data, val_fraction=a.val_fraction, seed=a.seed, warn=None if not a.json else _quiet)
+    if a.json:
+        _print_json(index.summary())
+    else:
+        print(format_summary(index))
+    return EXIT_OK
+
+
+def cmd_backbones(a: argparse.Namespace) -> int:
+    from search.backbones import backbones_table
+
+    rows = backbones_table(pattern=a.pattern, weights_dir=a.weights_dir)
+    if a.json:
+        _print_json(rows)
+        return EXIT_OK
+    print(f"{'backbone':<26} {'params':>8}  {'weights':<10} stages")
+    for r in rows:
+        params = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "?"
+        print(f"{r['name']:<26} {params:>8}  {r.get('weights', '?'):<10} {len(r['stages'])}: {', '.join(r['stages'])}")
+    print("\nAny timm model works too, as timm/<name> (e.g. timm/tf_efficientnet_lite0).")
+    return EXIT_OK
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from search.trial import train
+
+    out = a.out or str(Path("models", Path(a.config).stem))
+    summary = train(
+        a.config, a.data, out=out, weights_dir=a.weights_dir, cache=not a.no_cache, full=a.full,
+        val_fraction=a.val_fraction, progress=True,
+    )
+    if a.json:
+        _print_json(summary)
+    else:
+        print(
+            f"val_acc {summary['val_acc']:.4f}  val_loss {summary['val_loss']:.4f}  "
+            f"{summary['epochs']} epochs in {summary['seconds']:.1f}s\nmodel saved to {summary['model_dir']}"
+        )
+    return EXIT_OK
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from search.export import predict
+
+    rows = predict(a.model, a.images, top=a.top)
+    if a.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            if "error" in r:
+                print(f"{r['image']}\terror: {r['error']}")
+            else:
+                print(f"{r['image']}\t" + "\t".join(f"{c} {p:.3f}" for c, p in r["top"]))
+    return EXIT_FAILED if any("error" in r for r in rows) else EXIT_OK
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from search.config import SearchSettings, parse_duration
+    from search.runner import run_search
+    from search.space import load_space
+
+    space = load_space(a.space) if a.space else None
+    settings = SearchSettings(
+        study=a.study,
+        data=str(Path(a.data).resolve()),
+        storage=a.storage,
+        space=space.to_dict() if space else {},
+        trials=a.trials if a.trials is not None else 20,
+        time_budget_s=parse_duration(a.time_budget) if a.time_budget else None,
+        max_epochs=a.max_epochs,
+        cpus_per_trial=a.cpus_per_trial if a.cpus_per_trial is not None else 1.0,
+        gpus_per_trial=a.gpus_per_trial if a.gpus_per_trial is not None else 0.0,
+        max_concurrent=a.max_concurrent,
+        address=a.address,
+        weights_dir=str(Path(a.weights_dir).resolve()) if a.weights_dir else None,
+        pretrained=not a.no_pretrained,
+        cache=not a.no_cache,
+        seed=a.seed,
+        sampler=a.sampler,
+        val_fraction=a.val_fraction,
+    )
+    summary = run_search(settings, space=space, progress=not a.no_progress)
+    return _after_search(summary, settings.study, settings.storage)
+
+
+def cmd_resume(a: argparse.Namespace) -> int:
+    from search.config import parse_duration
+    from search.runner import resume_search
+
+    overrides: dict[str, Any] = {}
+    for key in ("trials", "max_epochs", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "address", "weights_dir"):
+        if hasattr(a, key):
+            overrides[key] = getattr(a, key)
+    if hasattr(a, "time_budget"):
+        overrides["time_budget_s"] = parse_duration(a.time_budget)
+    summary = resume_search(a.name, storage=a.storage, progress=not a.no_progress, **overrides)
+    return _after_search(summary, a.name, a.storage)
+
+
+def _after_search(summary: Any, study: str, storage: str | None) -> int:
+    """Prints the leaderboard, writes the report and best config; Ctrl-C says how to resume."""
+    from search.studies import format_leaderboard, leaderboard, load_study
+
+    st = load_study(study, storage=storage)
+    print(format_leaderboard(leaderboard(st), top=10))
+    _write_outputs(study, storage)
+    if getattr(summary, "interrupted", False):
+        print(f"interrupted; continue with: tlsearch resume {study}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+def _write_outputs(study: str, storage: str | None) -> dict[str, Path]:
+    """Writes the report and, when there is a COMPLETE trial, best.yaml; returns their paths."""
+    paths: dict[str, Path] = {}
+    try:
+        from search.report import write_report
+
+        paths["report"] = write_report(study, storage=storage)
+        print(f"report: {paths['report']}")
+    except ImportError:
+        pass
+    try:
+        from search.export import export_trial
+
+        paths["best"] = export_trial(study, storage=storage)[0]
+        print(f"best config: {paths['best']}")
+    except TLSearchError as e:
+        print(f"no best config: {e}", file=sys.stderr)
+    return paths
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from search.demo import run_demo
+
+    return run_demo(Path(a.dir), weights_dir=a.weights_dir, trials=a.trials)
+
+
+def cmd_studies(a: argparse.Namespace) -> int:
+    from search.studies import list_studies
+
+    rows = list_studies(storage=a.storage)
+    if a.json:
+        _print_json(rows)
+        return EXIT_OK
+    if not rows:
+        print("no studies (run one with: tlsearch run DATA --study NAME)")
+    for r in rows:
+        counts = ", ".join(f"{k.lower()} {v}" for k, v in r.get("states", {}).items())
+        best = f"{r['best_value']:.4f} ({r.get('best_backbone')})" if r.get("best_value") is not None else "-"
+        print(f"{r['name']:<24} {counts:<40} best {best}")
+    return EXIT_OK
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    from search.studies import format_leaderboard, leaderboard, load_study, study_summary
+
+    study = load_study(a.name, storage=a.storage)
+    if a.json:
+        _print_json(study_summary(study, top=a.top))
+    else:
+        print(format_leaderboard(leaderboard(study), top=a.top))
+    return EXIT_OK
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from search.report import write_report
+
+    print(write_report(a.name, storage=a.storage))
+    return EXIT_OK
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from search.export import export_trial
+
+    for path in export_trial(a.name, trial=a.trial, out=a.out, fmt=a.format, pareto=a.pareto, storage=a.storage):
+        print(path)
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "demo": cmd_demo,
+    "run": cmd_run,
+    "resume": cmd_resume,
+    "studies": cmd_studies,
+    "show": cmd_show,
+    "report": cmd_report,
+    "export": cmd_export,
+    "train": cmd_train,
+    "predict": cmd_predict,
+    "check": cmd_check,
+    "backbones": cmd_backbones,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs `tlsearch`; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return EXIT_USAGE
+        return COMMANDS[args.command](args)
+    except TLSearchError as e:
+        print(f"tlsearch: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("tlsearch: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as e:  # the work failed: one line, the traceback only on request
+        if os.environ.get("TLSEARCH_DEBUG"):
+            raise
+        print(f"tlsearch: failed: {type(e).__name__}: {_one_line(e)} (TLSEARCH_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _quiet(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

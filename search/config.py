@@ -1,0 +1,334 @@
+"""Typed settings: what one trial runs (`TrialConfig`) and how a search runs (`SearchSettings`).
+
+Both are frozen dataclasses that round-trip through a plain dict and YAML. Every user-facing
+error raised here is a `ConfigError` whose message names the rule and echoes the value; the CLI
+prints it as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+
+class TLSearchError(Exception):
+    """A problem the user can fix (bad input, missing file): one line on stderr, exit code 2."""
+
+
+class ConfigError(TLSearchError, ValueError):
+    """A configuration, search space or command-line value that breaks a rule."""
+
+
+FreezeDepth = Union[int, str]  # an int >= 0, or "all" for the backbone's number of stages
+
+OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
+AUGMENTATIONS = ("none", "flip", "trivialaugment", "randaugment", "autoaugment", "augmix")
+
+# Keys `tlsearch export` adds "for the record". `tlsearch train` accepts and ignores them, so an
+# exported file trains unchanged.
+RECORD_KEYS = frozenset(
+    {
+        "study",
+        "trial",
+        "trial_number",
+        "metrics",
+        "dataset",
+        "dataset_fingerprint",
+        "class_names",
+        "versions",
+        "state",
+    }
+)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial of transfer learning needs, as in DESIGN.md's trial config file."""
+
+    backbone: str = "resnet18"  # torchvision model name; timm models as timm/<name>
+    pretrained: bool = True  # false: random initialisation
+    freeze_depth: FreezeDepth = 0  # stages frozen from the stem; "all" = head only
+    augmentation: str = "flip"  # none | flip | trivialaugment | randaugment | autoaugment | augmix
+    randaugment_num_ops: int = 2  # RandAugment: transformations applied in sequence
+    randaugment_magnitude: int = 9  # RandAugment: strength, 0..30
+    augmix_severity: int = 3  # AugMix: strength of the base operations, 1..10
+    mixup_alpha: float = 0.0  # MixUp's Beta(alpha, alpha); 0 turns it off
+    cutmix_alpha: float = 0.0  # CutMix's Beta(alpha, alpha); 0 turns it off
+    image_size: int = 224  # side of the square crop fed to the backbone
+    epochs: int = 10  # full training budget; ASHA may stop a trial earlier
+    batch_size: int = 32
+    optimizer: str = "adamw"  # sgd | adamw | adam | rmsprop
+    lr: float = 3e-4  # peak learning rate of the head (and of the backbone, see lr_decay)
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd and rmsprop only
+    label_smoothing: float = 0.0
+    warmup_epochs: float = 0.0  # linear warmup before the cosine decay, in epochs
+    dropout: float = 0.0  # dropout before the new classifier
+    lr_decay: float = 1.0  # discriminative lr: stage i from the head gets lr * lr_decay**i
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_name("backbone", self.backbone)
+        if self.augmentation not in AUGMENTATIONS:
+            raise ConfigError(
+                f"unknown augmentation {self.augmentation!r}; available: {', '.join(AUGMENTATIONS)}"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; available: {', '.join(OPTIMIZERS)}")
+        fd = self.freeze_depth
+        if isinstance(fd, bool) or not (fd == "all" or (isinstance(fd, int) and fd >= 0)):
+            raise ConfigError(f"freeze_depth must be an integer >= 0 or 'all', got {fd!r}")
+        _check_range("image_size", self.image_size, 16, 1024)
+        _check_range("epochs", self.epochs, 1, 10_000)
+        _check_range("batch_size", self.batch_size, 1, 65_536)
+        _check_range("randaugment_num_ops", self.randaugment_num_ops, 1, 10)
+        _check_range("randaugment_magnitude", self.randaugment_magnitude, 0, 30)
+        _check_range("augmix_severity", self.augmix_severity, 1, 10)
+        _check_positive("lr", self.lr)
+        for name in ("weight_decay", "momentum", "mixup_alpha", "cutmix_alpha", "warmup_epochs"):
+            _check_range(name, getattr(self, name), 0.0, math.inf)
+        _check_range("label_smoothing", self.label_smoothing, 0.0, 0.999)
+        _check_range("dropout", self.dropout, 0.0, 0.999)
+        _check_range("lr_decay", self.lr_decay, 1e-6, 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the config as a plain dict, in field order (what YAML files hold)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "config") -> "TrialConfig":
+        """Builds a config from a mapping, ignoring `RECORD_KEYS` and refusing unknown keys.
+
+        Args:
+            d: the mapping, e.g. a loaded YAML file.
+            source: what to call the mapping in error messages (a file name).
+
+        Returns:
+            The validated config.
+        """
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of settings, got {type(d).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(str(k) for k in d if k not in known and k not in RECORD_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}"
+            )
+        kwargs = {k: _coerce(k, v, known[k].type, source) for k, v in d.items() if k in known}
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "TrialConfig":
+        """Returns a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How a search runs; stored with the study so `tlsearch resume` can continue it."""
+
+    study: str  # the study's name: studies/<study>.db, reports/<study>/
+    data: str  # the dataset folder, absolute
+    storage: str | None = None  # Optuna storage URL; None: sqlite:///studies/<study>.db
+    space: dict = field(default_factory=dict)  # the search space as loaded from YAML (or default)
+    trials: int = 20  # total trials the study should reach (finished ones count)
+    time_budget_s: float | None = None  # wall-clock limit of this run; None: none
+    max_epochs: int | None = None  # ASHA's largest rung; None: from the space
+    grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: int = 3  # ASHA: keep 1/reduction_factor at each rung
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None  # None: chosen for the machine
+    address: str | None = None  # an existing Ray cluster; None: start Ray locally
+    weights_dir: str | None = None  # DIR/<model name>.pth state dicts used instead of downloads
+    pretrained: bool = True  # False (--no-pretrained): every trial starts from random weights
+    cache: bool = True  # False (--no-cache): no image or feature cache
+    seed: int = 0
+    sampler: str = "tpe"  # tpe | random | cmaes | qmc
+    metric: str = "val_acc"
+    mode: str = "max"  # max | min
+    val_fraction: float = 0.2  # validation share when DATA has no val/ folder
+    studies_dir: str = "studies"
+    reports_dir: str = "reports"
+
+    def __post_init__(self) -> None:
+        check_study_name(self.study)
+        _check_range("trials", self.trials, 1, 1_000_000)
+        _check_range("grace_period", self.grace_period, 1, 10_000)
+        _check_range("reduction_factor", self.reduction_factor, 2, 100)
+        _check_range("cpus_per_trial", self.cpus_per_trial, 0.0, 4096)
+        _check_range("gpus_per_trial", self.gpus_per_trial, 0.0, 64)
+        _check_range("val_fraction", self.val_fraction, 0.01, 0.9)
+        if self.mode not in ("max", "min"):
+            raise ConfigError(f"mode must be 'max' or 'min', got {self.mode!r}")
+        if self.max_concurrent is not None:
+            _check_range("max_concurrent", self.max_concurrent, 1, 100_000)
+        if self.time_budget_s is not None:
+            _check_positive("time_budget", self.time_budget_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the settings as a plain dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SearchSettings":
+        """Builds settings from a dict written by `to_dict` (keys it does not know are dropped)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def replace(self, **changes: Any) -> "SearchSettings":
+        """Returns a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def storage_url(self) -> str:
+        """The Optuna storage URL of the study."""
+        if self.storage:
+            return self.storage
+        return f"sqlite:///{Path(self.studies_dir, self.study + '.db').resolve()}"
+
+    @property
+    def experiment_dir(self) -> Path:
+        """Ray's experiment folder for this study: studies/<study>/."""
+        return Path(self.studies_dir, self.study).resolve()
+
+    @property
+    def report_dir(self) -> Path:
+        """reports/<study>/."""
+        return Path(self.reports_dir, self.study).resolve()
+
+
+_STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_study_name(name: str) -> str:
+    """Refuses study names that could escape studies/ and reports/ or break a file system.
+
+    Args:
+        name: the study name given by the user.
+
+    Returns:
+        The name, unchanged.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError("study name must not be empty")
+    if len(name) > 200:
+        raise ConfigError(f"study name must be at most 200 characters, got {len(name)}")
+    if ".." in name or not _STUDY_NAME.match(name):
+        raise ConfigError(
+            f"study name may hold letters, digits, '.', '_' and '-' (no '..', no '/'), got {name!r}"
+        )
+    return name
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|d)?\s*$")
+_UNIT_SECONDS = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Parses a duration such as `90`, `30s`, `30m`, `1.5h` into seconds.
+
+    Args:
+        text: the duration; a bare number means seconds.
+
+    Returns:
+        The duration in seconds, > 0.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        m = _DURATION.match(str(text).lower())
+        if not m:
+            raise ConfigError(f"bad duration {text!r}; use e.g. 90s, 30m, 2h")
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    if not seconds > 0 or math.isinf(seconds):
+        raise ConfigError(f"duration must be > 0, got {text!r}")
+    return seconds
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Reads a YAML file; a missing file or a syntax error is a `ConfigError` naming file and line."""
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"no such file: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {p}: {e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+
+
+def dump_yaml(data: Mapping[str, Any], path: str | Path) -> Path:
+    """Writes a mapping as YAML (keys in the given order), atomically; returns the path."""
+    import yaml
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(dict(data), sort_keys=False), encoding="utf-8")
+    tmp.replace(p)
+    return p
+
+
+def load_trial_config(path: str | Path) -> TrialConfig:
+    """Reads a trial config YAML (or JSON) file, as written by `tlsearch export`."""
+    return TrialConfig.from_dict(load_yaml(path), source=str(path))
+
+
+def _check_name(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def _check_range(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
+        hi = "" if math.isinf(high) else f" and {high}"
+        rule = f"between {low}{hi}" if hi else f">= {low}"
+        raise ConfigError(f"{name} must be {rule}, got {value!r}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+        raise ConfigError(f"{name} must be > 0, got {value!r}")
+
+
+def _coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
+    """Turns YAML scalars into the field's type (YAML reads `3e-4` as a string, for one)."""
+    ann = str(annotation)
+    try:
+        if ann == "bool":
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if ann == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            return int(value) if isinstance(value, (int, str)) else _raise()
+        if ann == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if ann == "FreezeDepth":
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                return int(value)
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {key} must be of type {ann}, got {value!r}") from None
+    return value
+
+
+def _raise() -> Any:
+    raise ValueError

@@ -1,0 +1,489 @@
+"""One trial of transfer learning: backbone, frozen stages, new head, train/eval epochs, metrics.
+
+`fine_tune` is the function the search calls in every Ray trial and `tlsearch train` calls once.
+It reads top to bottom: build the model, load the data, build the optimizer and schedule, then
+alternate `train_one_epoch` and `evaluate`, reporting every epoch to a callback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search.config import TrialConfig
+
+Report = Callable[[dict[str, Any]], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the trial has diverged."""
+
+
+@dataclass
+class TrialResult:
+    """What one trial produced."""
+
+    config: TrialConfig  # the config it ran
+    class_names: list[str]  # index -> class name, as in the dataset
+    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics dict per epoch
+    params_total: int = 0  # parameters of the whole model
+    params_trainable: int = 0  # parameters that received gradients
+    latency_ms: float = 0.0  # batch-1 inference time on the trial's device
+    seconds: float = 0.0  # wall time of the whole trial
+    checkpoint_path: str | None = None  # best epoch's state_dict, when asked for
+    model: nn.Module | None = None  # the trained model, last epoch (for `tlsearch train`)
+    preprocessing: dict[str, Any] = field(default_factory=dict)  # what predict needs to reproduce eval
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """Metrics of the epoch with the highest val_acc (the first one on ties)."""
+        if not self.history:
+            return {}
+        return max(self.history, key=lambda m: (m["val_acc"], -m["epoch"]))
+
+    @property
+    def final(self) -> dict[str, Any]:
+        """Metrics of the last epoch."""
+        return self.history[-1] if self.history else {}
+
+
+def fine_tune(
+    config: TrialConfig,
+    index: Any,
+    *,
+    report: Report | None = None,
+    weights_dir: str | None = None,
+    cache: bool = True,
+    cache_dir: str | None = None,
+    device: str | None = None,
+    checkpoint_path: str | None = None,
+    threads: int | None = None,
+    train_on_val: bool = False,
+    keep_model: bool = False,
+) -> TrialResult:
+    """Trains one config on a dataset and reports metrics after every epoch.
+
+    Args:
+        config: the trial config.
+        index: the scanned dataset (`search.data.DatasetIndex`).
+        report: called after every epoch with that epoch's metrics (the search's hook).
+        weights_dir: folder of `<model name>.pth` state dicts used instead of downloads.
+        cache: use the decoded-image and frozen-feature caches.
+        cache_dir: where caches live; None: the default cache folder.
+        device: "cpu", "cuda", "cuda:1", ...; None: CUDA when available.
+        checkpoint_path: where to save the best epoch's state_dict (overwritten, so bounded).
+        threads: torch CPU threads for this trial (= CPUs given to it).
+        train_on_val: train on train+val (the final fit); val metrics are then optimistic.
+        keep_model: keep the trained model in the result.
+
+    Returns:
+        The trial's result with per-epoch history.
+    """
+    from search import backbones
+    from search.data import stored_size
+
+    start = time.perf_counter()
+    if threads:
+        torch.set_num_threads(max(1, int(threads)))
+    seed_everything(config.seed)
+    dev = pick_device(device)
+    num_classes = len(index.classes)
+
+    bb = backbones.build_backbone(
+        config.backbone,
+        num_classes,
+        pretrained=config.pretrained,
+        weights_dir=weights_dir,
+        dropout=config.dropout,
+    )
+    trainable = backbones.freeze(bb, config.freeze_depth)
+    model = bb.model.to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    train_loader, val_loader, head_only = load_data(
+        config, index, bb, device=dev, cache=cache, cache_dir=cache_dir, train_on_val=train_on_val
+    )
+    optimizer = build_optimizer(config, backbones.param_groups(
+        bb, lr=config.lr, weight_decay=config.weight_decay, lr_decay=config.lr_decay
+    ))
+    steps_per_epoch = max(1, len(train_loader))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine(
+            step, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+            total_steps=config.epochs * steps_per_epoch,
+        ),
+    )
+    mix = None
+    if not head_only.features:
+        from search.augment import batch_mix
+
+        mix = batch_mix(config, num_classes)
+    scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
+
+    result = TrialResult(
+        config=config,
+        class_names=list(index.classes),
+        params_total=sum(p.numel() for p in model.parameters()),
+        params_trainable=trainable,
+        checkpoint_path=checkpoint_path,
+        preprocessing={
+            "image_size": config.image_size,
+            "resize_size": stored_size(config.image_size),
+            "mean": list(bb.mean),
+            "std": list(bb.std),
+            "interpolation": bb.interpolation,
+        },
+    )
+    result.latency_ms = measure_latency(model, config.image_size, dev)
+    best_acc, best_confusion = -1.0, None
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        train_loss, seen = train_one_epoch(
+            head_only.train_module(model), train_loader, optimizer, scheduler,
+            label_smoothing=config.label_smoothing, mix=mix, scaler=scaler, device=dev,
+        )
+        val = evaluate(head_only.eval_module(model), val_loader, num_classes, device=dev)
+        seconds = time.perf_counter() - t0
+        if val["val_acc"] > best_acc:
+            best_acc, best_confusion = val["val_acc"], val["confusion_matrix"]
+            if checkpoint_path:
+                save_checkpoint(model, checkpoint_path)
+        metrics = {
+            "epoch": epoch,
+            "val_acc": val["val_acc"],
+            "val_loss": val["val_loss"],
+            "val_balanced_acc": val["val_balanced_acc"],
+            "train_loss": train_loss,
+            "epoch_seconds": seconds,
+            "images_per_s": seen / seconds if seconds > 0 else 0.0,
+            "lr": optimizer.param_groups[-1]["lr"],
+            "params_total": result.params_total,
+            "params_trainable": trainable,
+            "latency_ms": result.latency_ms,
+            "confusion_matrix": best_confusion,
+            "best_val_acc": best_acc,
+        }
+        result.history.append(metrics)
+        if report is not None:
+            report(dict(metrics))
+    result.seconds = time.perf_counter() - start
+    if keep_model:
+        result.model = model.eval()
+    return result
+
+
+@dataclass
+class _Plan:
+    """How the train/eval loops see the model: whole, or the head over cached features."""
+
+    features: bool = False  # True: loaders yield frozen features, only the head runs
+
+    def train_module(self, model: nn.Module) -> nn.Module:
+        model.train()
+        return model.head if self.features else model
+
+    def eval_module(self, model: nn.Module) -> nn.Module:
+        model.eval()
+        return model.head if self.features else model
+
+
+def load_data(
+    config: TrialConfig,
+    index: Any,
+    bb: Any,
+    *,
+    device: torch.device,
+    cache: bool,
+    cache_dir: str | None,
+    train_on_val: bool = False,
+) -> tuple[Iterable, Iterable, _Plan]:
+    """Builds the train and val loaders; head-only trials with a cache get frozen features.
+
+    Returns:
+        (train loader, val loader, plan saying whether they yield images or features).
+    """
+    from search import augment, data
+
+    train_tf = augment.train_transform(config, mean=bb.mean, std=bb.std, interpolation=bb.interpolation)
+    eval_tf = augment.eval_transform(config.image_size, mean=bb.mean, std=bb.std)
+    train_ds, val_ds = data.dataset_splits(
+        index, image_size=config.image_size, train_transform=train_tf, eval_transform=eval_tf,
+        cache=cache, cache_dir=cache_dir,
+    )
+    if train_on_val:
+        val_as_train = data.dataset_splits(
+            index, image_size=config.image_size, train_transform=train_tf, eval_transform=train_tf,
+            cache=cache, cache_dir=cache_dir,
+        )[1]
+        train_ds = torch.utils.data.ConcatDataset([train_ds, val_as_train])
+
+    if cache and not train_on_val:
+        try:
+            from search import features
+        except ImportError:  # the feature cache is optional
+            features = None
+        if features is not None and features.can_cache(config, bb):
+            train_loader, val_loader = features.feature_loaders(
+                config, bb, train_ds, val_ds, index=index, device=device, cache_dir=cache_dir
+            )
+            return train_loader, val_loader, _Plan(features=True)
+
+    g = torch.Generator().manual_seed(config.seed)
+    pin = device.type == "cuda"
+    workers = _loader_workers(device)
+    train_loader = torch.utils.data.DataLoader(
+        train_ds, batch_size=config.batch_size, shuffle=True, generator=g, drop_last=len(train_ds) > config.batch_size,
+        num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_ds, batch_size=max(config.batch_size, 64), shuffle=False, num_workers=workers,
+        pin_memory=pin, persistent_workers=workers > 0,
+    )
+    return train_loader, val_loader, _Plan(features=False)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    label_smoothing: float,
+    mix: Callable | None,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+) -> tuple[float, int]:
+    """One pass over the training data.
+
+    Returns:
+        (mean training loss, images seen).
+    """
+    total, seen = 0.0, 0
+    use_amp = device.type == "cuda"
+    for x, y in loader:
+        x, y = _to_device(x, y, device)
+        if mix is not None and x.dim() == 4 and len(x) > 1:
+            x, y = mix(x, y)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"training loss is {loss.item()} (diverged; lower the lr)")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total += loss.item() * len(x)
+        seen += len(x)
+    return total / max(seen, 1), seen
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: torch.device) -> dict[str, Any]:
+    """Top-1 accuracy, balanced accuracy, loss and confusion matrix on a loader."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    loss_sum, n = 0.0, 0
+    use_amp = device.type == "cuda"
+    for x, y in loader:
+        x, y = _to_device(x, y, device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        n += len(y)
+        pred = logits.argmax(1)
+        confusion += torch.bincount(
+            (y * num_classes + pred).cpu(), minlength=num_classes * num_classes
+        ).reshape(num_classes, num_classes)
+    correct = confusion.diag().sum().item()
+    per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
+    present = confusion.sum(1) > 0
+    return {
+        "val_acc": correct / max(n, 1),
+        "val_loss": loss_sum / max(n, 1),
+        "val_balanced_acc": per_class[present].mean().item() if present.any() else 0.0,
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+OPTIMIZER_BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.momentum > 0),
+    "adamw": lambda groups, c: torch.optim.AdamW(groups, lr=c.lr),
+    "adam": lambda groups, c: torch.optim.Adam(groups, lr=c.lr),
+    "rmsprop": lambda groups, c: torch.optim.RMSprop(groups, lr=c.lr, momentum=c.momentum, eps=0.0316, alpha=0.9),
+}
+
+
+def build_optimizer(config: TrialConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """The config's optimizer over parameter groups (trainable parameters only)."""
+    return OPTIMIZER_BUILDERS[config.optimizer](groups, config)
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at total_steps."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, image_size: int, device: torch.device, *, runs: int = 5) -> float:
+    """Median batch-1 inference time in milliseconds."""
+    model.eval()
+    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    times = []
+    for i in range(runs + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:  # the first calls warm up allocators and kernels
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1000.0)
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Saves the model's state_dict atomically (a crash never leaves half a file)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(p)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Loads a state_dict with `weights_only=True`: a pickled payload is refused, never run."""
+    from search.config import TLSearchError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TLSearchError(f"no checkpoint at {path}") from None
+    except Exception as e:
+        raise TLSearchError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str | None) -> torch.device:
+    """The requested device, or CUDA when available, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _loader_workers(device: torch.device) -> int:
+    # On CPU the trial's own threads do the math; extra loader processes would fight them for cores.
+    # On a GPU, decoding and augmentation on the CPU must keep up with the card.
+    if device.type != "cuda":
+        return 0
+    return min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.to(device, non_blocking=True)
+    if device.type == "cuda" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def train(
+    config: TrialConfig | str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    out: str | os.PathLike | None = None,
+    weights_dir: str | None = None,
+    cache: bool = True,
+    full: bool = False,
+    val_fraction: float = 0.2,
+    progress: bool = True,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Trains one config on a dataset (a reproduction, or the final fit) and saves the model.
+
+    Args:
+        config: a TrialConfig, or a YAML/JSON file as written by `tlsearch export`.
+        data: the dataset folder.
+        out: the model folder to write; None: do not save.
+        weights_dir: folder of `<model name>.pth` state dicts used instead of downloads.
+        cache: use the image and feature caches.
+        full: train on train+val (the final fit).
+        val_fraction: validation share when DATA has no val/ folder (split seeded by config.seed).
+        progress: print one line per epoch on stderr.
+        device: None: CUDA when available.
+
+    Returns:
+        Final metrics: val_acc, val_loss, val_balanced_acc, best_val_acc, epochs, seconds,
+        params_total, params_trainable, latency_ms, model_dir.
+    """
+    import sys
+
+    from search.config import load_trial_config
+    from search.data import scan_dataset
+
+    cfg = config if isinstance(config, TrialConfig) else load_trial_config(config)
+    index = scan_dataset(data, val_fraction=val_fraction, seed=cfg.seed)
+
+    def show(m: dict[str, Any]) -> None:
+        if progress:
+            print(
+                f"epoch {m['epoch']}/{cfg.epochs}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}"
+                f"  val_acc {m['val_acc']:.4f}  {m['epoch_seconds']:.1f}s  {m['images_per_s']:.0f} img/s",
+                file=sys.stderr, flush=True,
+            )
+
+    if progress:
+        print(
+            f"training {cfg.backbone} (freeze_depth {cfg.freeze_depth}, {cfg.augmentation}) on "
+            f"{len(index.train)} train / {len(index.val)} val images, {len(index.classes)} classes",
+            file=sys.stderr, flush=True,
+        )
+    result = fine_tune(
+        cfg, index, report=show, weights_dir=weights_dir, cache=cache, train_on_val=full,
+        keep_model=out is not None, device=device,
+    )
+    if progress:
+        print(
+            f"{result.params_trainable:,} of {result.params_total:,} parameters trainable",
+            file=sys.stderr, flush=True,
+        )
+    final = result.final
+    summary = {
+        "val_acc": final["val_acc"],
+        "val_loss": final["val_loss"],
+        "val_balanced_acc": final["val_balanced_acc"],
+        "best_val_acc": final["best_val_acc"],
+        "epochs": len(result.history),
+        "seconds": round(result.seconds, 2),
+        "params_total": result.params_total,
+        "params_trainable": result.params_trainable,
+        "latency_ms": round(result.latency_ms, 3),
+        "model_dir": None,
+    }
+    if out is not None:
+        from search.export import save_model
+
+        summary["model_dir"] = str(
+            save_model(result, out, record={"dataset": index.root, "dataset_fingerprint": index.fingerprint,
+                                            "full_fit": full})
+        )
+    return summary
