@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from search.config import (
+    ConfigError,
+    SearchSettings,
+    TrialConfig,
+    check_study_name,
+    dump_yaml,
+    load_trial_config,
+    load_yaml,
+    parse_duration,
+)
+
+
+def test_trial_config_round_trips_through_yaml(tmp_path: Path) -> None:
+    cfg = TrialConfig(backbone="resnet50", freeze_depth="all", lr=1e-3, augmentation="randaugment")
+    path = dump_yaml(cfg.to_dict(), tmp_path / "c.yaml")
+    assert load_trial_config(path) == cfg
+
+
+def test_yaml_scalars_are_coerced(tmp_path: Path) -> None:
+    # PyYAML reads 3e-4 (no dot) as a string; a user writes it all the time.
+    (tmp_path / "c.yaml").write_text("backbone: resnet18\nlr: 3e-4\nfreeze_depth: '2'\nepochs: 4.0\n")
+    cfg = load_trial_config(tmp_path / "c.yaml")
+    assert cfg.lr == pytest.approx(3e-4) and cfg.freeze_depth == 2 and cfg.epochs == 4
+
+
+def test_record_keys_are_accepted_and_unknown_keys_refused() -> None:
+    cfg = TrialConfig.from_dict({"backbone": "resnet18", "study": "s", "metrics": {"val_acc": 0.9}})
+    assert cfg.backbone == "resnet18"
+    with pytest.raises(ConfigError, match="unknown key.*lerning_rate"):
+        TrialConfig.from_dict({"lerning_rate": 0.1})
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"augmentation": "rotate"}, "unknown augmentation 'rotate'; available: none, flip"),
+        ({"optimizer": "lbfgs"}, "unknown optimizer 'lbfgs'"),
+        ({"freeze_depth": -1}, "freeze_depth must be an integer >= 0 or 'all', got -1"),
+        ({"lr": 0}, "lr must be > 0, got 0"),
+        ({"batch_size": 0}, "batch_size must be between 1"),
+        ({"label_smoothing": 1.5}, "label_smoothing must be between"),
+    ],
+)
+def test_invalid_trial_config_names_the_rule(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        TrialConfig(**changes)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("backbone: resnet18\nlr: [0.1, 0.2\nfreeze_depth: 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+: malformed YAML"):
+        load_yaml(p)
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("30s", 30), ("30m", 1800), ("1.5h", 5400), (45, 45)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "10 parsecs", "-5m", "0", "m"])
+def test_bad_duration(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../x", "x\x00y", "a" * 201, "", ".hidden", "a b"])
+def test_hostile_study_names_are_refused(name: str) -> None:
+    with pytest.raises(ConfigError):
+        check_study_name(name)
+
+
+def test_settings_paths_stay_under_studies_and_reports() -> None:
+    s = SearchSettings(study="pets-v1.2", data="/d")
+    assert s.storage_url.endswith("/studies/pets-v1.2.db")
+    assert s.experiment_dir.parent.name == "studies" and s.report_dir.parent.name == "reports"
+    assert SearchSettings.from_dict(s.to_dict()) == s
