@@ -112,7 +112,8 @@ def fine_tune(
         model = model.to(memory_format=torch.channels_last)
 
     train_loader, val_loader, head_only = load_data(
-        config, index, bb, device=dev, cache=cache, cache_dir=cache_dir, train_on_val=train_on_val
+        config, index, bb, device=dev, cache=cache, cache_dir=cache_dir, train_on_val=train_on_val,
+        weights_dir=weights_dir,
     )
     optimizer = build_optimizer(config, backbones.param_groups(
         bb, lr=config.lr, weight_decay=config.weight_decay, lr_decay=config.lr_decay
@@ -208,6 +209,7 @@ def load_data(
     cache: bool,
     cache_dir: str | None,
     train_on_val: bool = False,
+    weights_dir: str | None = None,
 ) -> tuple[Iterable, Iterable, _Plan]:
     """Builds the train and val loaders; head-only trials with a cache get frozen features.
 
@@ -230,13 +232,12 @@ def load_data(
         train_ds = torch.utils.data.ConcatDataset([train_ds, val_as_train])
 
     if cache and not train_on_val:
-        try:
-            from search import features
-        except ImportError:  # the feature cache is optional
-            features = None
-        if features is not None and features.can_cache(config, bb):
+        from search import features
+
+        if features.can_cache(config, bb):
             train_loader, val_loader = features.feature_loaders(
-                config, bb, train_ds, val_ds, index=index, device=device, cache_dir=cache_dir
+                config, bb, train_ds, val_ds, index=index, device=device, cache_dir=cache_dir,
+                weights_dir=weights_dir,
             )
             return train_loader, val_loader, _Plan(features=True)
 

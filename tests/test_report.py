@@ -1,0 +1,445 @@
+"""Leaderboard, study listing and the HTML report, on studies built from synthetic trials.
+
+The browser tests open the page in headless Debian `chromium` (skipped with a reason where it is
+not installed) with no network: every plot must render, the table must sort and filter, and a
+hostile class name must show as text.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
+
+from search import report
+from search.config import TLSearchError
+from search.studies import (
+    LEADERBOARD_COLUMNS,
+    format_leaderboard,
+    get_storage,
+    leaderboard,
+    list_studies,
+    study_summary,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+SCRIPT_BREAK = "</script><script>alert(2)</script>"
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+DISTRIBUTIONS = {
+    # The last choice is a hostile name: the escaping tests give it to one trial.
+    "backbone": CategoricalDistribution(["resnet18", "mobilenet_v3_large", "efficientnet_b0", f"net{SCRIPT_BREAK}"]),
+    "freeze_depth": CategoricalDistribution([0, 2, "all"]),
+    "augmentation": CategoricalDistribution(["none", "flip", "trivialaugment"]),
+    "lr": FloatDistribution(1e-5, 1e-2, log=True),
+    "batch_size": CategoricalDistribution([16, 32]),
+    "image_size": IntDistribution(64, 224, step=32),
+    "dropout": FloatDistribution(0.0, 0.5),
+}
+T0 = 1_750_000_000.0  # a fixed "study start" (unix seconds) so timings are reproducible
+
+
+def _trial(
+    number: int,
+    state: TrialState,
+    curve: list[float],
+    *,
+    backbone: str = "resnet18",
+    freeze_depth: int | str = 0,
+    lr: float = 1e-3,
+    worker: str = "host:1",
+    start: float = 0.0,
+    extra_params: dict | None = None,
+    error: str | None = None,
+    classes: int = 3,
+) -> optuna.trial.FrozenTrial:
+    """One synthetic trial with the user_attrs the search engine records."""
+    params = {
+        "backbone": backbone,
+        "freeze_depth": freeze_depth,
+        "augmentation": ["none", "flip", "trivialaugment"][number % 3],
+        "lr": lr,
+        "batch_size": [16, 32][number % 2],
+        "image_size": 64 + 32 * (number % 3),
+        "dropout": 0.1 * (number % 4),
+        **(extra_params or {}),
+    }
+    epochs = len(curve)
+    attrs: dict = {
+        "config": {**params, "epochs": 4},
+        "epochs_run": epochs,
+        "worker": worker,
+        "hostname": worker.split(":")[0],
+        "started_at": T0 + start,
+        "finished_at": T0 + start + 30.0 * max(epochs, 1),
+        "train_seconds": 30.0 * epochs,
+        "curve": [
+            {"epoch": e + 1, "val_acc": v, "val_loss": 1.5 - v, "val_balanced_acc": v - 0.01}
+            for e, v in enumerate(curve)
+        ],
+    }
+    if state == TrialState.COMPLETE:
+        attrs.update(
+            params_total={"resnet18": 11_200_000, "mobilenet_v3_large": 4_200_000}.get(backbone, 4_000_000),
+            latency_ms={"resnet18": 9.0, "mobilenet_v3_large": 5.0}.get(backbone, 7.0) + number * 0.1,
+            val_loss=1.5 - curve[-1],
+            val_balanced_acc=curve[-1] - 0.01,
+            confusion_matrix=[[5 if i == j else 1 for j in range(classes)] for i in range(classes)],
+        )
+    if error:
+        attrs["error"] = error
+    dists = {k: _distribution(k, v) for k, v in params.items()}
+    return create_trial(
+        state=state,
+        value=curve[-1] if state == TrialState.COMPLETE else None,
+        params=params,
+        distributions=dists,
+        user_attrs=attrs,
+        intermediate_values={e + 1: v for e, v in enumerate(curve)},
+    )
+
+
+def _distribution(name: str, value: object) -> optuna.distributions.BaseDistribution:
+    """The space's distribution of a param, or a one-choice one for an out-of-space value."""
+    dist = DISTRIBUTIONS.get(name)
+    try:
+        dist.to_internal_repr(value)  # type: ignore[union-attr]
+        return dist  # type: ignore[return-value]
+    except (AttributeError, ValueError):
+        return CategoricalDistribution([value])
+
+
+def make_study(storage: str, name: str = "demo", *, class_names: list[str] | None = None) -> optuna.Study:
+    """A study with 4 COMPLETE, 2 PRUNED (one with a NaN epoch), 1 FAIL and 1 RUNNING trial."""
+    study = optuna.create_study(study_name=name, storage=get_storage(storage), direction="maximize")
+    study.set_user_attr("dataset", "/data/shapes")
+    study.set_user_attr("dataset_fingerprint", "abc123")
+    study.set_user_attr("class_names", class_names or ["circle", "square", "triangle"])
+    study.set_user_attr("split", "val/ folder")
+    study.set_user_attr("settings", {"metric": "val_acc", "mode": "max"})
+    C, P, F = TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL
+    trials = [
+        _trial(0, C, [0.5, 0.6, 0.7, 0.72], backbone="resnet18", lr=3e-4, worker="host:1", start=0),
+        _trial(1, P, [0.40], backbone="mobilenet_v3_large", lr=1e-2, worker="host:2", start=0),
+        _trial(2, C, [0.6, 0.8, 0.85, 0.90], backbone="mobilenet_v3_large", freeze_depth=2, lr=1e-3,
+               worker="host:2", start=40),
+        _trial(3, F, [], backbone="efficientnet_b0", lr=5e-3, worker="host:1", start=130,
+               error="CUDA out of memory. Tried to allocate 2.00 GiB"),
+        _trial(4, P, [float("nan"), 0.55], backbone="resnet18", freeze_depth="all", lr=2e-5,
+               worker="host:1", start=170),
+        _trial(5, C, [0.55, 0.66, 0.78, 0.80], backbone="efficientnet_b0", freeze_depth="all", lr=6e-4,
+               worker="host:2", start=170),
+        _trial(6, C, [0.3, 0.35, 0.4, 0.41], backbone="resnet18", freeze_depth=2, lr=1e-5, worker="host:1",
+               start=240),
+    ]  # fmt: skip
+    for t in trials:
+        study.add_trial(t)
+    study.add_trial(
+        create_trial(state=TrialState.RUNNING, params={"backbone": "resnet18"},
+                     distributions={"backbone": DISTRIBUTIONS["backbone"]},
+                     user_attrs={"worker": "host:2", "started_at": T0 + 300})  # fmt: skip
+    )
+    return study
+
+
+@pytest.fixture()
+def study(tmp_path: Path) -> optuna.Study:
+    return make_study(f"sqlite:///{tmp_path / 'studies' / 'demo.db'}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Leaderboard and listing
+# ------------------------------------------------------------------------------------------------
+
+
+def test_leaderboard_order_states_and_columns(study: optuna.Study) -> None:
+    df = leaderboard(study)
+    assert list(df.columns[: len(LEADERBOARD_COLUMNS)]) == list(LEADERBOARD_COLUMNS)
+    assert "dropout" in df.columns  # other search-space params become columns
+    assert df["trial"].tolist() == [2, 5, 0, 6, 4, 1, 3, 7]
+    assert df["state"].tolist() == ["COMPLETE"] * 4 + ["PRUNED"] * 2 + ["FAIL", "RUNNING"]
+    assert df["rank"].tolist()[:4] == [1, 2, 3, 4]
+    assert df["rank"].iloc[4:].isna().all()  # only COMPLETE trials are ranked
+    assert df["val_acc"].tolist()[:4] == [0.90, 0.80, 0.72, 0.41]
+    # A pruned trial is listed by its best epoch; its NaN epoch is ignored, not ranked best.
+    assert df.loc[df["trial"] == 4, "val_acc"].item() == pytest.approx(0.55)
+    assert not math.isnan(df["val_acc"].iloc[0])
+    best = df.iloc[0]
+    assert (best["backbone"], best["freeze_depth"], best["params"]) == ("mobilenet_v3_large", 2, 4_200_000)
+    assert best["epochs_run"] == 4 and best["seconds"] == 120 and best["latency_ms"] == pytest.approx(5.2)
+    assert best["val_loss"] == pytest.approx(0.6) and best["val_balanced_acc"] == pytest.approx(0.89)
+    fail = df[df["state"] == "FAIL"].iloc[0]
+    assert "out of memory" in fail["error"] and math.isnan(fail["val_acc"])
+    assert set(df.loc[df["state"] != "FAIL", "error"]) == {""}
+    assert df.attrs["metric"] == "val_acc"
+
+
+def test_leaderboard_nan_and_inf_never_first(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'x.db'}", study_name="x", direction="maximize")
+    study.add_trial(_trial(0, TrialState.PRUNED, [float("nan")]))
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=float("inf"), params={}, distributions={}))
+    study.add_trial(_trial(2, TrialState.COMPLETE, [0.2, 0.3]))
+    study.add_trial(_trial(3, TrialState.PRUNED, [0.1]))
+    df = leaderboard(study)
+    assert df["trial"].tolist() == [2, 1, 3, 0]
+    assert df["rank"].tolist()[0] == 1 and df["rank"].iloc[1:].isna().all()
+
+
+def test_leaderboard_minimize_and_empty(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'm.db'}", study_name="m", direction="minimize")
+    assert leaderboard(study).empty and list(leaderboard(study).columns)[:3] == ["rank", "trial", "state"]
+    study.set_user_attr("settings", {"metric": "val_loss"})
+    for i, v in enumerate([0.9, 0.3, 0.5]):
+        study.add_trial(create_trial(state=TrialState.COMPLETE, value=v, params={}, distributions={}))
+    df = leaderboard(study)
+    assert df["trial"].tolist() == [1, 2, 0] and df["val_loss"].tolist() == [0.3, 0.5, 0.9]
+
+
+def test_list_studies_counts(tmp_path: Path) -> None:
+    studies = tmp_path / "studies"
+    make_study(f"sqlite:///{studies / 'demo.db'}")
+    optuna.create_study(study_name="empty", storage=f"sqlite:///{studies / 'empty.db'}")
+    (studies / "broken.db").write_text("not a database")
+    rows = {r["name"]: r for r in list_studies(studies_dir=studies)}
+    assert set(rows) == {"demo", "empty", "broken"}
+    demo = rows["demo"]
+    assert demo["states"] == {"COMPLETE": 4, "PRUNED": 2, "FAIL": 1, "RUNNING": 1, "WAITING": 0}
+    assert demo["n_trials"] == 8 and demo["best_trial"] == 2 and demo["best_value"] == 0.9
+    assert demo["best_backbone"] == "mobilenet_v3_large" and demo["dataset"] == "/data/shapes"
+    assert rows["empty"]["best_value"] is None and rows["empty"]["n_trials"] == 0
+    assert rows["broken"]["error"]
+    json.dumps(list(rows.values()))  # JSON-ready for `tlsearch studies --json`
+    assert [r["name"] for r in list_studies(storage=f"sqlite:///{studies / 'demo.db'}")] == ["demo"]
+    assert list_studies(studies_dir=tmp_path / "nowhere") == []
+
+
+def test_study_summary_and_terminal_table(study: optuna.Study) -> None:
+    summary = study_summary(study)
+    text = json.dumps(summary, allow_nan=False)  # NaN and <NA> became null
+    assert summary["best"]["trial"] == 2 and summary["best"]["value"] == 0.9
+    assert summary["states"]["PRUNED"] == 2 and summary["class_names"] == ["circle", "square", "triangle"]
+    assert [r["trial"] for r in summary["leaderboard"]] == [2, 5, 0, 6, 4, 1, 3, 7]
+    assert "NaN" not in text
+    table = format_leaderboard(leaderboard(study), top=3)
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["rank", "trial", "state"] and len(lines) == 5
+    assert lines[1].split()[:4] == ["1", "2", "COMPLETE", "mobilenet_v3_large"]
+    assert "8 trials: 4 complete, 2 pruned, 1 fail, 1 running (showing 3)" in lines[-1]
+    full = format_leaderboard(leaderboard(study))
+    assert "CUDA out of memory" in full
+    with pytest.raises(TLSearchError, match="--top"):
+        format_leaderboard(leaderboard(study), top=0)
+
+
+def test_terminal_table_strips_control_characters(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'c.db'}", study_name="c")
+    study.add_trial(_trial(0, TrialState.FAIL, [], error="boom \x1b[2J\x1b]0;owned\x07"))
+    assert "\x1b" not in format_leaderboard(leaderboard(study))
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures from plain data, and the page
+# ------------------------------------------------------------------------------------------------
+
+
+def test_figures_from_plain_data(study: optuna.Study) -> None:
+    data = report.collect(study)
+    built = dict((p.key, f) for p, f in report.build_figures(data))
+    assert set(built) == {p.key for p in report.PLOTS}
+    notes = {k: v for k, v in built.items() if isinstance(v, str)}
+    assert not notes, notes
+    assert isinstance(data.importances, dict) and set(data.importances) <= set(DISTRIBUTIONS)
+    assert report.pareto_front([1, 2, 3, 2], [0.5, 0.7, 0.6, 0.4]) == [True, True, False, False]
+    # Pruned curves are dashed and end in a cross.
+    pruned = [t for t in built["curves"].data if t.line.dash == "dash"]
+    assert pruned and all(list(t.marker.size)[-1] > 0 for t in pruned)
+
+
+def test_figures_say_not_enough_data(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'e.db'}", study_name="e", direction="maximize")
+    study.add_trial(_trial(0, TrialState.FAIL, [], error="boom"))
+    data = report.collect(study)
+    built = dict((p.key, f) for p, f in report.build_figures(data))
+    assert all(isinstance(v, str) and v.startswith("Not enough data") for k, v in built.items() if k != "timeline")
+    assert "2 complete trials" in built["importances"]
+    path = report.write_report(study, out_dir=tmp_path / "r")
+    assert "Not enough data" in path.read_text()
+
+
+def test_write_report_files(study: optuna.Study, tmp_path: Path) -> None:
+    path = report.write_report("demo", studies_dir=tmp_path / "studies", reports_dir=tmp_path / "reports")
+    assert path == tmp_path / "reports" / "demo" / "index.html"
+    rows = list(csv.DictReader((path.parent / "leaderboard.csv").open()))
+    assert [r["trial"] for r in rows] == ["2", "5", "0", "6", "4", "1", "3", "7"]
+    assert rows[0]["rank"] == "1" and rows[4]["rank"] == ""
+    with pytest.raises(TLSearchError, match="no study named"):
+        report.write_report("nope", studies_dir=tmp_path / "studies", reports_dir=tmp_path / "reports")
+
+
+def _external_loads(page: str) -> list[str]:
+    """src=/href= attributes and CSS url()s that point outside the file."""
+    return re.findall(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//[^"'\s>]*|url\(\s*["']?(?:https?:)?//""", page)
+
+
+def _hostile_study(tmp_path: Path) -> optuna.Study:
+    study = make_study(f"sqlite:///{tmp_path / 'h.db'}", name=f"evil{SCRIPT_BREAK}",
+                       class_names=["cat", HOSTILE, f"dog{SCRIPT_BREAK}"])  # fmt: skip
+    study.set_user_attr("dataset", f"/data/{HOSTILE}")
+    study.add_trial(
+        _trial(8, TrialState.COMPLETE, [0.1, 0.2], backbone=f"net{SCRIPT_BREAK}", worker=f"w{HOSTILE}",
+               start=400, extra_params={"note": HOSTILE}, error=None)  # fmt: skip
+    )
+    study.add_trial(_trial(9, TrialState.FAIL, [], error=f"{HOSTILE} {SCRIPT_BREAK}", start=420))
+    return study
+
+
+def test_page_is_self_contained_and_escaped(tmp_path: Path) -> None:
+    import plotly.offline
+
+    study = _hostile_study(tmp_path)
+    with pytest.raises(TLSearchError, match="study name"):  # the name cannot become a folder
+        report.write_report(study, reports_dir=tmp_path / "reports")
+    page = report.write_report(study, out_dir=tmp_path / "r").read_text()
+    plotly_js = plotly.offline.get_plotlyjs()
+    assert page.count(plotly_js[:2000]) == 1 and page.count(plotly_js[-2000:]) == 1
+    # Outside plotly.js itself (which names map-tile URLs it would only use for map traces),
+    # nothing refers to the network; the CSP forbids any load anyway.
+    outside = page.replace(plotly_js, "")
+    assert _external_loads(outside) == []
+    assert "cdn" not in outside.lower() and "fonts.googleapis" not in outside
+    assert "default-src &#x27;none&#x27;" in page
+    # Hostile strings appear only escaped: no tag, no script break.
+    assert HOSTILE not in outside and "<img" not in outside
+    assert outside.count("</script>") == 3  # plotly.js, the JSON block, the page's script
+    assert html_escape(HOSTILE) in outside
+    blob = re.search(r'<script type="application/json" id="tl-figures">(.*?)</script>', page, re.S).group(1)
+    assert "<" not in blob and ">" not in blob and "&" not in blob
+    figures = json.loads(blob)["figures"]
+    assert len(figures) == len(report.PLOTS)
+    labels = json.dumps(figures)
+    assert HOSTILE not in labels and html_escape(HOSTILE) in labels  # plot labels escaped too
+
+
+def html_escape(s: str) -> str:
+    import html
+
+    return html.escape(s, quote=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# In a real browser
+# ------------------------------------------------------------------------------------------------
+
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="needs Debian chromium (apt-get install -y chromium); /usr/bin/chromium not found"
+)
+
+
+def _chromium(tmp_path: Path, url: str, *extra: str) -> str:
+    """Runs headless chromium with the network off and returns its stdout."""
+    args = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-extensions",
+        "--no-proxy-server",
+        # Network off: every host name resolves to nothing.
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--virtual-time-budget=8000",
+        "--window-size=1300,900",
+        *extra,
+        url,
+    ]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120, env={**os.environ, "LANG": "C.UTF-8"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+class _Dom(HTMLParser):
+    """Collects what the browser tests look at in a dumped DOM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.status: dict[str, str] = {}
+        self.rows: list[dict[str, str | None]] = []
+        self.plot_divs: dict[str, int] = {}
+        self.imgs: list[dict[str, str | None]] = []
+        self._plot: str | None = None
+        self._depth = 0
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if a.get("id") == "tl-status":
+            self.status = {k: v or "" for k, v in a.items()}
+        if tag == "tr" and "data-trial" in a:
+            self.rows.append(a)
+        if tag == "img":
+            self.imgs.append(a)
+        if tag == "div" and a.get("data-plot"):
+            self._plot = a["data-plot"]
+            self.plot_divs[self._plot] = 0
+        if self._plot and "main-svg" in (a.get("class") or "").split():
+            self.plot_divs[self._plot] += 1
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+@needs_chromium
+def test_browser_renders_every_plot_sorts_and_escapes(tmp_path: Path) -> None:
+    study = _hostile_study(tmp_path)
+    page = report.write_report(study, out_dir=tmp_path / "r")
+    dom = _Dom()
+    dom.feed(_chromium(tmp_path, page.as_uri() + "#sort=val_acc&dir=asc&filter=", "--dump-dom"))
+    assert dom.status.get("data-done") == "1", dom.status
+    assert dom.status["data-errors"] == "" and dom.status["data-violations"] == ""
+    assert int(dom.status["data-rendered"]) == int(dom.status["data-expected"]) == len(report.PLOTS)
+    assert set(dom.plot_divs) == {p.key for p in report.PLOTS}
+    assert all(n > 0 for n in dom.plot_divs.values()), dom.plot_divs
+    # Sorted by val_acc ascending via the hash; trials without a value stay last.
+    order = [int(r["data-trial"]) for r in dom.rows]
+    assert order == [8, 1, 6, 4, 0, 5, 2, 3, 9, 7]
+    # The hostile strings are text in the DOM, never elements.
+    assert not [i for i in dom.imgs if i.get("src") == "x"]
+    text = "".join(dom.text)
+    assert HOSTILE in text and f"dog{SCRIPT_BREAK}" in text
+
+
+@needs_chromium
+def test_browser_filter_and_sort_descending(tmp_path: Path) -> None:
+    page = report.write_report(make_study(f"sqlite:///{tmp_path / 'd.db'}"), out_dir=tmp_path / "r")
+    dom = _Dom()
+    dom.feed(_chromium(tmp_path, page.as_uri() + "#sort=trial&dir=desc&filter=pruned", "--dump-dom"))
+    visible = [int(r["data-trial"]) for r in dom.rows if "hidden" not in r]
+    assert visible == [4, 1]
+    assert [int(r["data-trial"]) for r in dom.rows] == [7, 6, 5, 4, 3, 2, 1, 0]
+    assert "2 of 8 trials" in "".join(dom.text)
+
+
+@needs_chromium
+def test_browser_screenshot(tmp_path: Path) -> None:
+    page = report.write_report(make_study(f"sqlite:///{tmp_path / 's.db'}"), out_dir=tmp_path / "r")
+    shot = Path(os.environ.get("TLSEARCH_REPORT_SHOT", tmp_path / "report.png"))
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    _chromium(tmp_path, page.as_uri(), f"--screenshot={shot}", "--window-size=1300,5200")
+    assert shot.stat().st_size > 50_000  # a rendered page, not a blank one
