@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,27 @@ def save_model(result: Any, out_dir: str | Path, *, record: dict[str, Any] | Non
     size = result.config.image_size
     example = torch.zeros(1, 3, size, size)
     notes = []
+    with warnings.catch_warnings():  # both exporters warn about their own deprecation on every call
+        warnings.simplefilter("ignore")
+        notes += _export_graphs(model, example, out)
+    meta = {
+        "class_names": result.class_names,
+        "preprocessing": result.preprocessing,
+        "metrics": {k: v for k, v in result.final.items() if k != "confusion_matrix"},
+        "params_total": result.params_total,
+        "versions": library_versions(),
+        "notes": notes,
+        **(record or {}),
+    }
+    (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def _export_graphs(model: Any, example: Any, out: Path) -> list[str]:
+    """Writes TorchScript and ONNX next to the state_dict; returns notes on what could not be written."""
+    import torch
+
+    notes = []
     try:
         with torch.no_grad():
             traced = torch.jit.trace(model, example, check_trace=False)
@@ -205,17 +227,7 @@ def save_model(result: Any, out_dir: str | Path, *, record: dict[str, Any] | Non
     except Exception as e:  # ONNX export needs the onnx package on some torch versions
         (out / "model.onnx").unlink(missing_ok=True)
         notes.append(f"onnx: {str(e).splitlines()[0]}")
-    meta = {
-        "class_names": result.class_names,
-        "preprocessing": result.preprocessing,
-        "metrics": {k: v for k, v in result.final.items() if k != "confusion_matrix"},
-        "params_total": result.params_total,
-        "versions": library_versions(),
-        "notes": notes,
-        **(record or {}),
-    }
-    (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return out
+    return notes
 
 
 def load_model(model_dir: str | Path) -> tuple[Any, dict[str, Any]]:
@@ -270,7 +282,7 @@ def predict(model_dir: str | Path, images: list[str | Path], *, top: int = 1) ->
         except (BadImageError, OSError) as e:
             out.append({"image": str(path), "error": str(e)})
             continue
-        x = tf(torch.from_numpy(arr).permute(2, 0, 1).contiguous()).unsqueeze(0)
+        x = tf(torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()).unsqueeze(0)
         with torch.no_grad():
             prob = model(x).softmax(1)[0]
         p, idx = prob.topk(k)
