@@ -1,0 +1,396 @@
+"""The search space: DESIGN.md's YAML format -> an Optuna define-by-run function -> `TrialConfig`.
+
+A list is a choice (categorical), a mapping with `low`/`high` (and `log: true` or `step`) is a
+range, a scalar is a constant. Keys are `TrialConfig` field names plus `max_epochs` (ASHA's
+largest rung, which is every trial's `epochs`). Parameter names in the Optuna study are the flat
+field names.
+
+Conditional parameters:
+
+- `freeze_depth` depends on the backbone. Its choices may hold ints and `all` (the backbone's
+  number of stages). Optuna needs a categorical to offer the same choices in every trial, so the
+  same list is suggested for every backbone and then resolved: an int beyond the backbone's stage
+  count is clipped to it (3 on a 2-stage backbone freezes both stages, i.e. a linear probe). A
+  range `{low: 0, high: all}` is an int range whose top is the backbone's stage count.
+- `randaugment_num_ops` / `randaugment_magnitude` are only suggested when the augmentation is
+  `randaugment`, `augmix_severity` only under `augmix`; otherwise the trial keeps the default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Union
+
+from search.config import ConfigError, TrialConfig, load_yaml
+
+if TYPE_CHECKING:
+    import optuna
+
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(TrialConfig)}
+VALID_KEYS = (*_FIELD_TYPES, "max_epochs")
+# Children that only exist under one augmentation policy: child -> policy.
+POLICY_CHILDREN = {
+    "randaugment_num_ops": "randaugment",
+    "randaugment_magnitude": "randaugment",
+    "augmix_severity": "augmix",
+}
+# Suggestion order: the parents come before the parameters that depend on them.
+_ORDER = ("backbone", "freeze_depth", "augmentation", *POLICY_CHILDREN)
+_RANGE_KEYS = {"low", "high", "log", "step"}
+DEFAULT_MAX_EPOCHS = 6
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A categorical parameter: one of `values`."""
+
+    values: tuple  # the choices, in the order written
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric range: suggest_int for int fields, suggest_float for float fields."""
+
+    low: float  # inclusive
+    high: Union[float, str]  # inclusive; "all" for freeze_depth: the backbone's stage count
+    log: bool = False  # sample on a log scale
+    step: Union[float, None] = None  # discretisation step; None: continuous (int: 1)
+    is_int: bool = False  # int field (suggest_int) or float field (suggest_float)
+
+
+@dataclass(frozen=True)
+class Constant:
+    """A fixed value, the same in every trial (not an Optuna parameter)."""
+
+    value: Any
+
+
+Param = Union[Choice, Range, Constant]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A validated search space; `define_by_run` is what Ray's OptunaSearch calls per trial."""
+
+    params: tuple  # ((name, Param), ...) in suggestion order
+    max_epochs: int = DEFAULT_MAX_EPOCHS  # ASHA's largest rung = every trial's `epochs`
+
+    # ----- building -------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "search space") -> "SearchSpace":
+        """Validates a search-space mapping (as loaded from YAML).
+
+        Args:
+            d: parameter name -> list (choice), {low, high[, log|step]} (range) or scalar (constant).
+            source: what to call the mapping in error messages (a file name).
+
+        Returns:
+            The validated space.
+        """
+        if d is None:
+            d = {}
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{source}: a search space is a mapping of parameters, got {type(d).__name__}")
+        unknown = sorted(str(k) for k in d if k not in VALID_KEYS)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(VALID_KEYS)}")
+        items = dict(d)
+        max_epochs = _max_epochs(items, source)
+        parsed = {name: _parse(name, value, source) for name, value in items.items()}
+        order = [k for k in _ORDER if k in parsed] + [k for k in _FIELD_TYPES if k in parsed and k not in _ORDER]
+        space = cls(params=tuple((k, parsed[k]) for k in order), max_epochs=max_epochs)
+        _check_backbones(space, source)
+        return space
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the space in the YAML format; `from_dict(to_dict())` gives the same space."""
+        out: dict[str, Any] = {}
+        for name, p in self.params:
+            if isinstance(p, Choice):
+                out[name] = list(p.values)
+            elif isinstance(p, Range):
+                r: dict[str, Any] = {"low": p.low, "high": p.high}
+                if p.log:
+                    r["log"] = True
+                if p.step is not None:
+                    r["step"] = p.step
+                out[name] = r
+            else:
+                out[name] = p.value
+        out["max_epochs"] = self.max_epochs
+        return out
+
+    def with_max_epochs(self, max_epochs: int) -> "SearchSpace":
+        """Returns a copy whose trials run (at most) `max_epochs` epochs."""
+        return SearchSpace.from_dict({**self.to_dict(), "max_epochs": max_epochs})
+
+    @property
+    def param_dict(self) -> dict[str, Param]:
+        """name -> Param."""
+        return dict(self.params)
+
+    # ----- sampling -------------------------------------------------------------------------
+
+    def define_by_run(self, trial: "optuna.trial.BaseTrial") -> dict[str, Any]:
+        """Suggests every non-constant parameter on an Optuna trial (no computation here).
+
+        Args:
+            trial: the Optuna trial (or Ray's wrapper around it).
+
+        Returns:
+            The constants (and `epochs`), which Ray merges into the trial's config.
+        """
+        params = self.param_dict
+        values: dict[str, Any] = {}
+        constants: dict[str, Any] = {"epochs": self.max_epochs}
+        for name, p in self.params:
+            policy = POLICY_CHILDREN.get(name)
+            if policy is not None and _current("augmentation", params, values) != policy:
+                continue  # a child of a policy this trial does not use
+            if isinstance(p, Constant):
+                constants[name] = p.value
+                continue
+            if isinstance(p, Choice):
+                values[name] = trial.suggest_categorical(name, list(p.values))
+            elif name == "freeze_depth" and p.high == "all":
+                n = _stages(_current("backbone", params, values))
+                values[name] = trial.suggest_int(name, min(int(p.low), n), n)
+            elif p.is_int:
+                values[name] = trial.suggest_int(
+                    name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log
+                )
+            else:
+                values[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
+        return constants
+
+    def to_trial_config(self, config: Mapping[str, Any]) -> TrialConfig:
+        """Turns a trial's flat config (suggested params + constants) into a `TrialConfig`.
+
+        Keys that are not `TrialConfig` fields (Ray's or ours, such as `_trial_number`) are
+        ignored; `freeze_depth` beyond the backbone's stage count is clipped to it.
+
+        Args:
+            config: the config Ray hands the trainable, or an Optuna trial's params.
+
+        Returns:
+            The validated trial config.
+        """
+        d = {k: v for k, v in config.items() if k in _FIELD_TYPES}
+        d.setdefault("epochs", self.max_epochs)
+        for name, p in self.params:  # constants missing from the config (e.g. an Optuna trial's params)
+            if isinstance(p, Constant) and name not in d:
+                d[name] = p.value
+        fd = d.get("freeze_depth")
+        if isinstance(fd, int) and not isinstance(fd, bool):
+            d["freeze_depth"] = min(fd, _stages(d.get("backbone", TrialConfig.backbone)))
+        return TrialConfig.from_dict(d, source="trial config")
+
+    def incompatibility(self, other: "SearchSpace") -> str | None:
+        """Why a study sampled from `self` cannot be continued with `other` (None: it can).
+
+        Optuna requires a categorical parameter to keep its choices across trials; a changed
+        `max_epochs` would make COMPLETE mean two different budgets.
+        """
+        if self.max_epochs != other.max_epochs:
+            return f"max_epochs changed from {self.max_epochs} to {other.max_epochs}"
+        mine, theirs = self.param_dict, other.param_dict
+        for name in sorted(set(mine) & set(theirs)):
+            a, b = mine[name], theirs[name]
+            if isinstance(a, Choice) and isinstance(b, Choice) and list(a.values) != list(b.values):
+                return f"the choices of {name} changed from {list(a.values)} to {list(b.values)}"
+            if isinstance(a, Choice) != isinstance(b, Choice) and not (
+                isinstance(a, Constant) or isinstance(b, Constant)
+            ):
+                return f"{name} changed from a {_kind(a)} to a {_kind(b)}"
+        return None
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Reads and validates a search-space YAML file.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The validated space (errors name the file).
+    """
+    return SearchSpace.from_dict(load_yaml(path), source=str(path))
+
+
+def default_space(*, gpu: bool) -> SearchSpace:
+    """The built-in space: small backbones and images on CPU, larger ones on GPU.
+
+    Args:
+        gpu: whether trials get GPUs.
+
+    Returns:
+        The default space.
+    """
+    common: dict[str, Any] = {
+        "augmentation": ["none", "flip", "trivialaugment"],
+        "optimizer": "adamw",
+        "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+        "weight_decay": {"low": 1e-6, "high": 1e-2, "log": True},
+        "label_smoothing": [0.0, 0.1],
+    }
+    if gpu:
+        d = {
+            "backbone": ["resnet50", "convnext_tiny", "efficientnet_b2", "vit_b_16"],
+            "freeze_depth": [0, 2, 4, "all"],
+            **common,
+            "batch_size": [32, 64],
+            "image_size": 224,
+            "max_epochs": 10,
+        }
+    else:
+        d = {
+            "backbone": ["resnet18", "mobilenet_v3_large", "efficientnet_b0"],
+            "freeze_depth": [0, 2, "all"],
+            **common,
+            "batch_size": [16, 32],
+            "image_size": 128,
+            "max_epochs": 6,
+        }
+    return SearchSpace.from_dict(d, source="default space")
+
+
+def backbones_in(space: SearchSpace) -> list[str]:
+    """The backbones a space can sample, in order."""
+    p = space.param_dict.get("backbone")
+    if p is None:
+        return [TrialConfig.backbone]
+    return [str(v) for v in (p.values if isinstance(p, Choice) else [p.value])]
+
+
+# ----- helpers ----------------------------------------------------------------------------------
+
+
+def _kind(p: Param) -> str:
+    return {Choice: "choice", Range: "range", Constant: "constant"}[type(p)]
+
+
+def _stages(backbone: str) -> int:
+    from search import backbones
+
+    return int(backbones.num_stages(backbone))
+
+
+def _current(name: str, params: Mapping[str, Param], values: Mapping[str, Any]) -> Any:
+    """The value a parent parameter has in this trial: suggested, constant, or the default."""
+    if name in values:
+        return values[name]
+    p = params.get(name)
+    if isinstance(p, Constant):
+        return p.value
+    return getattr(TrialConfig, name)
+
+
+def _max_epochs(items: dict[str, Any], source: str) -> int:
+    """Pops `max_epochs` (or a constant `epochs`, its synonym) from the mapping."""
+    value = items.pop("max_epochs", None)
+    if "epochs" in items:
+        e = items.pop("epochs")
+        if isinstance(e, (list, Mapping)):
+            raise ConfigError(f"{source}: epochs is the trials' budget, not a parameter; use max_epochs: N, got {e!r}")
+        value = e if value is None else value
+    if value is None:
+        return DEFAULT_MAX_EPOCHS
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000:
+        raise ConfigError(f"{source}: max_epochs must be an integer between 1 and 10000, got {value!r}")
+    return value
+
+
+def _number(name: str, key: str, value: Any, source: str) -> float:
+    """A range bound as a number; PyYAML reads `1e-5` (no dot) as a string, so accept that."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{source}: {name}.{key} must be a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{source}: {name}.{key} must be a number, got {value!r}") from None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{source}: {name}.{key} must be a finite number, got {value!r}")
+    return value
+
+
+def _check_value(name: str, value: Any, source: str) -> Any:
+    """Checks one concrete value against TrialConfig's rules; returns it coerced to the field type."""
+    if name == "freeze_depth" and value == "all":
+        return value
+    try:
+        cfg = TrialConfig.from_dict({name: value}, source=source)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+    return getattr(cfg, name)
+
+
+def _parse(name: str, value: Any, source: str) -> Param:
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ConfigError(f"{source}: {name} is an empty list of choices; give at least one value")
+        values = tuple(_check_value(name, v, source) for v in value)
+        for v in values:
+            if not (v is None or isinstance(v, (bool, int, float, str))):
+                raise ConfigError(f"{source}: the choices of {name} must be plain values, got {v!r}")
+        return Choice(values)
+    if isinstance(value, Mapping):
+        return _parse_range(name, value, source)
+    return Constant(_check_value(name, value, source))
+
+
+def _parse_range(name: str, value: Mapping[str, Any], source: str) -> Range:
+    extra = sorted(str(k) for k in value if k not in _RANGE_KEYS)
+    if extra or "low" not in value or "high" not in value:
+        raise ConfigError(
+            f"{source}: {name}: a range is {{low, high}} with optional log: true or step, got {dict(value)!r}"
+        )
+    ftype = _FIELD_TYPES[name]
+    if ftype not in ("int", "float", "FreezeDepth"):
+        raise ConfigError(f"{source}: {name} is not numeric; give a list of choices, got {dict(value)!r}")
+    is_int = ftype != "float"
+    log = value.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"{source}: {name}.log must be true or false, got {log!r}")
+    low = _number(name, "low", value["low"], source)
+    high_raw = value["high"]
+    high: Any = "all" if name == "freeze_depth" and high_raw == "all" else _number(name, "high", high_raw, source)
+    step = value.get("step")
+    if step is not None:
+        step = _number(name, "step", step, source)
+        if step <= 0:
+            raise ConfigError(f"{source}: {name}.step must be > 0, got {step!r}")
+        if log:
+            raise ConfigError(f"{source}: {name}: log and step cannot be combined (Optuna's rule)")
+    if is_int:
+        for key, v in (("low", low), ("high", high), ("step", step)):
+            if v is not None and v != "all" and float(v) != int(v):
+                raise ConfigError(f"{source}: {name}.{key} must be an integer, got {v!r}")
+        low = int(low)
+        high = high if high == "all" else int(high)
+        step = None if step is None else int(step)
+    else:
+        low, high = float(low), float(high)
+    if high != "all" and low > high:
+        raise ConfigError(f"{source}: {name}: inverted range, low {low!r} > high {high!r}")
+    if log and low <= 0:
+        raise ConfigError(f"{source}: {name}: a log range needs low > 0, got low {low!r}")
+    _check_value(name, low, source)
+    if high != "all":
+        _check_value(name, high, source)
+    return Range(low=low, high=high, log=log, step=step, is_int=is_int)
+
+
+def _check_backbones(space: SearchSpace, source: str) -> None:
+    """Unknown backbones are refused here, listing the valid ones (backbones.get_spec's message)."""
+    from search import backbones
+
+    for name in backbones_in(space):
+        try:
+            backbones.get_spec(name)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None

@@ -1,0 +1,252 @@
+"""The search engine end to end through one shared local Ray session, on tiny data.
+
+Most runs use `stub_trial`, a fast trial function with deterministic curves (so ASHA stops some
+trials); one run goes through the real `fine_tune`. The kill -9 test runs a search in its own
+process group with its own Ray instance, kills all of it, then resumes in-process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from conftest import make_image_folder
+from search.config import SearchSettings, TLSearchError
+from search.space import SearchSpace
+from search.studies import get_storage
+
+ray = pytest.importorskip("ray")
+from search.runner import INTERRUPTED, MARKER, default_concurrency, finished_count, resume_search, run_search  # noqa: E402
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+pytestmark = pytest.mark.ray
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+FIN = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def stub_trial(config, index, *, report, checkpoint_path=None, **kwargs):
+    """A fake trial: val_acc rises with the epoch, higher for lr near 1e-3; special backbones misbehave."""
+    quality = max(0.05, 1.0 - abs(math.log10(config.lr) + 3.0) / 2.0)
+    delay = float(os.environ.get("STUB_EPOCH_S", "0.05"))
+    for epoch in range(1, config.epochs + 1):
+        time.sleep(delay)
+        if config.backbone == "efficientnet_b0" and epoch == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        acc = float("nan") if config.backbone == "mobilenet_v3_large" else quality * (1 - 0.5**epoch)
+        if checkpoint_path:
+            Path(checkpoint_path).write_bytes(b"ckpt")
+        report({
+            "epoch": epoch, "val_acc": acc, "val_loss": 1 - acc, "val_balanced_acc": acc,
+            "train_loss": 1.0 / epoch, "epoch_seconds": delay, "images_per_s": 100.0, "lr": config.lr,
+            "params_total": 10, "params_trainable": 5, "latency_ms": 1.0,
+            "confusion_matrix": [[1, 0], [0, 1]], "best_val_acc": acc,
+        })
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray session for every test that runs a search in-process."""
+    paths = [str(ROOT), str(TESTS), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)  # workers import `search` and this module
+    os.environ["OMP_NUM_THREADS"] = "1"
+    temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    yield
+    ray.shutdown()
+
+
+def _settings(tmp: Path, data: Path, study: str, **kw) -> SearchSettings:
+    base = dict(
+        study=study, data=str(data), trials=6, cpus_per_trial=1.0, pretrained=False, cache=False,
+        studies_dir=str(tmp / "studies"), reports_dir=str(tmp / "reports"), grace_period=1, reduction_factor=2,
+    )
+    base.update(kw)
+    return SearchSettings(**base)
+
+
+def _study(s: SearchSettings) -> optuna.Study:
+    # A plain optuna.load_study, as `optuna trials` and optuna-dashboard open it.
+    return optuna.load_study(study_name=s.study, storage=s.storage_url)
+
+
+SPACE = {"backbone": "resnet18", "lr": {"low": 1e-5, "high": 1e-1, "log": True}, "image_size": 32, "max_epochs": 4}
+
+
+def test_default_concurrency() -> None:
+    assert default_concurrency(cpus=2, gpus=0, cpus_per_trial=1, gpus_per_trial=0) == 2
+    assert default_concurrency(cpus=16, gpus=2, cpus_per_trial=2, gpus_per_trial=0.5) == 4
+    assert default_concurrency(cpus=1, gpus=0, cpus_per_trial=4, gpus_per_trial=0) == 1
+
+
+def test_asha_prunes_honestly(tmp_path: Path, ray_session) -> None:
+    data = make_image_folder(tmp_path / "data")
+    s = _settings(tmp_path, data, "asha", trials=8, space=SPACE, seed=1)
+    summary = run_search(s, trial_fn=stub_trial, progress=True)
+    st = _study(s)
+    trials = st.get_trials()
+    states = [t.state for t in trials]
+    assert len(trials) == 8 and summary.finished == 8 and not summary.interrupted
+    assert optuna.trial.TrialState.RUNNING not in states
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert complete and pruned, states
+    for t in complete:
+        assert t.user_attrs["epochs_run"] == 4 and sorted(t.intermediate_values) == [1, 2, 3, 4]
+        assert t.value == pytest.approx(t.intermediate_values[4])
+    for t in pruned:
+        n = t.user_attrs["epochs_run"]
+        assert 1 <= n < 4 and sorted(t.intermediate_values) == list(range(1, n + 1))
+        assert [c["epoch"] for c in t.user_attrs["curve"]] == list(range(1, n + 1))
+    t = complete[0]
+    for key in ("config", "params_total", "params_trainable", "train_seconds", "images_per_s", "latency_ms",
+                "node_id", "hostname", "worker", "started_at", "finished_at", "checkpoint", "curve",
+                "confusion_matrix", "val_loss", "val_balanced_acc"):
+        assert t.user_attrs.get(key) is not None, key
+    assert t.user_attrs["config"]["epochs"] == 4 and "error" not in t.user_attrs
+    assert Path(t.user_attrs["checkpoint"]).name == f"trial-{t.number}.pt"
+    assert set(t.params) == {"lr"}  # flat TrialConfig names; constants are not params
+    assert st.metric_names == ["val_acc"]
+    attrs = st.user_attrs
+    assert attrs["class_names"] == ["circle", "square", "triangle"] and attrs["dataset_fingerprint"]
+    assert attrs["settings"]["study"] == "asha" and attrs["space"]["max_epochs"] == 4
+    assert (s.experiment_dir / MARKER).is_file() and (s.experiment_dir / "settings.yaml").is_file()
+    assert summary.best_value == pytest.approx(max(t.value for t in complete))
+    assert summary.compute_seconds > 0
+
+    # Running again with the count reached does nothing; a higher count adds only the difference.
+    again = run_search(s.replace(trials=9), trial_fn=stub_trial, progress=False)
+    assert again.trials_run == 1 and len(_study(s).trials) == 9
+
+
+def test_failures_recorded_and_search_goes_on(tmp_path: Path, ray_session) -> None:
+    data = make_image_folder(tmp_path / "data")
+    space = {"backbone": ["resnet18", "efficientnet_b0", "mobilenet_v3_large"], "lr": [1e-3], "max_epochs": 3}
+    s = _settings(tmp_path, data, "faults", trials=4, space=space, grace_period=3)
+    st = optuna.create_study(study_name=s.study, storage=get_storage(s.storage_url), direction="maximize")
+    for b in ("efficientnet_b0", "mobilenet_v3_large", "resnet18", "resnet18"):
+        st.enqueue_trial({"backbone": b, "lr": 1e-3})
+    summary = run_search(s, trial_fn=stub_trial, progress=False)
+    trials = {t.number: t for t in _study(s).get_trials()}
+    assert len(trials) == 4 and summary.finished == 4
+    raised, nan = trials[0], trials[1]
+    assert raised.state == optuna.trial.TrialState.FAIL
+    assert "out of memory" in raised.user_attrs["error"] and raised.user_attrs["epochs_run"] == 1
+    assert nan.state == optuna.trial.TrialState.FAIL and "not finite" in nan.user_attrs["error"]
+    for t in (trials[2], trials[3]):
+        assert t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs["epochs_run"] == 3
+    assert summary.best_trial in (2, 3) and math.isfinite(summary.best_value)
+
+
+def test_refuses_changed_dataset_and_space(tmp_path: Path, ray_session) -> None:
+    data = make_image_folder(tmp_path / "data")
+    two = {**SPACE, "max_epochs": 1, "backbone": ["resnet18", "efficientnet_b0"]}
+    s = _settings(tmp_path, data, "guard", trials=1, space=two)
+    run_search(s, trial_fn=stub_trial, progress=False)
+    with pytest.raises(TLSearchError, match="different dataset"):
+        run_search(s.replace(data=str(make_image_folder(tmp_path / "other", seed=3))), trial_fn=stub_trial)
+    with pytest.raises(TLSearchError, match="choices of backbone"):
+        run_search(s, space=SearchSpace.from_dict({**two, "backbone": ["resnet18", "vgg16"]}))
+    foreign = _settings(tmp_path, data, "foreign")
+    foreign.experiment_dir.mkdir(parents=True)
+    (foreign.experiment_dir / "x").write_text("not ours")
+    with pytest.raises(TLSearchError, match="not created by tlsearch"):
+        run_search(foreign, trial_fn=stub_trial)
+
+
+_CHILD = """
+import os, sys, tempfile, ray
+sys.path[:0] = [{root!r}, {tests!r}]
+from search.config import SearchSettings
+from search.runner import run_search
+from test_runner import stub_trial
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir={temp!r})
+s = SearchSettings(**{settings!r})
+run_search(s, trial_fn=stub_trial, progress=False)
+"""
+
+
+def _kill_tree(pgid: int, marker: str) -> None:
+    """SIGKILLs the driver's process group and every process whose command line names its Ray temp dir."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
+            continue
+        try:
+            cmd = (pid_dir / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            try:
+                os.kill(int(pid_dir.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_kill9_then_resume(tmp_path: Path, ray_session) -> None:
+    data = make_image_folder(tmp_path / "data")
+    s = _settings(tmp_path, data, "crash", trials=6, space={**SPACE, "max_epochs": 3}, max_concurrent=2, seed=2)
+    temp = tempfile.mkdtemp(prefix="rk-", dir="/tmp")
+    code = _CHILD.format(root=str(ROOT), tests=str(TESTS), temp=temp, settings=s.to_dict())
+    env = {**os.environ, "STUB_EPOCH_S": "0.6", "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    before: dict[int, tuple] = {}
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            if not (s.experiment_dir / MARKER).exists():  # the study's schema is made by then
+                continue
+            try:
+                trials = _study(s).get_trials()
+            except Exception:  # study not created yet
+                continue
+            done = [t for t in trials if t.state in FIN]
+            if len(done) >= 2:
+                before = {t.number: (t.state, t.value, dict(t.intermediate_values)) for t in done}
+                break
+    finally:
+        _kill_tree(proc.pid, temp)
+        proc.wait(timeout=30)
+    assert before, f"the search did not get going: {proc.stderr.read().decode()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL
+
+    summary = resume_search(s.study, studies_dir=s.studies_dir, trial_fn=stub_trial, progress=False)
+    trials = _study(s).get_trials()
+    assert optuna.trial.TrialState.RUNNING not in [t.state for t in trials]
+    for number, (state, value, iv) in before.items():  # nothing finished lost or changed
+        t = trials[number]
+        assert (t.state, t.value, dict(t.intermediate_values)) == (state, value, iv)
+    assert finished_count(_study(s)) == 6 == summary.finished
+    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
+    for t in interrupted:  # each interrupted trial was retried with the same params
+        assert t.user_attrs["error"] == INTERRUPTED
+        assert any(r.user_attrs.get("retry_of") == t.number and r.params == t.params for r in trials)
+
+
+def test_real_fine_tune(tmp_path: Path, ray_session) -> None:
+    pytest.importorskip("search.trial")
+    data = make_image_folder(tmp_path / "data", size=32)
+    space = {"backbone": "resnet18", "freeze_depth": [0, "all"], "lr": {"low": 1e-3, "high": 1e-2, "log": True},
+             "image_size": 32, "batch_size": 8, "max_epochs": 2}
+    s = _settings(tmp_path, data, "real", trials=2, space=space)
+    summary = run_search(s, progress=False)
+    trials = _study(s).get_trials()
+    assert summary.finished == 2, [t.user_attrs.get("error") for t in trials]
+    for t in trials:
+        assert t.state in FIN, t.user_attrs.get("error")
+        assert t.user_attrs["params_total"] > 0 and Path(t.user_attrs["checkpoint"]).is_file()
+        assert len(t.user_attrs["confusion_matrix"]) == 3

@@ -1,0 +1,174 @@
+"""Search space: YAML parsing, validation with clear errors, define-by-run -> valid TrialConfigs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from search import backbones
+from search.config import ConfigError, TrialConfig
+from search.space import Choice, Constant, Range, SearchSpace, backbones_in, default_space, load_space
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _sample(space: SearchSpace, n: int = 30, seed: int = 0) -> list[tuple[dict, TrialConfig]]:
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=seed))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        constants = space.define_by_run(trial)
+        cfg = space.to_trial_config({**trial.params, **constants})
+        out.append((dict(trial.params), cfg))
+        study.tell(trial, 0.5)
+    return out
+
+
+def test_kinds_choice_range_constant() -> None:
+    s = SearchSpace.from_dict(
+        {
+            "backbone": ["resnet18", "efficientnet_b0"],
+            "lr": {"low": 1e-5, "high": 1e-2, "log": True},
+            "image_size": {"low": 96, "high": 160, "step": 32},
+            "label_smoothing": {"low": 0, "high": 0.2},
+            "batch_size": 16,
+            "max_epochs": 4,
+        }
+    )
+    p = s.param_dict
+    assert p["backbone"] == Choice(("resnet18", "efficientnet_b0"))
+    assert p["lr"] == Range(1e-5, 1e-2, log=True, is_int=False)
+    assert p["image_size"] == Range(96, 160, step=32, is_int=True)
+    assert p["label_smoothing"] == Range(0.0, 0.2, is_int=False)  # float field: float range
+    assert p["batch_size"] == Constant(16)
+    assert s.max_epochs == 4
+    for params, cfg in _sample(s):
+        assert cfg.epochs == 4 and cfg.batch_size == 16
+        assert cfg.image_size in (96, 128, 160)
+        assert 1e-5 <= cfg.lr <= 1e-2 and 0.0 <= cfg.label_smoothing <= 0.2
+        assert "batch_size" not in params  # constants are not Optuna params
+
+
+def test_yaml_file_and_string_exponents(tmp_path: Path) -> None:
+    f = tmp_path / "space.yaml"
+    # PyYAML reads 1e-5 (no dot) as a string: the bound is still a number.
+    f.write_text("backbone: [resnet18]\nlr: {low: 1e-5, high: 1e-2, log: true}\nmax_epochs: 3\n")
+    s = load_space(f)
+    assert s.param_dict["lr"].low == pytest.approx(1e-5)
+    assert SearchSpace.from_dict(s.to_dict()) == s
+
+
+def test_round_trip_default_spaces() -> None:
+    for gpu in (False, True):
+        s = default_space(gpu=gpu)
+        assert SearchSpace.from_dict(s.to_dict()) == s
+    assert backbones_in(default_space(gpu=False)) == ["resnet18", "mobilenet_v3_large", "efficientnet_b0"]
+    assert default_space(gpu=True).param_dict["image_size"] == Constant(224)
+
+
+@pytest.mark.parametrize(
+    "space, words",
+    [
+        ({"backbone": ["resnet18"], "lerning_rate": 0.1}, ["unknown key", "lerning_rate", "valid keys", "lr"]),
+        ({"backbone": ["resnt50"]}, ["resnt50", "available", "resnet50"]),
+        ({"backbone": "resnt50"}, ["resnt50", "available"]),
+        ({"lr": {"low": 0.1, "high": 0.01}}, ["lr", "inverted", "0.1", "0.01"]),
+        ({"lr": {"low": 0, "high": 0.01, "log": True}}, ["lr", "log", "low"]),
+        ({"augmentation": []}, ["augmentation", "empty"]),
+        ({"augmentation": ["flip", "autoaug"]}, ["autoaug", "available"]),
+        ({"lr": {"low": 1e-4}}, ["lr", "range", "low, high"]),
+        ({"lr": {"low": 1e-4, "high": 1e-2, "lg": True}}, ["lr", "range"]),
+        ({"lr": {"low": 1e-4, "high": 1e-2, "log": True, "step": 1e-4}}, ["lr", "log and step"]),
+        ({"image_size": {"low": 96.5, "high": 128}}, ["image_size.low", "integer"]),
+        ({"augmentation": {"low": 1, "high": 2}}, ["augmentation", "not numeric"]),
+        ({"max_epochs": 0}, ["max_epochs", "0"]),
+        ({"epochs": [2, 4]}, ["epochs", "max_epochs"]),
+        ({"batch_size": [16, -1]}, ["batch_size", "-1"]),
+        ({"freeze_depth": [0, "half"]}, ["freeze_depth", "half"]),
+    ],
+)
+def test_validation_errors_name_the_rule(space: dict, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as e:
+        SearchSpace.from_dict(space, source="my.yaml")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("my.yaml")
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("backbone: [resnet18\nlr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+: malformed YAML"):
+        load_space(f)
+    with pytest.raises(ConfigError, match="no such file"):
+        load_space(tmp_path / "missing.yaml")
+
+
+def test_freeze_depth_all_and_clipping() -> None:
+    s = SearchSpace.from_dict({"backbone": ["resnet18", "efficientnet_b0"], "freeze_depth": [0, 7, "all"]})
+    n = {b: backbones.num_stages(b) for b in ("resnet18", "efficientnet_b0")}
+    assert n["resnet18"] < 7 <= n["efficientnet_b0"]
+    seen = set()
+    for params, cfg in _sample(s, n=40):
+        assert params["freeze_depth"] in (0, 7, "all")  # same choices for every backbone
+        if params["freeze_depth"] == 7:
+            assert cfg.freeze_depth == min(7, n[cfg.backbone])  # clipped to the stage count
+        else:
+            assert cfg.freeze_depth == params["freeze_depth"]
+        seen.add((cfg.backbone, params["freeze_depth"]))
+    assert ("resnet18", 7) in seen
+
+
+def test_freeze_depth_range_up_to_all() -> None:
+    s = SearchSpace.from_dict({"backbone": ["resnet18", "efficientnet_b0"], "freeze_depth": {"low": 1, "high": "all"}})
+    assert SearchSpace.from_dict(s.to_dict()) == s
+    for params, cfg in _sample(s, n=40):
+        assert 1 <= cfg.freeze_depth <= backbones.num_stages(cfg.backbone)
+
+
+def test_policy_children_only_under_their_policy() -> None:
+    s = SearchSpace.from_dict(
+        {
+            "backbone": "resnet18",
+            "augmentation": ["flip", "randaugment", "augmix"],
+            "randaugment_num_ops": {"low": 1, "high": 3},
+            "randaugment_magnitude": [5, 9, 15],
+            "augmix_severity": {"low": 1, "high": 5},
+        }
+    )
+    policies = set()
+    for params, cfg in _sample(s, n=40):
+        policies.add(cfg.augmentation)
+        has_ra = {"randaugment_num_ops", "randaugment_magnitude"} <= set(params)
+        assert has_ra == (cfg.augmentation == "randaugment")
+        assert ("augmix_severity" in params) == (cfg.augmentation == "augmix")
+        if cfg.augmentation == "randaugment":
+            assert 1 <= cfg.randaugment_num_ops <= 3 and cfg.randaugment_magnitude in (5, 9, 15)
+    assert policies == {"flip", "randaugment", "augmix"}
+
+
+def test_constant_policy_turns_children_on() -> None:
+    s = SearchSpace.from_dict({"augmentation": "augmix", "augmix_severity": [2, 4]})
+    for params, cfg in _sample(s, n=5):
+        assert params["augmix_severity"] in (2, 4) and cfg.augmix_severity == params["augmix_severity"]
+
+
+def test_default_space_samples_valid_configs() -> None:
+    for gpu in (False, True):
+        s = default_space(gpu=gpu)
+        for _, cfg in _sample(s, n=15):
+            assert cfg.backbone in backbones_in(s)
+            assert cfg.epochs == s.max_epochs
+
+
+def test_incompatibility() -> None:
+    a = SearchSpace.from_dict({"backbone": ["resnet18", "efficientnet_b0"], "lr": {"low": 1e-4, "high": 1e-2}})
+    assert a.incompatibility(a) is None
+    b = SearchSpace.from_dict({"backbone": ["resnet18"], "lr": {"low": 1e-4, "high": 1e-2}})
+    assert "backbone" in a.incompatibility(b)
+    c = SearchSpace.from_dict({"backbone": ["resnet18", "efficientnet_b0"], "lr": {"low": 1e-5, "high": 1e-1}})
+    assert a.incompatibility(c) is None  # a wider range is fine for Optuna
+    assert "max_epochs" in a.incompatibility(a.with_max_epochs(9))
