@@ -43,7 +43,7 @@ DEMO_SPACE_PRETRAINED = {
 }
 
 
-def make_demo_dataset(root: str | Path, *, train_per_class: int = 40, val_per_class: int = 20,
+def make_demo_dataset(root: str | Path, *, train_per_class: int = 80, val_per_class: int = 30,
                       size: int = 72, seed: int = 0) -> Path:
     """Writes the demo ImageFolder (train/ and val/) unless it is already there.
 
@@ -82,9 +82,9 @@ def make_demo_dataset(root: str | Path, *, train_per_class: int = 40, val_per_cl
 def _background(rng: random.Random, size: int):
     from PIL import Image, ImageDraw
 
-    img = Image.new("RGB", (size, size), tuple(rng.randrange(0, 256) for _ in range(3)))
+    img = Image.new("RGB", (size, size), tuple(rng.randrange(0, 110) for _ in range(3)))
     draw = ImageDraw.Draw(img)
-    for _ in range(rng.randrange(3, 9)):  # clutter: lines and blobs of every class's colours
+    for _ in range(rng.randrange(0, 4)):  # clutter: thin lines and small blobs
         c = tuple(rng.randrange(0, 256) for _ in range(3))
         x0, y0, x1, y1 = (rng.randrange(0, size) for _ in range(4))
         if rng.random() < 0.5:
@@ -96,10 +96,10 @@ def _background(rng: random.Random, size: int):
 
 
 def _draw_shape(draw, label: str, rng: random.Random, size: int) -> None:
-    r = rng.uniform(size * 0.16, size * 0.32)
+    r = rng.uniform(size * 0.22, size * 0.36)
     cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
     angle = rng.uniform(0, 2 * math.pi)
-    colour = tuple(rng.randrange(0, 256) for _ in range(3))
+    colour = tuple(rng.randrange(120, 256) for _ in range(3))
 
     def poly(k: int, radius: float, phase: float = 0.0) -> list[tuple[float, float]]:
         return [
