@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-cache", action="store_true")
     c.add_argument("--full", action="store_true", help="train on train+val (the final fit)")
     c.add_argument("--val-fraction", type=float, default=0.2)
+    c.add_argument("--threads", type=int, default=None, help="CPU threads (default: the trial's own, if recorded)")
     c.add_argument("--json", action="store_true")
 
     c = sub.add_parser("predict", help="classify images with a saved model")
@@ -159,7 +160,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     out = a.out or str(Path("models", Path(a.config).stem))
     summary = train(
         a.config, a.data, out=out, weights_dir=a.weights_dir, cache=not a.no_cache, full=a.full,
-        val_fraction=a.val_fraction, progress=True,
+        val_fraction=a.val_fraction, progress=True, threads=a.threads,
     )
     if a.json:
         _print_json(summary)

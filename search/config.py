@@ -41,6 +41,7 @@ RECORD_KEYS = frozenset(
         "class_names",
         "versions",
         "state",
+        "threads",
     }
 )
 

@@ -55,8 +55,12 @@ def trial_record(study: Any, trial: Any) -> dict[str, Any]:
         if key in trial.user_attrs:
             metrics[key] = trial.user_attrs[key]
     record = dict(TrialConfig.from_dict(config).to_dict())
+    settings = attrs.get("settings") or {}
     record.update(
         {
+            # CPU kernels sum in an order that depends on the thread count: training again with
+            # the trial's own thread count reproduces it exactly.
+            "threads": max(1, int(settings.get("cpus_per_trial", 1))),
             "study": study.study_name,
             "trial": trial.number,
             "state": trial.state.name,

@@ -418,6 +418,7 @@ def train(
     val_fraction: float = 0.2,
     progress: bool = True,
     device: str | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Trains one config on a dataset (a reproduction, or the final fit) and saves the model.
 
@@ -431,6 +432,8 @@ def train(
         val_fraction: validation share when DATA has no val/ folder (split seeded by config.seed).
         progress: print one line per epoch on stderr.
         device: None: CUDA when available.
+        threads: torch CPU threads; None: the `threads` an exported config records (the trial's
+            own, so that the trial is reproduced exactly), else torch's default.
 
     Returns:
         Final metrics: val_acc, val_loss, val_balanced_acc, best_val_acc, epochs, seconds,
@@ -438,10 +441,13 @@ def train(
     """
     import sys
 
-    from search.config import load_trial_config
+    from search.config import load_trial_config, load_yaml
     from search.data import scan_dataset
 
     cfg = config if isinstance(config, TrialConfig) else load_trial_config(config)
+    if threads is None and not isinstance(config, TrialConfig):
+        recorded = load_yaml(config).get("threads")
+        threads = recorded if isinstance(recorded, int) and recorded > 0 else None
     index = scan_dataset(data, val_fraction=val_fraction, seed=cfg.seed)
 
     def show(m: dict[str, Any]) -> None:
@@ -460,7 +466,7 @@ def train(
         )
     result = fine_tune(
         cfg, index, report=show, weights_dir=weights_dir, cache=cache, train_on_val=full,
-        keep_model=out is not None, device=device,
+        keep_model=out is not None, device=device, threads=threads,
     )
     if progress:
         print(
