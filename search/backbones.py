@@ -891,13 +891,17 @@ def describe(name: str, *, weights_dir: str | Path | None = None) -> dict[str, A
     }
 
 
-def backbones_table(weights_dir: str | Path | None = None) -> list[dict[str, Any]]:
-    """`describe` for every registry entry, for `tlsearch backbones`.
+def backbones_table(*, pattern: str = "*", weights_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """`describe` for every backbone matching a pattern, for `tlsearch backbones`.
 
     Args:
+        pattern: fnmatch pattern over names; `timm/...` patterns list timm models.
         weights_dir: the --weights-dir folder, for the weights status.
 
     Returns:
         One dict per backbone, registry order.
     """
-    return [describe(n, weights_dir=weights_dir) for n in REGISTRY]
+    names = list_backbones(pattern)
+    if not names:
+        raise ConfigError(f"no backbone matches {pattern!r}; see tlsearch backbones")
+    return [describe(n, weights_dir=weights_dir) for n in names]

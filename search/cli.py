@@ -149,7 +149,8 @@ def cmd_backbones(a: argparse.Namespace) -> int:
     print(f"{'backbone':<26} {'params':>8}  {'weights':<10} stages")
     for r in rows:
         params = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "?"
-        print(f"{r['name']:<26} {params:>8}  {r.get('weights', '?'):<10} {len(r['stages'])}: {', '.join(r['stages'])}")
+        weights = str(r.get("weights", "?")).split(" ", 1)[0]  # "file <path>": the path is in --json
+        print(f"{r['name']:<26} {params:>8}  {weights:<10} {len(r['stages'])}: {', '.join(r['stages'])}")
     print("\nAny timm model works too, as timm/<name> (e.g. timm/tf_efficientnet_lite0).")
     return EXIT_OK
 
