@@ -48,7 +48,12 @@ from search.space import Constant, SearchSpace, backbones_in, default_space
 
 MARKER = ".tlsearch"  # marks an experiment folder this tool created (resume refuses others)
 INTERRUPTED = "interrupted (driver stopped)"
+REPORT_EVERY_S = 30.0  # how often the live report is rewritten while trials finish
 PROGRESS_EVERY_S = 5.0
+# Ray keeps a trial's worker process for the next trial instead of starting a fresh one (a fresh
+# worker costs seconds: process start, torch import). Safe: `_trainable` sets the torch thread
+# count and seeds every trial itself. Measured in benchmarks/bench.py (part d).
+REUSE_ACTORS = True
 TrialFn = Callable[..., Any]
 
 
@@ -478,6 +483,30 @@ class ProgressView(tune.Callback):
         return text
 
 
+class ReportRefresher(tune.Callback):
+    """Rewrites reports/<study>/index.html while the search runs, when trials have finished."""
+
+    def __init__(self, settings: SearchSettings, *, every_s: float = REPORT_EVERY_S) -> None:
+        self.settings, self.every_s = settings, every_s
+        self.last, self.seen, self.warned = time.time(), 0, False
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        now = time.time()
+        finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        if finished == self.seen or now - self.last < self.every_s:
+            return
+        self.seen, self.last = finished, now
+        try:
+            from search.report import write_report
+
+            s = self.settings
+            write_report(s.study, storage=s.storage_url, studies_dir=s.studies_dir, reports_dir=s.reports_dir)
+        except Exception as e:  # a report is a view; it never stops the search
+            if not self.warned:
+                self.warned = True
+                print(f"warning: report not refreshed: {e}", file=sys.stderr)
+
+
 # ----- pre-flight ---------------------------------------------------------------------------------
 
 
@@ -664,6 +693,7 @@ def run_search(
         KeyboardInterrupt after recording the study.
     """
     t0 = time.time()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our live view says what matters
     if space is None:
         space = SearchSpace.from_dict(settings.space) if settings.space else default_space(gpu=settings.gpus_per_trial > 0)
     if settings.max_epochs is not None and settings.max_epochs != space.max_epochs:
@@ -731,6 +761,7 @@ def _tune(
     callbacks = []
     if progress:
         callbacks.append(ProgressView(tally, base=_base_tally(study, settings.mode), budget_s=settings.time_budget_s))
+        callbacks.append(ReportRefresher(settings))
     run_name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     tuner = tune.Tuner(
         trainable,
@@ -739,7 +770,7 @@ def _tune(
             scheduler=scheduler,
             num_samples=remaining,
             time_budget_s=settings.time_budget_s,
-            reuse_actors=False,
+            reuse_actors=REUSE_ACTORS,
         ),
         run_config=tune.RunConfig(
             name=run_name,
