@@ -489,8 +489,8 @@ def train(
     if out is not None:
         from search.export import save_model
 
-        summary["model_dir"] = str(
+        summary["model_dir"] = str(Path(
             save_model(result, out, record={"dataset": index.root, "dataset_fingerprint": index.fingerprint,
                                             "full_fit": full})
-        )
+        ).resolve())
     return summary
