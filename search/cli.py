@@ -291,7 +291,10 @@ def cmd_show(a: argparse.Namespace) -> int:
 
     study = load_study(a.name, storage=a.storage)
     if a.json:
-        _print_json(study_summary(study, top=a.top))
+        summary = study_summary(study)  # it takes no `top`: cut its leaderboard (best first) here
+        if a.top is not None:
+            summary["leaderboard"] = summary["leaderboard"][: max(0, a.top)]
+        _print_json(summary)
     else:
         print(format_leaderboard(leaderboard(study), top=a.top))
     return EXIT_OK

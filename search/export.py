@@ -156,13 +156,16 @@ def pareto_front(trials: list[Any]) -> list[Any]:
 
 
 def _write_record(record: dict[str, Any], path: Path, fmt: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "json" or path.suffix == ".json":
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
-        return path
-    return dump_yaml(record, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "json" or path.suffix == ".json":
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            tmp.replace(path)
+            return path
+        return dump_yaml(record, path)
+    except OSError as e:  # --out under a file, onto a folder, read-only: bad input, one line
+        raise TLSearchError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _last_value(trial: Any) -> float | None:

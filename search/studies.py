@@ -175,7 +175,7 @@ def score_of(trial: "optuna.trial.FrozenTrial", *, maximize: bool = True) -> flo
     return max(values) if maximize else min(values)
 
 
-def leaderboard(study: "optuna.Study") -> "pandas.DataFrame":
+def leaderboard(study: "optuna.Study", *, trials: list | None = None) -> "pandas.DataFrame":
     """The study's trials as a ranked table, one row per trial.
 
     Order: COMPLETE trials by objective value (best first), then PRUNED trials by their best
@@ -193,6 +193,9 @@ def leaderboard(study: "optuna.Study") -> "pandas.DataFrame":
 
     Args:
         study: the Optuna study.
+        trials: a snapshot of its trials to rank; None: read them now. A caller that also reads
+            the trials itself passes its snapshot, so a trial finishing in between cannot make
+            the two disagree.
 
     Returns:
         A pandas DataFrame (possibly empty, still with the columns).
@@ -202,7 +205,8 @@ def leaderboard(study: "optuna.Study") -> "pandas.DataFrame":
     import pandas as pd
 
     metric, maximize = objective_of(study)
-    trials = study.get_trials(deepcopy=False)
+    if trials is None:
+        trials = study.get_trials(deepcopy=False)
     extra_params = sorted({k for t in trials for k in t.params} - set(_PARAM_COLUMNS))
     columns = list(LEADERBOARD_COLUMNS) + [p for p in extra_params if p not in LEADERBOARD_COLUMNS]
     if metric not in columns:
@@ -368,7 +372,7 @@ def study_summary(study: "optuna.Study") -> dict:
     """
     metric, maximize = objective_of(study)
     trials = study.get_trials(deepcopy=False)
-    df = leaderboard(study)
+    df = leaderboard(study, trials=trials)
     best = None
     top = df[df["rank"] == 1] if len(df) else df
     if len(top):

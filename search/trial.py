@@ -375,7 +375,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise TLSearchError(f"no checkpoint at {path}") from None
     except Exception as e:
-        raise TLSearchError(f"cannot load checkpoint {path}: {str(e).splitlines()[0]}") from None
+        # Some loader errors have no message (an empty file): name the exception instead.
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TLSearchError(f"cannot load checkpoint {path}: {why}") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -442,9 +444,11 @@ def train(
     import sys
 
     from search.config import load_trial_config, load_yaml
+    from search.backbones import get_spec
     from search.data import scan_dataset
 
     cfg = config if isinstance(config, TrialConfig) else load_trial_config(config)
+    get_spec(cfg.backbone)  # an unknown name: one error line before any progress is printed
     if threads is None and not isinstance(config, TrialConfig):
         recorded = load_yaml(config).get("threads")
         threads = recorded if isinstance(recorded, int) and recorded > 0 else None
