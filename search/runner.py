@@ -27,8 +27,10 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,14 @@ MARKER = ".tlsearch"  # marks an experiment folder this tool created (resume ref
 INTERRUPTED = "interrupted (driver stopped)"
 REPORT_EVERY_S = 30.0  # how often the live report is rewritten while trials finish
 PROGRESS_EVERY_S = 5.0
+# Several drivers may run one study at once (one per machine or terminal). Each stamps the trials
+# it runs with its id and a heartbeat; another driver counts a RUNNING trial as taken unless it
+# is stale: its driver's process is gone (same host) or its heartbeat is older than STALE_AFTER_S.
+HEARTBEAT_S = 15.0
+STALE_AFTER_S = 120.0
+SURPLUS = "not run: the study reached its trial count (another driver took the last one)"
+NODE_CHECK_FILES = 1000  # dataset files each Ray node stats before a cluster search
+NODE_CHECK_TIMEOUT_S = 120.0
 # Ray keeps a trial's worker process for the next trial instead of starting a fresh one (a fresh
 # worker costs seconds: process start, torch import). Safe: `_trainable` sets the torch thread
 # count and seeds every trial itself. Measured in benchmarks/bench.py (part d).
@@ -189,11 +199,16 @@ class HonestOptunaSearch(OptunaSearch):
         asha_stopped: set,
         tally: _Tally,
         pretrained: bool = True,
+        driver: str = "",
+        target: int | None = None,
     ) -> None:
         self._search_space = space
         self._asha_stopped = asha_stopped
         self._tally = tally
         self._pretrained = pretrained
+        self._driver = driver  # this driver's id, stamped on every trial it runs
+        self._target = target  # trials the study should reach, all drivers together; None: no check
+        self._reseeded = False
         self._configs: dict[str, dict] = {}
         self._curves: dict[str, dict[int, dict]] = {}
         self._last: dict[str, dict] = {}
@@ -202,10 +217,23 @@ class HonestOptunaSearch(OptunaSearch):
             study_name=study_name, storage=storage,
         )
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self._target is not None and trial_id not in self._ot_trials:
+            trials = self._ot_study.get_trials(deepcopy=False)
+            if _claimed(trials, driver=self._driver) >= self._target:
+                return self.FINISHED  # every trial is done or taken (maybe by another driver)
+            if not self._reseeded and _other_drivers(trials, driver=self._driver):
+                # Drivers seeded alike would sample the same params: diverge from here on.
+                self._ot_study.sampler.reseed_rng()
+                self._reseeded = True
         params = super().suggest(trial_id)
         if params is None:
             return None
+        ot_trial = self._ot_trials[trial_id]
+        ot_trial.set_user_attr("driver", self._driver)
+        ot_trial.set_user_attr("heartbeat", time.time())
+        if self._target is not None and self._surplus(trial_id):
+            return self.FINISHED
         params["_trial_number"] = self._ot_trials[trial_id].number
         self._configs[trial_id] = dict(params)
         self._curves[trial_id] = {}
@@ -223,6 +251,28 @@ class HonestOptunaSearch(OptunaSearch):
         if result:
             self._record(trial_id, result)
         self._finish(trial_id, worker_died=error and not (self._last.get(trial_id) or {}).get("error"))
+
+    def _surplus(self, trial_id: str) -> bool:
+        """Closes a trial that another driver's trials crowded out of the count (a race of two asks).
+
+        Trial numbers order the asks of every driver, so the earlier trials win.
+        """
+        ot_trial = self._ot_trials[trial_id]
+        earlier = [t for t in self._ot_study.get_trials(deepcopy=False) if t.number < ot_trial.number]
+        if _claimed(earlier, driver=self._driver) < self._target:
+            return False
+        ot_trial.set_user_attr("error", SURPLUS)
+        ot_trial.set_user_attr("interrupted", True)  # does not count toward the trials
+        self._ot_study.tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
+        del self._ot_trials[trial_id]
+        return True
+
+    def heartbeat(self) -> None:
+        """Stamps this driver's open trials as alive (called from a timer thread)."""
+        for trial_id, ot_trial in list(self._ot_trials.items()):
+            if trial_id not in self._completed_trials:
+                with contextlib.suppress(Exception):  # finished meanwhile, or a storage hiccup
+                    ot_trial.set_user_attr("heartbeat", time.time())
 
     def finish_leftovers(self) -> int:
         """Tells every trial still open (the run was stopped under it) as interrupted; returns how many."""
@@ -600,17 +650,25 @@ def _open_study(settings: SearchSettings, storage: Any, index: Any, space: Searc
     return study
 
 
-def reconcile(study: optuna.Study) -> int:
+def reconcile(study: optuna.Study, *, driver: str | None = None) -> int:
     """Marks trials left RUNNING by a stopped driver FAIL ("interrupted") and enqueues their params.
 
+    Other drivers may be running on the study: their live trials are left alone; only stale
+    trials (see `is_stale`) and this driver's own are reconciled.
+
     Args:
-        study: the study (no search may be running on it).
+        study: the study.
+        driver: this driver's id; None: only stale trials.
 
     Returns:
         How many trials were reconciled.
     """
     n = 0
+    now = time.time()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        own = driver is not None and t.user_attrs.get("driver") == driver
+        if not own and not is_stale(t, driver=driver, now=now):
+            continue
         trial = optuna.Trial(study, t._trial_id)
         trial.set_user_attr("error", INTERRUPTED)
         trial.set_user_attr("interrupted", True)
@@ -631,6 +689,88 @@ def finished_count(study: optuna.Study) -> int:
         elif t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"):
             n += 1
     return n
+
+
+def new_driver_id() -> str:
+    """A unique id of one search call: host:pid:token (the token tells two calls of one process apart)."""
+    return f"{_process_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _process_host() -> str:
+    """This host's name plus its pid namespace: containers sharing a hostname see different pids."""
+    try:
+        ns = "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit())
+    except OSError:
+        ns = ""
+    return f"{socket.gethostname()}/{ns}" if ns else socket.gethostname()
+
+
+def is_stale(trial: Any, *, driver: str | None, now: float | None = None) -> bool:
+    """Whether a RUNNING trial of another driver is abandoned (that driver crashed or was killed).
+
+    On this host the driver's process is checked directly, so a resume right after a crash
+    retries its trials at once; on another host, the trial is stale when its heartbeat is older
+    than `STALE_AFTER_S`.
+
+    Args:
+        trial: a frozen trial.
+        driver: the asking driver's id (its own trials are never stale); None: no driver.
+        now: the time (unix seconds); None: now.
+
+    Returns:
+        True when the trial is RUNNING and nobody runs it any more.
+    """
+    if trial.state != TrialState.RUNNING:
+        return False
+    owner = trial.user_attrs.get("driver")
+    if driver is not None and owner == driver:
+        return False
+    now = time.time() if now is None else now
+    beat = trial.user_attrs.get("heartbeat")
+    if not _finite(beat):
+        beat = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+    if now - beat > STALE_AFTER_S:
+        return True
+    if isinstance(owner, str) and owner.count(":") >= 2:
+        host, pid, _ = owner.rsplit(":", 2)
+        if host == _process_host() and pid.isdigit():
+            # Same pid, another token: an earlier search call of this process, which has ended.
+            return int(pid) == os.getpid() or not _pid_alive(int(pid))
+    return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _claimed(trials: list, *, driver: str | None) -> int:
+    """Trials that count toward `settings.trials` plus those live drivers are running now."""
+    now = time.time()
+    n = 0
+    for t in trials:
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            n += 1
+        elif t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"):
+            n += 1
+        elif t.state == TrialState.RUNNING and not is_stale(t, driver=driver, now=now):
+            n += 1
+    return n
+
+
+def _other_drivers(trials: list, *, driver: str) -> bool:
+    """Whether another live driver is running trials of the study."""
+    now = time.time()
+    return any(
+        t.state == TrialState.RUNNING and t.user_attrs.get("driver") not in (None, driver)
+        and not is_stale(t, driver=driver, now=now)
+        for t in trials
+    )
 
 
 def _base_tally(study: optuna.Study, mode: str) -> dict:
@@ -666,6 +806,81 @@ def _ensure_ray(settings: SearchSettings) -> None:
         ray.init(address=settings.address, log_to_driver=False)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+
+
+def check_nodes_see_data(index: Any, *, experiment_dir: Path | None = None,
+                         timeout_s: float = NODE_CHECK_TIMEOUT_S) -> dict[str, dict]:
+    """Checks, on every alive Ray node, that the dataset is there at the same path.
+
+    A tiny task pinned to each node stats up to NODE_CHECK_FILES of the dataset's images (evenly
+    spread) and compares their sizes with the driver's; a node that cannot run it (tlsearch not
+    installed there) fails too. A node that does not see the experiment folder only gets a
+    warning: its trials keep their checkpoints on that node.
+
+    Args:
+        index: the scanned dataset (`search.data.DatasetIndex`).
+        experiment_dir: studies/<study>/, checked for the warning; None: not checked.
+        timeout_s: how long to wait for every node's answer.
+
+    Returns:
+        {node id: {"address", "missing", "checked", "experiment_dir"}} for every alive node.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    samples = [path for path, _ in (*index.train, *index.val)]
+    step = max(1, math.ceil(len(samples) / NODE_CHECK_FILES))
+    probe = [(path, os.path.getsize(path)) for path in samples[::step]]
+    exp = str(experiment_dir) if experiment_dir is not None else None
+    task = ray.remote(num_cpus=0, max_retries=0)(_node_sees)
+    nodes = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+    refs = {
+        node: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(index.root, probe, exp)
+        for node in nodes
+    }
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    found: dict[str, dict] = {}
+    problems: list[str] = []
+    for node, ref in refs.items():
+        where = f"{nodes[node]} (node {node[:8]})"
+        if ref not in ready:
+            ray.cancel(ref, force=True)
+            problems.append(f"{where}: no answer within {timeout_s:.0f}s")
+            continue
+        try:
+            found[node] = {"address": nodes[node], **ray.get(ref)}
+        except Exception as e:  # e.g. tlsearch not installed on that node
+            problems.append(f"{where}: {str(getattr(e, 'cause', None) or e).strip().splitlines()[-1]}")
+            continue
+        r = found[node]
+        if not r["root"]:
+            problems.append(f"{where}: no folder {index.root}")
+        elif r["missing"]:
+            problems.append(f"{where}: {r['missing']} of {r['checked']} checked images missing or of another size")
+    if problems:
+        raise TLSearchError(
+            f"dataset {index.root} is not the same on every Ray node ({len(problems)} of {len(refs)}): "
+            + "; ".join(problems)
+            + "; put it on storage every node mounts at the same path (or copy it there) and retry"
+        )
+    blind = [f"{r['address']} (node {n[:8]})" for n, r in found.items() if exp and not r["experiment_dir"]]
+    if blind:
+        print(f"warning: {exp} is not visible on {', '.join(blind)}: checkpoints of trials there stay on "
+              "those nodes; run from a folder on shared storage to keep them together", file=sys.stderr)
+    return found
+
+
+def _node_sees(root: str, probe: list[tuple[str, int]], experiment_dir: str | None) -> dict:
+    """Runs on one node: is the dataset folder there, and are the probed files the same size?"""
+    if not os.path.isdir(root):
+        return {"root": False, "missing": len(probe), "checked": len(probe), "experiment_dir": False}
+    missing = 0
+    for path, size in probe:
+        try:
+            missing += os.path.getsize(path) != size
+        except OSError:
+            missing += 1
+    seen = bool(experiment_dir) and os.path.isdir(experiment_dir)
+    return {"root": True, "missing": missing, "checked": len(probe), "experiment_dir": seen}
 
 
 # ----- the search ---------------------------------------------------------------------------------
@@ -710,37 +925,42 @@ def run_search(
     exp = settings.experiment_dir
     (exp / MARKER).write_text(f"tlsearch experiment folder of study {settings.study}\n", encoding="utf-8")
     dump_yaml(settings.to_dict(), exp / "settings.yaml")
-    reconcile(study)
+    driver = new_driver_id()
+    reconcile(study, driver=driver)  # trials of crashed drivers; live ones of other drivers stay
 
     remaining = settings.trials - finished_count(study)
     tally = _Tally(mode=settings.mode)
     interrupted = budget_reached = False
     trials_run = 0
     if remaining > 0:
-        trials_run = remaining
         try:
-            interrupted, budget_reached = _tune(settings, space, index, storage, study, tally, remaining, trial_fn, progress, t0)
+            interrupted, budget_reached = _tune(
+                settings, space, index, storage, study, tally, remaining, trial_fn, progress, t0, driver=driver
+            )
         except KeyboardInterrupt:
-            reconcile(study)
+            reconcile(study, driver=driver)
             print(f"interrupted; continue with: tlsearch resume {settings.study}", file=sys.stderr)
             raise
-    reconcile(study)  # nothing may stay RUNNING once this call returns
+        trials_run = tally.complete + tally.pruned + tally.failed + tally.interrupted
+    reconcile(study, driver=driver)  # none of this call's trials may stay RUNNING once it returns
     return _summary(settings, study, t0, tally, trials_run, interrupted, budget_reached)
 
 
 def _tune(
     settings: SearchSettings, space: SearchSpace, index: Any, storage: Any, study: optuna.Study,
-    tally: _Tally, remaining: int, trial_fn: TrialFn | None, progress: bool, t0: float,
+    tally: _Tally, remaining: int, trial_fn: TrialFn | None, progress: bool, t0: float, driver: str = "",
 ) -> tuple[bool, bool]:
     """Runs one Ray Tune experiment of `remaining` trials; returns (interrupted, budget_reached)."""
     _ensure_ray(settings)
+    if settings.address:
+        check_nodes_see_data(index, experiment_dir=settings.experiment_dir)
     resources = ray.cluster_resources()
     asha_stopped: set = set()
     sampler = make_sampler(settings.sampler, seed=settings.seed + len(study.trials))
     searcher = HonestOptunaSearch(
         space, metric=settings.metric, mode=settings.mode, sampler=sampler,
         study_name=settings.study, storage=storage, asha_stopped=asha_stopped, tally=tally,
-        pretrained=settings.pretrained,
+        pretrained=settings.pretrained, driver=driver, target=settings.trials,
     )
     concurrency = settings.max_concurrent or default_concurrency(
         cpus=resources.get("CPU", 1), gpus=resources.get("GPU", 0),
@@ -781,14 +1001,25 @@ def _tune(
         ),
     )
     start = time.time()
+    beating = threading.Event()
+    threading.Thread(target=_heartbeats, args=(searcher, beating), daemon=True, name="tlsearch-heartbeat").start()
     try:
         with _quiet_tune():
             tuner.fit()
     finally:
+        beating.set()
         left = searcher.finish_leftovers()
     budget_reached = bool(settings.time_budget_s) and time.time() - start >= settings.time_budget_s * 0.98
-    interrupted = (left > 0 or finished_count(study) < settings.trials) and not budget_reached
+    # Trials other drivers still run count as done here: the study reaches its count through them.
+    claimed = _claimed(study.get_trials(deepcopy=False), driver=driver)
+    interrupted = (left > 0 or claimed < settings.trials) and not budget_reached
     return interrupted, budget_reached
+
+
+def _heartbeats(searcher: HonestOptunaSearch, stop: threading.Event) -> None:
+    """Stamps the driver's running trials every HEARTBEAT_S until `stop` is set."""
+    while not stop.wait(HEARTBEAT_S):
+        searcher.heartbeat()
 
 
 @contextlib.contextmanager
@@ -798,7 +1029,9 @@ def _quiet_tune() -> Iterator[None]:
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the legacy reporter honours verbose=0
     log = logging.getLogger("ray.tune")
     old_level = log.level
-    log.setLevel(logging.ERROR)  # also hides "Resume with Tuner.restore": we resume from the study
+    # CRITICAL: also hides "Resume with Tuner.restore" (we resume from the study) and the traceback
+    # Tune logs when a worker dies; the study records that trial as FAIL with the reason.
+    log.setLevel(logging.CRITICAL)
     try:
         yield
     finally:

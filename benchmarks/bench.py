@@ -1,0 +1,467 @@
+"""tlsearch's performance, measured side by side in one run on the same data.
+
+    python -m benchmarks.bench                 # everything (~15 min on 2 cores)
+    python -m benchmarks.bench --quick         # a smoke run (~3 min)
+    python -m benchmarks.bench --only b,c      # some parts
+
+Parts (each on ../shared/data/hymenoptera with ../shared/weights/tf_efficientnet_lite0.pth):
+
+  a. tlsearch (`run_search`) vs a hand-written Optuna + torch loop (benchmarks/handwritten.py), the
+     same space and time budget: time to reach a target val_acc, best val_acc within the budget;
+  b. a head-only trial on cached frozen features vs the same trial with cache=False;
+  c. images/s of the decoded-image cache vs decoding every JPEG with PIL;
+  d. orchestration overhead of `run_search` over many short trials, with and without Ray reusing
+     trial workers;
+  e. on this machine: 1 trial x all CPUs vs one trial per CPU (the default concurrency).
+
+Every cache starts empty (a fresh TLSEARCH_CACHE), so one-off builds are paid inside the
+benchmark. Writes benchmarks/results/latest.json and latest.md, and the README's Performance table.
+Without ../shared it prints why and exits 0 (nothing to measure on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data" / "hymenoptera"
+WEIGHTS_DIR = SHARED / "weights"
+BACKBONE = "timm/tf_efficientnet_lite0"
+RESULTS = REPO / "benchmarks" / "results"
+README = REPO / "README.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one benchmark run (full or --quick)."""
+
+    budget_s: float  # part a: time budget of each search
+    target: float  # part a: the val_acc both searches race to
+    epochs: int  # part a/b: epochs per trial (ASHA's max rung)
+    image_size: int  # every part: the backbone's input side
+    stub_trials: int  # part d: trials per run
+    stub_epoch_s: float  # part d: seconds of work per stub epoch
+    conc_trials: int  # part e: identical real trials per setting
+
+
+FULL = Plan(budget_s=240, target=0.93, epochs=5, image_size=160, stub_trials=12, stub_epoch_s=2.0, conc_trials=2)
+QUICK = Plan(budget_s=45, target=0.90, epochs=2, image_size=128, stub_trials=4, stub_epoch_s=0.5, conc_trials=2)
+
+
+def space(plan: Plan) -> dict:
+    """The search space of part a (tlsearch's YAML format; the hand-written loop reads it too)."""
+    return {
+        "backbone": BACKBONE,
+        "freeze_depth": ["all", 6, 3, 0],
+        "augmentation": ["none", "flip", "trivialaugment"],
+        "lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+        "image_size": plan.image_size,
+        "batch_size": 32,
+        "optimizer": "adamw",
+        "max_epochs": plan.epochs,
+    }
+
+
+# ----- helpers --------------------------------------------------------------------------------------
+
+
+def settings(work: Path, study: str, **changes: Any) -> Any:
+    """SearchSettings for a benchmark search, its study and Ray folders under `work`."""
+    from search.config import SearchSettings
+
+    base = dict(study=study, data=str(DATA), weights_dir=str(WEIGHTS_DIR), studies_dir=str(work / "studies"),
+                reports_dir=str(work / "reports"), seed=0)
+    return SearchSettings(**{**base, **changes})
+
+
+def load_avg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def first_reach(log: list[dict], target: float, budget_s: float) -> tuple[float | None, float]:
+    """(seconds until val_acc >= target first, best val_acc within the budget) from per-epoch records."""
+    inside = [r for r in log if r["t"] <= budget_s]
+    hits = [r["t"] for r in inside if r["val_acc"] >= target]
+    return (min(hits) if hits else None), max((r["val_acc"] for r in inside), default=0.0)
+
+
+# ----- a: tlsearch vs the hand-written loop ----------------------------------------------------------
+
+
+def part_a(plan: Plan, work: Path) -> dict:
+    from benchmarks import _trials, handwritten
+    from search.runner import run_search
+
+    sp = space(plan)
+    print(f"[a] hand-written Optuna loop, {plan.budget_s:.0f} s budget ...", file=sys.stderr, flush=True)
+    hand = handwritten.run(data=str(DATA), weights=str(WEIGHTS_DIR / "tf_efficientnet_lite0.pth"),
+                           space=sp, budget_s=plan.budget_s, seed=0,
+                           threads=os.cpu_count())  # torch's default: every core
+    hand_t, hand_best = first_reach(hand["log"], plan.target, plan.budget_s)
+
+    print(f"[a] tlsearch run_search, {plan.budget_s:.0f} s budget ...", file=sys.stderr, flush=True)
+    log_path = work / "tlsearch-epochs.jsonl"
+    t0 = time.time()
+    summary = run_search(
+        settings(work, "bench-a", space=sp, trials=1000, time_budget_s=plan.budget_s),
+        trial_fn=partial(_trials.timed_fine_tune, log_path=str(log_path)), progress=False,
+    )
+    records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    tl_log = [{**r, "t": r["t"] - t0} for r in records]
+    tl_t, tl_best = first_reach(tl_log, plan.target, plan.budget_s)
+    ratio = tl_t / hand_t if tl_t is not None and hand_t else None
+    return {
+        "target_val_acc": plan.target,
+        "budget_s": plan.budget_s,
+        "space": sp,
+        "handwritten": {"time_to_target_s": hand_t, "best_val_acc": hand_best, "trials": hand["trials"],
+                        "states": hand["states"], "epochs_run": len(hand["log"])},
+        "tlsearch": {"time_to_target_s": tl_t, "best_val_acc": tl_best, "trials": len({r["trial"] for r in tl_log}),
+                     "states": summary.counts, "epochs_run": len(tl_log),
+                     "wall_s": round(summary.wall_seconds, 1)},
+        "ratio": ratio,
+        "goal": "tlsearch time to target <= 0.3 x hand-written",
+        "met": ratio is not None and ratio <= 0.3 if hand_t else None,
+        "note": None if hand_t else "the hand-written loop never reached the target within the budget",
+    }
+
+
+# ----- b: cached features vs no cache ----------------------------------------------------------------
+
+
+def part_b(plan: Plan, work: Path) -> dict:
+    from search.config import TrialConfig
+    from search.data import scan_dataset
+    from search.trial import fine_tune
+
+    index = scan_dataset(DATA, warn=lambda m: None)
+    cfg = TrialConfig(backbone=BACKBONE, freeze_depth="all", augmentation="none", image_size=plan.image_size,
+                      epochs=plan.epochs, batch_size=32, lr=1e-3, optimizer="adamw")
+    runs = {}
+    for name, cache in (("first trial (builds caches)", True), ("later trial (cache warm)", True),
+                        ("no cache", False)):
+        print(f"[b] head-only trial: {name} ...", file=sys.stderr, flush=True)
+        # threads=1: what a trial gets by default (one CPU per trial, see part e).
+        r = fine_tune(cfg, index, weights_dir=str(WEIGHTS_DIR), cache=cache, cache_dir=str(work / "cache-b"),
+                      threads=1)
+        runs[name] = {"trial_s": round(r.seconds, 3),
+                      "train_s": round(sum(h["epoch_seconds"] for h in r.history), 3),
+                      "val_acc": r.final["val_acc"]}
+    warm, first, cold = runs["later trial (cache warm)"], runs["first trial (builds caches)"], runs["no cache"]
+    ratio = cold["train_s"] / warm["train_s"]
+    acc_diff = abs(warm["val_acc"] - cold["val_acc"])
+    return {
+        "config": cfg.to_dict(),
+        "runs": runs,
+        "ratio": ratio,
+        "ratio_uses": "training time (sum of epoch seconds) of a later trial (cache warm) vs no cache",
+        "ratio_trial_wall_warm": cold["trial_s"] / warm["trial_s"],
+        "ratio_trial_wall_first": cold["trial_s"] / first["trial_s"],
+        "acc_diff": acc_diff,
+        "goal": ">= 10x less training time, |val_acc difference| <= 0.02",
+        "met": ratio >= 10 and acc_diff <= 0.02,
+    }
+
+
+# ----- c: decoded-image cache vs PIL decoding ---------------------------------------------------------
+
+
+def part_c(plan: Plan, work: Path) -> dict:
+    import torch
+
+    from search import augment
+    from search.data import dataset_splits, scan_dataset
+
+    index = scan_dataset(DATA, warn=lambda m: None)
+    tf = augment.eval_transform(plan.image_size, mean=(0.5,) * 3, std=(0.5,) * 3)
+
+    def images_per_s(cache: bool) -> float:
+        ds = dataset_splits(index, image_size=plan.image_size, train_transform=tf, eval_transform=tf,
+                            cache=cache, cache_dir=str(work / "cache-c"))[0]
+        n, t = 0, time.perf_counter()
+        for x, _ in torch.utils.data.DataLoader(ds, batch_size=32):
+            n += len(x)
+        return n / (time.perf_counter() - t)
+
+    print("[c] image loading: cache build, cached, PIL ...", file=sys.stderr, flush=True)
+    # One thread, as in a trial with one CPU (the default): per-image tensor ops gain nothing from
+    # more, and on a busy machine a second thread makes every small op wait for it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    build_rate = images_per_s(True)  # the first pass builds the cache file
+    build_s = time.perf_counter() - t
+    cached = statistics.median(images_per_s(True) for _ in range(3))
+    pil = statistics.median(images_per_s(False) for _ in range(3))
+    torch.set_num_threads(threads)
+    return {
+        "images": len(index.train),
+        "cache_build_s": round(build_s, 2),
+        "first_pass_images_per_s": build_rate,
+        "cached_images_per_s": cached,
+        "pil_images_per_s": pil,
+        "ratio": cached / pil,
+        "note": "one pass over the train split, eval transform (center crop + normalise), one process, 1 torch thread",
+        "goal": ">= 3x images/s",
+        "met": cached / pil >= 3,
+    }
+
+
+# ----- d: orchestration overhead ----------------------------------------------------------------------
+
+
+def _stub_search(plan: Plan, work: Path, study: str) -> dict:
+    from benchmarks import _trials
+    from search.runner import run_search
+
+    sp = {"backbone": BACKBONE, "freeze_depth": ["all"], "augmentation": ["none"],
+          "lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}, "max_epochs": 3}
+    s = settings(work, study, space=sp, trials=plan.stub_trials)
+    t0 = time.time()
+    summary = run_search(s, trial_fn=partial(_trials.stub_trial, epoch_seconds=plan.stub_epoch_s), progress=False)
+    import ray
+
+    from search.runner import default_concurrency
+
+    conc = default_concurrency(cpus=ray.cluster_resources().get("CPU", 1), gpus=0,
+                               cpus_per_trial=s.cpus_per_trial, gpus_per_trial=0)
+    busy = summary.compute_seconds / (summary.wall_seconds * conc)
+    # Where the overhead goes: before the first trial starts (pre-flight, study, Tuner set-up),
+    # between trials, and after the last one ends.
+    import optuna
+
+    trials = optuna.load_study(study_name=study, storage=summary.storage).get_trials(deepcopy=False)
+    starts = [t.user_attrs["started_at"] for t in trials if t.user_attrs.get("started_at")]
+    ends = [t.user_attrs["finished_at"] for t in trials if t.user_attrs.get("finished_at")]
+    before = min(starts) - t0 if starts else None
+    after = t0 + summary.wall_seconds - max(ends) if ends else None
+    return {"wall_s": round(summary.wall_seconds, 2), "compute_s": round(summary.compute_seconds, 2),
+            "concurrency": conc, "trials": summary.trials_run, "states": summary.counts,
+            "overhead": 1 - busy, "before_first_trial_s": before, "after_last_trial_s": after,
+            "per_trial_overhead_s": (summary.wall_seconds * conc - summary.compute_seconds) / max(1, summary.trials_run)}
+
+
+def part_d(plan: Plan, work: Path) -> dict:
+    from search import runner
+
+    t = time.time()
+    runner._ensure_ray(settings(work, "bench-d"))  # a no-op when an earlier part started Ray
+    ray_start = time.time() - t
+    out: dict[str, Any] = {"ray_start_s": round(ray_start, 2),
+                           "note": "overhead = 1 - sum(trial compute) / (wall x concurrent trials); Ray is "
+                                   "started once per process, before these runs (its start is ray_start_s)"}
+    before = runner.REUSE_ACTORS
+    try:
+        for reuse in (False, True):
+            runner.REUSE_ACTORS = reuse
+            print(f"[d] {plan.stub_trials} stub trials, reuse_actors={reuse} ...", file=sys.stderr, flush=True)
+            out[f"reuse_actors={reuse}"] = _stub_search(plan, work, f"bench-d-{int(reuse)}")
+    finally:
+        runner.REUSE_ACTORS = before
+    chosen = out[f"reuse_actors={before}"]
+    out.update({"default_reuse_actors": before, "overhead": chosen["overhead"],
+                "goal": "overhead <= 10% of wall time", "met": chosen["overhead"] <= 0.10})
+    return out
+
+
+# ----- e: concurrency ---------------------------------------------------------------------------------
+
+
+def part_e(plan: Plan, work: Path) -> dict:
+    from search.runner import run_search
+
+    cpus = os.cpu_count() or 1
+    # Identical real trials (partial fine-tuning with augmentation: nothing is cached) so that
+    # both settings do the same work; no pruning (grace period = epochs).
+    sp = {"backbone": BACKBONE, "freeze_depth": [4], "augmentation": ["flip"],
+          "lr": [1.0e-3, 1.001e-3], "image_size": 96, "max_epochs": 2}
+    out: dict[str, Any] = {"trials": plan.conc_trials, "cpus": cpus}
+    for label, cpt in ((f"1 trial x {cpus} threads", float(cpus)), (f"{cpus} trials x 1 thread", 1.0)):
+        print(f"[e] {plan.conc_trials} trials, {label} ...", file=sys.stderr, flush=True)
+        summary = run_search(
+            settings(work, f"bench-e-{int(cpt)}", space=sp, trials=plan.conc_trials, cpus_per_trial=cpt,
+                     grace_period=2),
+            progress=False,
+        )
+        out[label] = {"wall_s": round(summary.wall_seconds, 2), "compute_s": round(summary.compute_seconds, 2),
+                      "states": summary.counts}
+    a, b = out[f"1 trial x {cpus} threads"], out[f"{cpus} trials x 1 thread"]
+    out["faster"] = "one trial per CPU" if b["wall_s"] < a["wall_s"] else "one trial with all CPUs"
+    out["speedup_per_cpu_trials"] = a["wall_s"] / b["wall_s"]
+    return out
+
+
+PARTS: dict[str, tuple[str, Callable[[Plan, Path], dict]]] = {
+    "c": ("decoded-image cache vs PIL decoding", part_c),
+    "b": ("head-only trial: cached features vs no cache", part_b),
+    "d": ("orchestration overhead over short trials", part_d),
+    "e": ("concurrency: 1 trial x all CPUs vs 1 trial per CPU", part_e),
+    "a": ("tlsearch vs hand-written Optuna loop", part_a),
+}
+
+
+# ----- output -----------------------------------------------------------------------------------------
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _met(v: Any) -> str:
+    return {True: "yes", False: "**no**", None: "n/a"}[v]
+
+
+def markdown(results: dict) -> str:
+    """The results as a markdown table (one row per measured part) plus the run's conditions."""
+    m = results["machine"]
+    lines = [
+        f"Run {results['finished']} ({'quick' if results['quick'] else 'full'}), {m['cpus']} CPUs, no GPU, "
+        f"load average {m['load_start']} at start / {m['load_end']} at end; torch {m['torch']}.",
+        "",
+        "| part | tlsearch | baseline | ratio | goal | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    p = results["parts"]
+    if "a" in p:
+        a = p["a"]
+        lines.append(
+            f"| a. time to val_acc ≥ {a['target_val_acc']} ({a['budget_s']:.0f} s budget; best acc in budget) "
+            f"| {_fmt(a['tlsearch']['time_to_target_s'], 1)} s ({a['tlsearch']['best_val_acc']:.3f}; "
+            f"{a['tlsearch']['trials']} trials) "
+            f"| hand-written: {_fmt(a['handwritten']['time_to_target_s'], 1)} s ({a['handwritten']['best_val_acc']:.3f}; "
+            f"{a['handwritten']['trials']} trials) | {_fmt(a['ratio'])}× | ≤ 0.3× | {_met(a['met'])} |")
+    if "b" in p:
+        b = p["b"]
+        r = b["runs"]
+        lines.append(
+            f"| b. head-only trial, training time (val_acc) | warm: {r['later trial (cache warm)']['train_s']:.2f} s "
+            f"({r['later trial (cache warm)']['val_acc']:.3f}); first trial incl. cache build: "
+            f"{r['first trial (builds caches)']['trial_s']:.1f} s | no cache: {r['no cache']['train_s']:.1f} s "
+            f"({r['no cache']['val_acc']:.3f}) | {b['ratio']:.0f}× less (whole trial: warm {b['ratio_trial_wall_warm']:.1f}×, "
+            f"first {b['ratio_trial_wall_first']:.1f}×) | ≥ 10×, Δacc ≤ 0.02 | {_met(b['met'])} |")
+    if "c" in p:
+        c = p["c"]
+        lines.append(
+            f"| c. images/s, one pass, {c['images']} images | cache: {c['cached_images_per_s']:.0f} "
+            f"(build once: {c['cache_build_s']:.1f} s) | PIL decode: {c['pil_images_per_s']:.0f} | {c['ratio']:.1f}× "
+            f"| ≥ 3× | {_met(c['met'])} |")
+    if "d" in p:
+        d = p["d"]
+        on, off = d["reuse_actors=True"], d["reuse_actors=False"]
+        lines.append(
+            f"| d. orchestration overhead, {on['trials']} short trials (~{on['compute_s'] / max(1, on['trials']):.1f} s each) "
+            f"| reuse_actors: {on['overhead']:.1%} ({on['per_trial_overhead_s']:.1f} s/trial) "
+            f"| fresh worker per trial: {off['overhead']:.1%} ({off['per_trial_overhead_s']:.1f} s/trial) "
+            f"| — | ≤ 10% | {_met(d['met'])} |")
+    if "e" in p:
+        e = p["e"]
+        keys = [k for k in e if " x " in k]
+        lines.append(
+            f"| e. {e['trials']} identical trials, wall | {keys[1]}: {e[keys[1]]['wall_s']:.1f} s "
+            f"| {keys[0]}: {e[keys[0]]['wall_s']:.1f} s | {e['speedup_per_cpu_trials']:.2f}× | (sets the default) | — |")
+    lines.append("")
+    lines.append("Ratios: a = tlsearch / hand-written time; b, c = baseline / tlsearch; "
+                 "e = (1 trial x all CPUs) / (1 trial per CPU) wall time. Raw figures: "
+                 "`benchmarks/results/latest.json`.")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str) -> None:
+    """Puts the table between the README's bench markers (adds a Performance section if missing)."""
+    text = README.read_text(encoding="utf-8")
+    block = f"{START}\n{table}{END}"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## Performance\n\n" + block + "\n"
+    README.write_text(text, encoding="utf-8")
+
+
+# ----- main -------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the benchmark; returns the exit code."""
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a fast smoke run with small budgets")
+    ap.add_argument("--only", default="", help=f"comma-separated parts to run, of {','.join(sorted(PARTS))}")
+    ap.add_argument("--out", default=str(RESULTS),
+                    help="results folder: latest.json/.md (full run), quick.* (--quick), partial.* (--only)")
+    ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README's Performance table")
+    args = ap.parse_args(argv)
+    parts = [p.strip() for p in args.only.split(",") if p.strip()] or list(PARTS)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        print(f"error: unknown part(s) {', '.join(unknown)}; available: {', '.join(sorted(PARTS))}", file=sys.stderr)
+        return 2
+    missing = [p for p in (DATA, WEIGHTS_DIR / "tf_efficientnet_lite0.pth") if not p.exists()]
+    if missing:
+        print(f"skipped: {missing[0]} is absent (the benchmark needs ../shared next to the repository)", file=sys.stderr)
+        return 0
+
+    import torch
+
+    plan = QUICK if args.quick else FULL
+    work = Path(tempfile.mkdtemp(prefix="tlsearch-bench-"))
+    # Every cache starts empty and lives in the benchmark's folder: one-off builds are measured.
+    os.environ["TLSEARCH_CACHE"] = str(work / "cache")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    results: dict[str, Any] = {
+        "quick": args.quick,
+        "plan": plan.__dict__,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+                    "platform": platform.platform(), "load_start": load_avg()},
+        "data": str(DATA),
+        "parts": {},
+        "seconds": {},
+    }
+    t_all = time.time()
+    try:
+        for key in [k for k in PARTS if k in parts]:
+            t = time.time()
+            torch.set_num_threads(os.cpu_count() or 1)  # what a plain torch program gets; parts change it
+            results["parts"][key] = PARTS[key][1](plan, work)
+            results["seconds"][key] = round(time.time() - t, 1)
+            results["parts"][key]["title"] = PARTS[key][0]
+            results["parts"][key]["load_after"] = load_avg()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["machine"]["load_end"] = load_avg()
+    results["total_s"] = round(time.time() - t_all, 1)
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Only a full run of every part is "latest" (and goes into the README); smoke and partial runs
+    # never overwrite it.
+    full = not args.quick and set(parts) == set(PARTS)
+    stem = "latest" if full else ("quick" if args.quick else "partial")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    table = markdown(results)
+    (out / f"{stem}.md").write_text("# tlsearch benchmark\n\n" + table, encoding="utf-8")
+    if full and not args.no_readme and out.resolve() == RESULTS.resolve():
+        update_readme(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
