@@ -152,6 +152,7 @@ class SearchSettings:
     metric: str = "val_acc"
     mode: str = "max"  # max | min
     val_fraction: float = 0.2  # validation share when DATA has no val/ folder
+    warm_start: bool = True  # a new study's first trial is the space's linear probe (SearchSpace.baseline)
     studies_dir: str = "studies"
     reports_dir: str = "reports"
 

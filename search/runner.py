@@ -922,6 +922,9 @@ def run_search(
     index = preflight(settings, space)
     storage = studies.get_storage(settings.storage_url)
     study = _open_study(settings, storage, index, space)
+    if settings.warm_start and not study.trials:
+        # A new study starts from the linear probe: seconds on cached features, a score to beat.
+        study.enqueue_trial(space.baseline(), user_attrs={"baseline": True}, skip_if_exists=True)
     exp = settings.experiment_dir
     (exp / MARKER).write_text(f"tlsearch experiment folder of study {settings.study}\n", encoding="utf-8")
     dump_yaml(settings.to_dict(), exp / "settings.yaml")

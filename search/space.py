@@ -166,6 +166,37 @@ class SearchSpace:
                 values[name] = trial.suggest_float(name, p.low, p.high, step=p.step, log=p.log)
         return constants
 
+    def baseline(self) -> dict[str, Any]:
+        """The params of a cheap, strong first trial: a linear probe where the space allows one.
+
+        The head alone (`freeze_depth: all`) on un-augmented images trains on cached frozen
+        features in seconds and is what a practitioner tries first; it gives the sampler and ASHA
+        a good score to beat from the first minute. Each choice takes the probe's value when the
+        space offers it (else its first value); each range its (geometric, when log) midpoint.
+
+        Returns:
+            A params dict for `optuna.Study.enqueue_trial`.
+        """
+        probe = {"freeze_depth": "all", "augmentation": "none"}
+        params = self.param_dict
+        values: dict[str, Any] = {}
+        for name, p in self.params:
+            policy = POLICY_CHILDREN.get(name)
+            if policy is not None and _current("augmentation", params, values) != policy:
+                continue
+            if isinstance(p, Choice):
+                values[name] = probe[name] if probe.get(name) in p.values else p.values[0]
+            elif isinstance(p, Range):
+                high = _stages(_current("backbone", params, values)) if p.high == "all" else float(p.high)
+                if name == "freeze_depth":
+                    values[name] = int(high)
+                    continue
+                mid = math.sqrt(p.low * high) if p.log else (p.low + high) / 2
+                if p.step:
+                    mid = p.low + round((mid - p.low) / p.step) * p.step
+                values[name] = int(round(mid)) if p.is_int else mid
+        return values
+
     def to_trial_config(self, config: Mapping[str, Any]) -> TrialConfig:
         """Turns a trial's flat config (suggested params + constants) into a `TrialConfig`.
 

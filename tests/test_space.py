@@ -172,3 +172,25 @@ def test_incompatibility() -> None:
     c = SearchSpace.from_dict({"backbone": ["resnet18", "efficientnet_b0"], "lr": {"low": 1e-5, "high": 1e-1}})
     assert a.incompatibility(c) is None  # a wider range is fine for Optuna
     assert "max_epochs" in a.incompatibility(a.with_max_epochs(9))
+
+
+def test_baseline_is_the_linear_probe_when_the_space_offers_it() -> None:
+    space = SearchSpace.from_dict({
+        "backbone": ["resnet18", "mobilenet_v3_large"],
+        "freeze_depth": [0, 2, "all"],
+        "augmentation": ["flip", "none", "randaugment"],
+        "lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+        "batch_size": {"low": 16, "high": 64, "step": 16},
+        "weight_decay": {"low": 0.0, "high": 0.1},
+    })
+    assert space.baseline() == {
+        "backbone": "resnet18", "freeze_depth": "all", "augmentation": "none",
+        "lr": pytest.approx(1e-3), "batch_size": 48, "weight_decay": pytest.approx(0.05),
+    }
+
+
+def test_baseline_without_probe_choices_takes_first_values_and_range_tops() -> None:
+    space = SearchSpace.from_dict({"backbone": ["resnet18"], "freeze_depth": {"low": 0, "high": "all"},
+                                   "augmentation": ["randaugment", "flip"]})
+    base = space.baseline()
+    assert base["freeze_depth"] == 5 and base["augmentation"] == "randaugment"
