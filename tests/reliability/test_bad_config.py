@@ -82,7 +82,7 @@ def test_bad_duration(work: Path, duration: str, capsys, monkeypatch) -> None:
     clear_error(proc, "duration", name=f"config: --time-budget {duration}")
 
 
-NAMES = {"slash": "a/b", "dotdot": "..", "escape": "../../etc/x", "absolute": "/tmp/x", "nul": "a\0b",
+NAMES = {"slash": "a/b", "dotdot": "..", "escape": "../../etc/x", "absolute": "/tmp/tlsearch-hostile-study", "nul": "a\0b",
          "too long": "x" * 201, "empty": "", "dash": "-rf"}
 
 
@@ -95,7 +95,7 @@ def test_hostile_study_name_refused_and_nothing_written(work: Path, case: str, c
         proc = main_in(work, args, capsys, monkeypatch)
         clear_error(proc, name=f"study name: {case} ({args[0]})")
     assert tree(work) == before
-    assert not (work.parent / "etc").exists() and not Path("/tmp/x").exists()
+    assert not (work.parent / "etc").exists() and not Path("/tmp/tlsearch-hostile-study").exists()
 
 
 def test_hostile_study_name_through_the_command(work: Path) -> None:
