@@ -58,6 +58,8 @@ class Plan:
     conc_trials: int  # part e: identical real trials per setting
 
 
+LONG_EPOCH_FACTOR = 4  # part d': stub epochs this many times longer
+
 FULL = Plan(budget_s=240, target=0.93, epochs=5, image_size=160, stub_trials=12, stub_epoch_s=2.0, conc_trials=2)
 QUICK = Plan(budget_s=45, target=0.90, epochs=2, image_size=128, stub_trials=4, stub_epoch_s=0.5, conc_trials=2)
 
@@ -124,6 +126,9 @@ def part_a(plan: Plan, work: Path) -> dict:
     tl_log = [{**r, "t": r["t"] - t0} for r in records]
     tl_t, tl_best = first_reach(tl_log, plan.target, plan.budget_s)
     ratio = tl_t / hand_t if tl_t is not None and hand_t else None
+    # The hand-written loop missing the target within the budget still bounds the ratio: its time
+    # to target is more than the budget.
+    bound = tl_t / plan.budget_s if tl_t is not None and not hand_t else None
     return {
         "target_val_acc": plan.target,
         "budget_s": plan.budget_s,
@@ -134,9 +139,11 @@ def part_a(plan: Plan, work: Path) -> dict:
                      "states": summary.counts, "epochs_run": len(tl_log),
                      "wall_s": round(summary.wall_seconds, 1)},
         "ratio": ratio,
+        "ratio_upper_bound": bound,
         "goal": "tlsearch time to target <= 0.3 x hand-written",
-        "met": ratio is not None and ratio <= 0.3 if hand_t else None,
-        "note": None if hand_t else "the hand-written loop never reached the target within the budget",
+        "met": (ratio is not None and ratio <= 0.3) if hand_t else (bound is not None and bound <= 0.3 or None),
+        "note": None if hand_t else "the hand-written loop never reached the target within the budget: "
+                                    "ratio < tlsearch time / budget",
     }
 
 
@@ -224,7 +231,7 @@ def part_c(plan: Plan, work: Path) -> dict:
 # ----- d: orchestration overhead ----------------------------------------------------------------------
 
 
-def _stub_search(plan: Plan, work: Path, study: str) -> dict:
+def _stub_search(plan: Plan, work: Path, study: str, *, epoch_s: float | None = None) -> dict:
     from benchmarks import _trials
     from search.runner import run_search
 
@@ -232,7 +239,8 @@ def _stub_search(plan: Plan, work: Path, study: str) -> dict:
           "lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}, "max_epochs": 3}
     s = settings(work, study, space=sp, trials=plan.stub_trials)
     t0 = time.time()
-    summary = run_search(s, trial_fn=partial(_trials.stub_trial, epoch_seconds=plan.stub_epoch_s), progress=False)
+    summary = run_search(s, trial_fn=partial(_trials.stub_trial, epoch_seconds=epoch_s or plan.stub_epoch_s),
+                         progress=False)
     import ray
 
     from search.runner import default_concurrency
@@ -270,6 +278,11 @@ def part_d(plan: Plan, work: Path) -> dict:
             runner.REUSE_ACTORS = reuse
             print(f"[d] {plan.stub_trials} stub trials, reuse_actors={reuse} ...", file=sys.stderr, flush=True)
             out[f"reuse_actors={reuse}"] = _stub_search(plan, work, f"bench-d-{int(reuse)}")
+        # The same search with longer (still short) trials: how the fixed costs amortise.
+        runner.REUSE_ACTORS = before
+        long_s = plan.stub_epoch_s * LONG_EPOCH_FACTOR
+        print(f"[d] {plan.stub_trials} stub trials of {long_s:.0f} s epochs ...", file=sys.stderr, flush=True)
+        out["longer trials"] = _stub_search(plan, work, "bench-d-long", epoch_s=long_s)
     finally:
         runner.REUSE_ACTORS = before
     chosen = out[f"reuse_actors={before}"]
@@ -347,7 +360,10 @@ def markdown(results: dict) -> str:
             f"| {_fmt(a['tlsearch']['time_to_target_s'], 1)} s ({a['tlsearch']['best_val_acc']:.3f}; "
             f"{a['tlsearch']['trials']} trials) "
             f"| hand-written: {_fmt(a['handwritten']['time_to_target_s'], 1)} s ({a['handwritten']['best_val_acc']:.3f}; "
-            f"{a['handwritten']['trials']} trials) | {_fmt(a['ratio'])}× | ≤ 0.3× | {_met(a['met'])} |")
+            f"{a['handwritten']['trials']} trials) | "
+            + (f"{_fmt(a['ratio'])}×" if a.get("ratio") is not None or a.get("ratio_upper_bound") is None
+               else f"< {_fmt(a['ratio_upper_bound'])}× (hand-written missed the target)")
+            + f" | ≤ 0.3× | {_met(a['met'])} |")
     if "b" in p:
         b = p["b"]
         r = b["runs"]
@@ -371,6 +387,12 @@ def markdown(results: dict) -> str:
             f"| reuse_actors: {on['overhead']:.1%} ({on['per_trial_overhead_s']:.1f} s/trial) "
             f"| fresh worker per trial: {off['overhead']:.1%} ({off['per_trial_overhead_s']:.1f} s/trial) "
             f"| — | ≤ 10% | {_met(d['met'])} |")
+        if "longer trials" in d:
+            lg = d["longer trials"]
+            lines.append(
+                f"| d'. the same, {lg['trials']} trials of ~{lg['compute_s'] / max(1, lg['trials']):.0f} s each "
+                f"| reuse_actors: {lg['overhead']:.1%} ({lg['per_trial_overhead_s']:.1f} s/trial) | — | — | ≤ 10% "
+                f"| {_met(lg['overhead'] <= 0.10)} |")
     if "e" in p:
         e = p["e"]
         keys = [k for k in e if " x " in k]
