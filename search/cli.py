@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("demo", help="make a demo dataset, search it, report and export the best config")
     c.add_argument("--dir", default=".", help="working folder (data/, studies/, reports/ go here)")
     c.add_argument("--weights-dir", default=None, help="folder of <model name>.pth state dicts")
-    c.add_argument("--trials", type=int, default=None, help="trials to run (default 8)")
+    c.add_argument("--trials", type=int, default=None, help="trials to run (default 10)")
 
     c = sub.add_parser("run", help="search backbones and hyperparameters on a dataset")
     c.add_argument("data", metavar="DATA", help="ImageFolder: DATA/train + DATA/val, or class folders")
