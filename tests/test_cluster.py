@@ -349,7 +349,8 @@ def test_surplus_trial_of_a_race_is_closed(tmp_path: Path) -> None:
     assert finished_count(study) == 0  # the closed trial does not count
 
 
-def test_two_nodes_against_one(cluster: LoopbackCluster, pg_url: str, tmp_path: Path, capsys: Any) -> None:
+def test_two_nodes_against_one(cluster: LoopbackCluster, pg_url: str, tmp_path: Path, capsys: Any,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The same search on one node, then on two: trials land on both; the study is whole in PostgreSQL."""
     data = make_image_folder(tmp_path / "data", per_class=4, size=32)
     tag = uuid.uuid4().hex[:6]
@@ -379,6 +380,7 @@ def test_two_nodes_against_one(cluster: LoopbackCluster, pg_url: str, tmp_path: 
     from search.cli import main
 
     capsys.readouterr()
+    monkeypatch.chdir(tmp_path)  # `report` writes reports/<study>/ under the working folder
     assert main(["show", study, "--storage", pg_url, "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["n_trials"] == TRIALS and shown["states"]["COMPLETE"] == TRIALS
