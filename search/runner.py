@@ -614,12 +614,22 @@ def preflight(settings: SearchSettings, space: SearchSpace) -> Any:
 # ----- the study ----------------------------------------------------------------------------------
 
 
-def _open_study(settings: SearchSettings, storage: Any, index: Any, space: SearchSpace) -> optuna.Study:
-    """Creates the study, or checks that an existing one matches this dataset and space."""
+def _open_study(
+    settings: SearchSettings, storage: Any, index: Any, space: SearchSpace
+) -> tuple[optuna.Study, bool]:
+    """Creates the study, or checks that an existing one matches this dataset and space.
+
+    Returns:
+        (the study, whether this call created it): of several drivers starting on one new study,
+        exactly one creates it.
+    """
     direction = "maximize" if settings.mode == "max" else "minimize"
-    study = optuna.create_study(
-        study_name=settings.study, storage=storage, direction=direction, load_if_exists=True
-    )
+    try:
+        study = optuna.create_study(study_name=settings.study, storage=storage, direction=direction)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=settings.study, storage=storage)
+        created = False
     attrs = study.user_attrs
     if attrs.get("dataset_fingerprint") and attrs["dataset_fingerprint"] != index.fingerprint:
         raise TLSearchError(
@@ -647,7 +657,7 @@ def _open_study(settings: SearchSettings, storage: Any, index: Any, space: Searc
     study.set_user_attr("split", index.split)
     study.set_user_attr("settings", settings.to_dict())
     study.set_user_attr("space", space.to_dict())
-    return study
+    return study, created
 
 
 def reconcile(study: optuna.Study, *, driver: str | None = None) -> int:
@@ -921,10 +931,11 @@ def run_search(
     )
     index = preflight(settings, space)
     storage = studies.get_storage(settings.storage_url)
-    study = _open_study(settings, storage, index, space)
-    if settings.warm_start and not study.trials:
+    study, created = _open_study(settings, storage, index, space)
+    if settings.warm_start and created:
         # A new study starts from the linear probe: seconds on cached features, a score to beat.
-        study.enqueue_trial(space.baseline(), user_attrs={"baseline": True}, skip_if_exists=True)
+        # Only the driver that created the study enqueues it, so two drivers never both do.
+        study.enqueue_trial(space.baseline(), user_attrs={"baseline": True})
     exp = settings.experiment_dir
     (exp / MARKER).write_text(f"tlsearch experiment folder of study {settings.study}\n", encoding="utf-8")
     dump_yaml(settings.to_dict(), exp / "settings.yaml")
