@@ -148,15 +148,21 @@ def _vgg_stages(body: nn.Module) -> list[Stage]:
     return stages + [_stage("pre_logits", *(f"classifier.{i}" for i in range(6)))]
 
 
-def _convnext_stages(body: nn.Module) -> list[Stage]:
+def _downsampled_stages(*norm: str) -> list[Stage]:
+    """ConvNeXt and Swin: features.0 is the stem, then each stage after the first is a
+    downsampling layer plus its blocks, and a final norm (where each family keeps it)."""
     return [
         _stage("stem", "features.0"),
         _stage("stage1", "features.1"),
         _stage("stage2", "features.2", "features.3"),
         _stage("stage3", "features.4", "features.5"),
         _stage("stage4", "features.6", "features.7"),
-        _stage("norm", "classifier.0", "classifier.1"),
+        _stage("norm", *norm),
     ]
+
+
+def _convnext_stages(body: nn.Module) -> list[Stage]:
+    return _downsampled_stages("classifier.0", "classifier.1")
 
 
 def _regnet_stages(body: nn.Module) -> list[Stage]:
@@ -192,14 +198,7 @@ def _vit_stages(body: nn.Module) -> list[Stage]:
 
 
 def _swin_stages(body: nn.Module) -> list[Stage]:
-    return [
-        _stage("stem", "features.0"),
-        _stage("stage1", "features.1"),
-        _stage("stage2", "features.2", "features.3"),
-        _stage("stage3", "features.4", "features.5"),
-        _stage("stage4", "features.6", "features.7"),
-        _stage("norm", "norm"),
-    ]
+    return _downsampled_stages("norm")
 
 
 def _spec(name: str, family: str, description: str, classifier: str, stages: StageLayout) -> BackboneSpec:
