@@ -1,9 +1,16 @@
-"""Frozen-feature cache: run the frozen backbone over the data once, train the head on the result.
+"""Frozen-feature cache: run the frozen stages over the data once, train the rest on the result.
 
 When every stage is frozen (`freeze_depth: all`) and the training input is deterministic
 (augmentation `none`, no mixup or cutmix), the body's output for an image never changes: it is
 computed once per (backbone, weights, image size, dataset fingerprint, split) and reused by every
 epoch and every later trial with that key. Head-only trials then train in seconds.
+
+Partial freezing caches at the freeze boundary: the body is split with torch.fx after its last
+frozen stage (`split_at_boundary`), the split is checked against the whole body on a test batch,
+and the frozen part's output is cached (float16) when it fits `PARTIAL_BUDGET_BYTES`. Validation
+input is always deterministic, so validation uses the cache whatever the augmentation; training
+uses it too when its input is deterministic. Bodies that do not split cleanly (ViT's class token
+joins at the stem) and boundaries too large for the budget run uncached.
 
 Features live on disk under `<cache dir>/features/`, one file per key, written atomically; the
 folder is kept under a size budget by removing the least recently used files.
@@ -13,18 +20,23 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from search.config import TrialConfig
 
 # The feature folder is trimmed to this many bytes (least recently used files go first).
 DEFAULT_BUDGET_BYTES = int(os.environ.get("TLSEARCH_FEATURE_CACHE_BYTES", 4 * 2**30))
+# Boundary features of one trial (train + val, float16) are cached only up to this size: early
+# boundaries of large images are big, and the trial holds them in memory.
+PARTIAL_BUDGET_BYTES = int(os.environ.get("TLSEARCH_PARTIAL_CACHE_BYTES", 2**30))
 
 
 def can_cache(config: TrialConfig, bb: Any) -> bool:
@@ -36,9 +48,11 @@ def can_cache(config: TrialConfig, bb: Any) -> bool:
     return head_only and is_deterministic(config) and config.mixup_alpha == 0 and config.cutmix_alpha == 0
 
 
-def feature_key(config: TrialConfig, bb: Any, *, fingerprint: str, split: str, weights_id: str) -> str:
-    """A key that changes whenever the cached features would."""
-    parts = [bb.name, weights_id, str(config.image_size), fingerprint, split, "body-v1"]
+def feature_key(config: TrialConfig, bb: Any, *, fingerprint: str, split: str, weights_id: str,
+                depth: int | None = None) -> str:
+    """A key that changes whenever the cached features would (depth: a freeze boundary, None: whole body)."""
+    parts = [bb.name, weights_id, str(config.image_size), fingerprint, split,
+             "body-v1" if depth is None else f"boundary{depth}-v1"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
@@ -99,7 +113,8 @@ def feature_loaders(
 
 
 def cached_features(
-    path: Path, body: torch.nn.Module, ds: Dataset, *, device: torch.device, batch_size: int = 64
+    path: Path, body: torch.nn.Module, ds: Dataset, *, device: torch.device, batch_size: int = 64,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loads features from `path`, or computes and saves them (one process at a time per key)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +127,10 @@ def cached_features(
                 return blob["features"], blob["labels"]
             except Exception:  # a damaged file is recomputed, never trusted
                 path.unlink(missing_ok=True)
-        feats, labels = compute_features(body, ds, device=device, batch_size=batch_size)
+        # The trial's random stream must not depend on whether the cache was warm.
+        with torch.random.fork_rng(devices=[]):
+            feats, labels = compute_features(body, ds, device=device, batch_size=batch_size)
+        feats = feats.to(dtype)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         torch.save({"features": feats, "labels": labels}, tmp)
         tmp.replace(path)
@@ -149,3 +167,161 @@ def trim(folder: Path, budget_bytes: int) -> None:
             continue
         total -= p.stat().st_size
         p.unlink(missing_ok=True)
+
+
+# ----- partial freezing: cache at the freeze boundary ---------------------------------------------
+
+
+class BoundaryTail(nn.Module):
+    """The body after the freeze boundary, fed cached (float16) boundary features.
+
+    It works on a float32 copy: the rest may begin with an in-place op (ResNet's ReLU), which
+    must never write into the cache.
+    """
+
+    def __init__(self, rest: nn.Module) -> None:
+        super().__init__()
+        self.rest = rest
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rest(x.to(torch.float32, copy=True))
+
+
+def split_at_boundary(bb: Any, depth: int, image_size: int) -> tuple[nn.Module, nn.Module, tuple[int, ...]] | None:
+    """Splits the body after its first `depth` stages: (frozen part, the rest, one image's boundary shape).
+
+    The body is traced with torch.fx, every stage module kept whole (only the code between stages
+    is traced). The split is taken right after the last frozen stage's module; it is refused
+    (None) when the rest needs anything else computed before that point (e.g. the input itself),
+    when tracing fails, or when rest(frozen(x)) differs from body(x) on a test batch. Both parts
+    share the body's modules and parameters.
+    """
+    import torch.fx as fx
+
+    from search.backbones import _resolve
+
+    body = bb.model.body
+    stage_mods = {p for st in bb.stages for p in st.paths if isinstance(_resolve(body, p), nn.Module)}
+    frozen = {p for st in bb.stages[:depth] for p in st.paths if p in stage_mods}
+    if not 0 < depth < len(bb.stages) or not frozen:
+        return None
+
+    class StageTracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return qualname in stage_mods or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = StageTracer().trace(body)
+    except Exception:
+        return None
+    nodes = list(graph.nodes)
+    cut = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target in frozen]
+    if not cut:
+        return None
+    b = nodes[cut[-1]]
+
+    head_graph, env = fx.Graph(), {}
+    for n in nodes[: cut[-1] + 1]:
+        env[n] = head_graph.node_copy(n, lambda a: env[a])
+    head_graph.output(env[b])
+
+    rest_graph = fx.Graph()
+    env = {b: rest_graph.placeholder("boundary")}
+    for n in nodes[cut[-1] + 1:]:
+        for a in n.all_input_nodes:
+            if a in env:
+                continue
+            if a.op != "get_attr":  # the rest needs more than the boundary: no clean split
+                return None
+            env[a] = rest_graph.node_copy(a)
+        env[n] = rest_graph.node_copy(n, lambda a: env[a])
+    try:
+        frozen_part, rest = fx.GraphModule(body, head_graph), fx.GraphModule(body, rest_graph)
+        frozen_part.graph.eliminate_dead_code()  # what only the rest used
+        frozen_part.recompile()
+    except Exception:
+        return None
+    # Modules outside every stage (activations, pooling) run before the boundary too. They have
+    # no parameters; with no state either, only randomness (dropout) could make them differ
+    # between training and the cached (eval) pass, which the check below catches.
+    loose = [body.get_submodule(n.target) for n in frozen_part.graph.nodes
+             if n.op == "call_module" and n.target not in frozen]
+    if any(True for m in loose for _ in (*m.parameters(), *m.buffers())):
+        return None
+    was = bb.model.training
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+            bb.model.eval()
+            mid = frozen_part(x)
+            # (a clone: the rest may start in place, like ResNet's ReLU)
+            ok = isinstance(mid, torch.Tensor) and torch.allclose(rest(mid.clone()), body(x), rtol=1e-3, atol=1e-4)
+            bb.model.train()  # frozen modules stay in eval: the prefix must not change under training
+            ok = ok and all(torch.equal(frozen_part(x), mid) for _ in range(2))
+    except Exception:
+        ok = False
+    finally:
+        bb.model.train(was)
+    return (frozen_part, rest, tuple(mid.shape[1:])) if ok else None
+
+
+def boundary_loaders(
+    config: TrialConfig,
+    bb: Any,
+    train_ds: Dataset,
+    val_ds: Dataset,
+    *,
+    index: Any,
+    device: torch.device,
+    cache_dir: str | os.PathLike | None = None,
+    weights_dir: str | None = None,
+) -> tuple[DataLoader | None, DataLoader, nn.Module] | None:
+    """Loaders of cached boundary features for a partially frozen body, or None (run uncached).
+
+    Args:
+        config: the trial config; its freeze depth is a stage boundary inside the body.
+        bb: the built backbone, weights loaded and frozen to that depth.
+        train_ds, val_ds: the splits yielding (image tensor, label).
+        index: the scanned dataset (its fingerprint is part of the key).
+        device: where to run the frozen part.
+        cache_dir: the cache root; None: the default cache folder.
+        weights_dir: the trial's weights folder (part of the key).
+
+    Returns:
+        (train loader or None when training input is not deterministic, val loader, the module
+        that maps boundary features to the body's output), or None when the body does not split
+        cleanly there or the features would exceed PARTIAL_BUDGET_BYTES.
+    """
+    from search.augment import is_deterministic
+    from search.backbones import resolve_depth
+    from search.data import default_cache_dir
+
+    depth = resolve_depth(bb, config.freeze_depth)
+    split = split_at_boundary(bb, depth, config.image_size)
+    if split is None:
+        return None
+    frozen_part, rest, shape = split
+    train_too = is_deterministic(config)
+    images = len(val_ds) + (len(train_ds) if train_too else 0)
+    if images * math.prod(shape) * 2 > PARTIAL_BUDGET_BYTES:
+        return None
+    folder = Path(cache_dir or default_cache_dir()) / "features"
+    weights_id = weights_identity(config, weights_dir)
+    was = bb.model.training
+    sets = {}
+    for split_name, ds in (("train", train_ds), ("val", val_ds)):
+        if split_name == "train" and not train_too:
+            continue
+        key = feature_key(config, bb, fingerprint=index.fingerprint, split=split_name, weights_id=weights_id,
+                          depth=depth)
+        feats, labels = cached_features(folder / f"{key}.pt", frozen_part, ds, device=device, dtype=torch.float16)
+        sets[split_name] = TensorDataset(feats, labels)
+    bb.model.train(was)  # computing ran the frozen part in eval mode; frozen modules stay in eval
+    trim(folder, DEFAULT_BUDGET_BYTES)
+    train = None
+    if train_too:
+        g = torch.Generator().manual_seed(config.seed)
+        train = DataLoader(sets["train"], batch_size=config.batch_size, shuffle=True, generator=g,
+                           drop_last=len(sets["train"]) > config.batch_size)
+    val = DataLoader(sets["val"], batch_size=max(64, config.batch_size), shuffle=False)
+    return train, val, BoundaryTail(rest)

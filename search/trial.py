@@ -187,17 +187,24 @@ def fine_tune(
 
 @dataclass
 class _Plan:
-    """How the train/eval loops see the model: whole, or the head over cached features."""
+    """How the train/eval loops see the model: whole, the head over cached body features, or the
+    body's unfrozen rest over cached boundary features (`tail`)."""
 
-    features: bool = False  # True: loaders yield frozen features, only the head runs
+    features: bool = False  # True: loaders yield frozen body features, only the head runs
+    tail: nn.Module | None = None  # set: val (and train, if train_cached) yield boundary features
+    train_cached: bool = False  # the train loader yields boundary features too
 
     def train_module(self, model: nn.Module) -> nn.Module:
         model.train()
-        return model.head if self.features else model
+        if self.features:
+            return model.head
+        return nn.Sequential(self.tail, model.head) if self.tail is not None and self.train_cached else model
 
     def eval_module(self, model: nn.Module) -> nn.Module:
         model.eval()
-        return model.head if self.features else model
+        if self.features:
+            return model.head
+        return nn.Sequential(self.tail, model.head) if self.tail is not None else model
 
 
 def load_data(
@@ -211,12 +218,15 @@ def load_data(
     train_on_val: bool = False,
     weights_dir: str | None = None,
 ) -> tuple[Iterable, Iterable, _Plan]:
-    """Builds the train and val loaders; head-only trials with a cache get frozen features.
+    """Builds the train and val loaders; with the cache, frozen stages' output comes from it.
+
+    Head-only trials get cached body features; partially frozen bodies that split cleanly get
+    cached boundary features for validation (and for training when its input is deterministic).
 
     Returns:
         (train loader, val loader, plan saying whether they yield images or features).
     """
-    from search import augment, data
+    from search import augment, backbones, data
 
     train_tf = augment.train_transform(config, mean=bb.mean, std=bb.std, interpolation=bb.interpolation)
     eval_tf = augment.eval_transform(config.image_size, mean=bb.mean, std=bb.std)
@@ -240,19 +250,35 @@ def load_data(
                 weights_dir=weights_dir,
             )
             return train_loader, val_loader, _Plan(features=True)
+        if 0 < backbones.resolve_depth(bb, config.freeze_depth) < len(bb.stages):
+            cached = features.boundary_loaders(
+                config, bb, train_ds, val_ds, index=index, device=device, cache_dir=cache_dir,
+                weights_dir=weights_dir,
+            )
+            if cached is not None:
+                train_cached, val_loader, tail = cached
+                if train_cached is not None:
+                    return train_cached, val_loader, _Plan(tail=tail, train_cached=True)
+                plan = _Plan(tail=tail)
+                return _image_loader(config, train_ds, device, train=True), val_loader, plan
 
-    g = torch.Generator().manual_seed(config.seed)
+    return (_image_loader(config, train_ds, device, train=True), _image_loader(config, val_ds, device, train=False),
+            _Plan(features=False))
+
+
+def _image_loader(config: TrialConfig, ds: Any, device: torch.device, *, train: bool) -> torch.utils.data.DataLoader:
+    """A loader of decoded images: shuffled with the trial's seed for training, in order for validation."""
     pin = device.type == "cuda"
     workers = _loader_workers(device)
-    train_loader = torch.utils.data.DataLoader(
-        train_ds, batch_size=config.batch_size, shuffle=True, generator=g, drop_last=len(train_ds) > config.batch_size,
-        num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
-    )
-    val_loader = torch.utils.data.DataLoader(
-        val_ds, batch_size=max(config.batch_size, 64), shuffle=False, num_workers=workers,
+    if train:
+        return torch.utils.data.DataLoader(
+            ds, batch_size=config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(config.seed),
+            drop_last=len(ds) > config.batch_size, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+        )
+    return torch.utils.data.DataLoader(
+        ds, batch_size=max(config.batch_size, 64), shuffle=False, num_workers=workers,
         pin_memory=pin, persistent_workers=workers > 0,
     )
-    return train_loader, val_loader, _Plan(features=False)
 
 
 def train_one_epoch(
