@@ -1,16 +1,15 @@
 """Frozen-feature cache: run the frozen stages over the data once, train the rest on the result.
 
-When every stage is frozen (`freeze_depth: all`) and the training input is deterministic
-(augmentation `none`, no mixup or cutmix), the body's output for an image never changes: it is
-computed once per (backbone, weights, image size, dataset fingerprint, split) and reused by every
-epoch and every later trial with that key. Head-only trials then train in seconds.
+The frozen stages' output for an image never changes when their input does not: always for
+validation, and for training with augmentation `none` (no mixup or cutmix). It is computed once
+per (backbone, weights, freeze depth, image size, dataset fingerprint, split) and reused by every
+epoch and every later trial with that key (`cached_loaders`).
 
-Partial freezing caches at the freeze boundary: the body is split with torch.fx after its last
-frozen stage (`split_at_boundary`), the split is checked against the whole body on a test batch,
-and the frozen part's output is cached (float16) when it fits `PARTIAL_BUDGET_BYTES`. Validation
-input is always deterministic, so validation uses the cache whatever the augmentation; training
-uses it too when its input is deterministic. Bodies that do not split cleanly (ViT's class token
-joins at the stem) and boundaries too large for the budget run uncached.
+- Head-only trials (`freeze_depth: all`) cache the body's pooled output and then train in seconds.
+- Partial freezing caches at the freeze boundary: the body is split with torch.fx after its last
+  frozen stage (`split_at_boundary`), the split is checked against the whole body on a test
+  batch, and the frozen part's output is cached in float16 when it fits `PARTIAL_BUDGET_BYTES`.
+  Bodies that do not split cleanly there, and boundaries too large for the budget, run uncached.
 
 Features live on disk under `<cache dir>/features/`, one file per key, written atomically; the
 folder is kept under a size budget by removing the least recently used files.
@@ -39,15 +38,6 @@ DEFAULT_BUDGET_BYTES = int(os.environ.get("TLSEARCH_FEATURE_CACHE_BYTES", 4 * 2*
 PARTIAL_BUDGET_BYTES = int(os.environ.get("TLSEARCH_PARTIAL_CACHE_BYTES", 2**30))
 
 
-def can_cache(config: TrialConfig, bb: Any) -> bool:
-    """True when the trial trains the head alone on deterministic input."""
-    from search.augment import is_deterministic
-    from search.backbones import resolve_depth
-
-    head_only = resolve_depth(bb, config.freeze_depth) == len(bb.stages)
-    return head_only and is_deterministic(config) and config.mixup_alpha == 0 and config.cutmix_alpha == 0
-
-
 def feature_key(config: TrialConfig, bb: Any, *, fingerprint: str, split: str, weights_id: str,
                 depth: int | None = None) -> str:
     """A key that changes whenever the cached features would (depth: a freeze boundary, None: whole body)."""
@@ -69,7 +59,7 @@ def weights_identity(config: TrialConfig, weights_dir: str | None) -> str:
     return "default"
 
 
-def feature_loaders(
+def cached_loaders(
     config: TrialConfig,
     bb: Any,
     train_ds: Dataset,
@@ -79,37 +69,79 @@ def feature_loaders(
     device: torch.device,
     cache_dir: str | os.PathLike | None = None,
     weights_dir: str | None = None,
-) -> tuple[DataLoader, DataLoader]:
-    """Loaders of cached (features, label) pairs for the train and val splits.
+) -> tuple[DataLoader | None, DataLoader, nn.Module] | None:
+    """Loaders over the frozen stages' cached output, or None when nothing can be cached.
 
     Args:
-        config: the trial config (head-only, deterministic input; see `can_cache`).
-        bb: the built backbone, weights loaded.
-        train_ds: the train split yielding (image tensor, label).
-        val_ds: the val split.
-        index: the scanned dataset (for its fingerprint).
-        device: where to run the body.
+        config: the trial config.
+        bb: the built backbone, weights loaded and frozen to the config's depth.
+        train_ds, val_ds: the splits yielding (image tensor, label).
+        index: the scanned dataset (its fingerprint is part of the key).
+        device: where to run the frozen stages.
         cache_dir: the cache root; None: the default cache folder.
         weights_dir: the trial's weights folder (part of the key).
 
     Returns:
-        (train loader, val loader) over features.
+        (train loader, or None when training input is not deterministic; val loader; the module
+        that turns the cached output into the body's output: nn.Identity for head-only trials).
+        None when no stage is frozen, or the body does not split cleanly at the boundary, or
+        the boundary features would exceed PARTIAL_BUDGET_BYTES.
     """
+    from search.augment import is_deterministic
+    from search.backbones import resolve_depth
+
+    depth = resolve_depth(bb, config.freeze_depth)
+    train_too = is_deterministic(config)
+    splits = {"train": train_ds, "val": val_ds} if train_too else {"val": val_ds}
+    where = dict(index=index, device=device, cache_dir=cache_dir, weights_dir=weights_dir)
+    if depth == len(bb.stages):
+        loaders = _cached_loaders(config, bb, splits, bb.model.body, val_batch=256, **where)
+        return loaders.get("train"), loaders["val"], nn.Identity()
+    split = split_at_boundary(bb, depth, config.image_size)
+    if split is None:
+        return None
+    frozen_part, rest, shape = split
+    if sum(map(len, splits.values())) * math.prod(shape) * 2 > PARTIAL_BUDGET_BYTES:
+        return None
+    loaders = _cached_loaders(config, bb, splits, frozen_part, val_batch=64, depth=depth, dtype=torch.float16, **where)
+    return loaders.get("train"), loaders["val"], BoundaryTail(rest)
+
+
+def _cached_loaders(
+    config: TrialConfig,
+    bb: Any,
+    splits: dict[str, Dataset],
+    module: nn.Module,
+    *,
+    index: Any,
+    device: torch.device,
+    cache_dir: str | os.PathLike | None,
+    weights_dir: str | None,
+    val_batch: int,
+    depth: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, DataLoader]:
+    """Loaders over `module`'s cached output for each named split ("train" shuffled with the
+    trial's seed, "val" in order); depth: the freeze boundary `module` ends at, None: the body."""
     from search.data import default_cache_dir
 
     folder = Path(cache_dir or default_cache_dir()) / "features"
     weights_id = weights_identity(config, weights_dir)
-    sets = []
-    for split, ds in (("train", train_ds), ("val", val_ds)):
-        key = feature_key(config, bb, fingerprint=index.fingerprint, split=split, weights_id=weights_id)
-        feats, labels = cached_features(folder / f"{key}.pt", bb.model.body, ds, device=device)
-        sets.append(TensorDataset(feats, labels))
+    was = bb.model.training
+    loaders = {}
+    for split, ds in splits.items():
+        key = feature_key(config, bb, fingerprint=index.fingerprint, split=split, weights_id=weights_id, depth=depth)
+        feats, labels = cached_features(folder / f"{key}.pt", module, ds, device=device, dtype=dtype)
+        data = TensorDataset(feats, labels)
+        if split == "train":
+            loaders[split] = DataLoader(data, batch_size=config.batch_size, shuffle=True,
+                                        generator=torch.Generator().manual_seed(config.seed),
+                                        drop_last=len(data) > config.batch_size)
+        else:
+            loaders[split] = DataLoader(data, batch_size=max(val_batch, config.batch_size), shuffle=False)
+    bb.model.train(was)  # computing ran `module` in eval mode; frozen modules stay in eval
     trim(folder, DEFAULT_BUDGET_BYTES)
-    g = torch.Generator().manual_seed(config.seed)
-    train = DataLoader(sets[0], batch_size=config.batch_size, shuffle=True, generator=g,
-                       drop_last=len(sets[0]) > config.batch_size)
-    val = DataLoader(sets[1], batch_size=max(256, config.batch_size), shuffle=False)
-    return train, val
+    return loaders
 
 
 def cached_features(
@@ -264,65 +296,3 @@ def split_at_boundary(bb: Any, depth: int, image_size: int) -> tuple[nn.Module, 
     finally:
         bb.model.train(was)
     return (frozen_part, rest, tuple(mid.shape[1:])) if ok else None
-
-
-def boundary_loaders(
-    config: TrialConfig,
-    bb: Any,
-    train_ds: Dataset,
-    val_ds: Dataset,
-    *,
-    index: Any,
-    device: torch.device,
-    cache_dir: str | os.PathLike | None = None,
-    weights_dir: str | None = None,
-) -> tuple[DataLoader | None, DataLoader, nn.Module] | None:
-    """Loaders of cached boundary features for a partially frozen body, or None (run uncached).
-
-    Args:
-        config: the trial config; its freeze depth is a stage boundary inside the body.
-        bb: the built backbone, weights loaded and frozen to that depth.
-        train_ds, val_ds: the splits yielding (image tensor, label).
-        index: the scanned dataset (its fingerprint is part of the key).
-        device: where to run the frozen part.
-        cache_dir: the cache root; None: the default cache folder.
-        weights_dir: the trial's weights folder (part of the key).
-
-    Returns:
-        (train loader or None when training input is not deterministic, val loader, the module
-        that maps boundary features to the body's output), or None when the body does not split
-        cleanly there or the features would exceed PARTIAL_BUDGET_BYTES.
-    """
-    from search.augment import is_deterministic
-    from search.backbones import resolve_depth
-    from search.data import default_cache_dir
-
-    depth = resolve_depth(bb, config.freeze_depth)
-    split = split_at_boundary(bb, depth, config.image_size)
-    if split is None:
-        return None
-    frozen_part, rest, shape = split
-    train_too = is_deterministic(config)
-    images = len(val_ds) + (len(train_ds) if train_too else 0)
-    if images * math.prod(shape) * 2 > PARTIAL_BUDGET_BYTES:
-        return None
-    folder = Path(cache_dir or default_cache_dir()) / "features"
-    weights_id = weights_identity(config, weights_dir)
-    was = bb.model.training
-    sets = {}
-    for split_name, ds in (("train", train_ds), ("val", val_ds)):
-        if split_name == "train" and not train_too:
-            continue
-        key = feature_key(config, bb, fingerprint=index.fingerprint, split=split_name, weights_id=weights_id,
-                          depth=depth)
-        feats, labels = cached_features(folder / f"{key}.pt", frozen_part, ds, device=device, dtype=torch.float16)
-        sets[split_name] = TensorDataset(feats, labels)
-    bb.model.train(was)  # computing ran the frozen part in eval mode; frozen modules stay in eval
-    trim(folder, DEFAULT_BUDGET_BYTES)
-    train = None
-    if train_too:
-        g = torch.Generator().manual_seed(config.seed)
-        train = DataLoader(sets["train"], batch_size=config.batch_size, shuffle=True, generator=g,
-                           drop_last=len(sets["train"]) > config.batch_size)
-    val = DataLoader(sets["val"], batch_size=max(64, config.batch_size), shuffle=False)
-    return train, val, BoundaryTail(rest)

@@ -111,7 +111,7 @@ def fine_tune(
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
 
-    train_loader, val_loader, head_only = load_data(
+    train_loader, val_loader, plan = load_data(
         config, index, bb, device=dev, cache=cache, cache_dir=cache_dir, train_on_val=train_on_val,
         weights_dir=weights_dir,
     )
@@ -127,7 +127,7 @@ def fine_tune(
         ),
     )
     mix = None
-    if not head_only.features:
+    if not plan.train_cached:  # mixing cached features is not mixing images
         from search.augment import batch_mix
 
         mix = batch_mix(config, num_classes)
@@ -152,10 +152,10 @@ def fine_tune(
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
         train_loss, seen = train_one_epoch(
-            head_only.train_module(model), train_loader, optimizer, scheduler,
+            plan.train_module(model), train_loader, optimizer, scheduler,
             label_smoothing=config.label_smoothing, mix=mix, scaler=scaler, device=dev,
         )
-        val = evaluate(head_only.eval_module(model), val_loader, num_classes, device=dev)
+        val = evaluate(plan.eval_module(model), val_loader, num_classes, device=dev)
         seconds = time.perf_counter() - t0
         if val["val_acc"] > best_acc:
             best_acc, best_confusion = val["val_acc"], val["confusion_matrix"]
@@ -187,23 +187,18 @@ def fine_tune(
 
 @dataclass
 class _Plan:
-    """How the train/eval loops see the model: whole, the head over cached body features, or the
-    body's unfrozen rest over cached boundary features (`tail`)."""
+    """How the train/eval loops see the model: whole, or `tail` + head over the frozen stages'
+    cached output (`tail` is nn.Identity for head-only trials)."""
 
-    features: bool = False  # True: loaders yield frozen body features, only the head runs
-    tail: nn.Module | None = None  # set: val (and train, if train_cached) yield boundary features
-    train_cached: bool = False  # the train loader yields boundary features too
+    tail: nn.Module | None = None  # set: the val loader yields cached features
+    train_cached: bool = False  # the train loader yields cached features too
 
     def train_module(self, model: nn.Module) -> nn.Module:
         model.train()
-        if self.features:
-            return model.head
         return nn.Sequential(self.tail, model.head) if self.tail is not None and self.train_cached else model
 
     def eval_module(self, model: nn.Module) -> nn.Module:
         model.eval()
-        if self.features:
-            return model.head
         return nn.Sequential(self.tail, model.head) if self.tail is not None else model
 
 
@@ -220,13 +215,13 @@ def load_data(
 ) -> tuple[Iterable, Iterable, _Plan]:
     """Builds the train and val loaders; with the cache, frozen stages' output comes from it.
 
-    Head-only trials get cached body features; partially frozen bodies that split cleanly get
-    cached boundary features for validation (and for training when its input is deterministic).
+    The frozen stages' output comes from `features.cached_loaders` for validation, and for
+    training when its input is deterministic; see search/features.py.
 
     Returns:
         (train loader, val loader, plan saying whether they yield images or features).
     """
-    from search import augment, backbones, data
+    from search import augment, data
 
     train_tf = augment.train_transform(config, mean=bb.mean, std=bb.std, interpolation=bb.interpolation)
     eval_tf = augment.eval_transform(config.image_size, mean=bb.mean, std=bb.std)
@@ -244,26 +239,16 @@ def load_data(
     if cache and not train_on_val:
         from search import features
 
-        if features.can_cache(config, bb):
-            train_loader, val_loader = features.feature_loaders(
-                config, bb, train_ds, val_ds, index=index, device=device, cache_dir=cache_dir,
-                weights_dir=weights_dir,
-            )
-            return train_loader, val_loader, _Plan(features=True)
-        if 0 < backbones.resolve_depth(bb, config.freeze_depth) < len(bb.stages):
-            cached = features.boundary_loaders(
-                config, bb, train_ds, val_ds, index=index, device=device, cache_dir=cache_dir,
-                weights_dir=weights_dir,
-            )
-            if cached is not None:
-                train_cached, val_loader, tail = cached
-                if train_cached is not None:
-                    return train_cached, val_loader, _Plan(tail=tail, train_cached=True)
-                plan = _Plan(tail=tail)
-                return _image_loader(config, train_ds, device, train=True), val_loader, plan
+        cached = features.cached_loaders(config, bb, train_ds, val_ds, index=index, device=device,
+                                         cache_dir=cache_dir, weights_dir=weights_dir)
+        if cached is not None:
+            train_loader, val_loader, tail = cached
+            if train_loader is None:  # augmented training input: only validation is cached
+                return _image_loader(config, train_ds, device, train=True), val_loader, _Plan(tail=tail)
+            return train_loader, val_loader, _Plan(tail=tail, train_cached=True)
 
     return (_image_loader(config, train_ds, device, train=True), _image_loader(config, val_ds, device, train=False),
-            _Plan(features=False))
+            _Plan())
 
 
 def _image_loader(config: TrialConfig, ds: Any, device: torch.device, *, train: bool) -> torch.utils.data.DataLoader:
