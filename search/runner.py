@@ -171,10 +171,24 @@ class PruneTrackingASHA(ASHAScheduler):
         self.stopped: set = stopped if stopped is not None else set()
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        action = super().on_trial_result(tune_controller, trial, result)
+        with _nan_rungs_quiet():
+            action = super().on_trial_result(tune_controller, trial, result)
         if action == TrialScheduler.STOP:
             self.stopped.add(trial.trial_id)
         return action
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        with _nan_rungs_quiet():
+            super().on_trial_complete(tune_controller, trial, result)
+
+
+@contextlib.contextmanager
+def _nan_rungs_quiet() -> Iterator[None]:
+    """A failed trial reports NaN (ASHA ignores it); numpy's warning about a rung holding only
+    NaN so far is noise in the user's terminal."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="All-NaN slice encountered", category=RuntimeWarning)
+        yield
 
 
 class HonestOptunaSearch(OptunaSearch):

@@ -250,3 +250,22 @@ def test_real_fine_tune(tmp_path: Path, ray_session) -> None:
         assert t.state in FIN, t.user_attrs.get("error")
         assert t.user_attrs["params_total"] > 0 and Path(t.user_attrs["checkpoint"]).is_file()
         assert len(t.user_attrs["confusion_matrix"]) == 3
+
+
+def test_asha_is_quiet_about_a_rung_of_failed_trials() -> None:
+    import warnings
+    from types import SimpleNamespace
+
+    from search.runner import PruneTrackingASHA
+
+    asha = PruneTrackingASHA(time_attr="training_iteration", metric="val_acc", mode="max", max_t=3,
+                             grace_period=1, reduction_factor=2)
+    trials = [SimpleNamespace(trial_id=f"t{i}") for i in range(2)]
+    for t in trials:
+        asha.on_trial_add(None, t)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in trials:
+            asha.on_trial_result(None, t, {"training_iteration": 1, "val_acc": float("nan")})
+        asha.on_trial_complete(None, trials[0], {"training_iteration": 1, "val_acc": float("nan")})
+    assert not [w for w in caught if "NaN" in str(w.message)], [str(w.message) for w in caught]
