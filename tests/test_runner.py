@@ -20,6 +20,7 @@ import optuna
 import pytest
 
 from conftest import make_image_folder
+from reliability.stubs import epoch_metrics
 from search.config import SearchSettings, TLSearchError
 from search.space import SearchSpace
 from search.studies import get_storage
@@ -45,12 +46,7 @@ def stub_trial(config, index, *, report, checkpoint_path=None, **kwargs):
         acc = float("nan") if config.backbone == "mobilenet_v3_large" else quality * (1 - 0.5**epoch)
         if checkpoint_path:
             Path(checkpoint_path).write_bytes(b"ckpt")
-        report({
-            "epoch": epoch, "val_acc": acc, "val_loss": 1 - acc, "val_balanced_acc": acc,
-            "train_loss": 1.0 / epoch, "epoch_seconds": delay, "images_per_s": 100.0, "lr": config.lr,
-            "params_total": 10, "params_trainable": 5, "latency_ms": 1.0,
-            "confusion_matrix": [[1, 0], [0, 1]], "best_val_acc": acc,
-        })
+        report(epoch_metrics(epoch, acc, seconds=delay, lr=config.lr))
 
 
 @pytest.fixture(scope="session")

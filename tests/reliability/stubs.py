@@ -40,9 +40,14 @@ def stub_trial(config, index, *, report, checkpoint_path=None, **kwargs):  # noq
         acc = float("nan") if config.backbone == "mobilenet_v3_large" else quality * (1 - 0.5**epoch)
         if checkpoint_path:
             Path(checkpoint_path).write_bytes(b"ckpt")
-        report({
-            "epoch": epoch, "val_acc": acc, "val_loss": 1 - acc, "val_balanced_acc": acc,
-            "train_loss": 1.0 / epoch, "epoch_seconds": delay, "images_per_s": 100.0, "lr": config.lr,
-            "params_total": 10, "params_trainable": 5, "latency_ms": 1.0,
-            "confusion_matrix": [[1, 0], [0, 1]], "best_val_acc": acc,
-        })
+        report(epoch_metrics(epoch, acc, seconds=delay, lr=config.lr))
+
+
+def epoch_metrics(epoch: int, acc: float, *, seconds: float, lr: float) -> dict:
+    """One epoch's metrics as `fine_tune` reports them, for a stub with accuracy `acc`."""
+    return {
+        "epoch": epoch, "val_acc": acc, "val_loss": 1 - acc, "val_balanced_acc": acc,
+        "train_loss": 1.0 / epoch, "epoch_seconds": seconds, "images_per_s": 100.0, "lr": lr,
+        "params_total": 10, "params_trainable": 5, "latency_ms": 1.0,
+        "confusion_matrix": [[1, 0], [0, 1]], "best_val_acc": acc,
+    }
