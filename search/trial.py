@@ -213,10 +213,8 @@ def load_data(
     train_on_val: bool = False,
     weights_dir: str | None = None,
 ) -> tuple[Iterable, Iterable, _Plan]:
-    """Builds the train and val loaders; with the cache, frozen stages' output comes from it.
-
-    The frozen stages' output comes from `features.cached_loaders` for validation, and for
-    training when its input is deterministic; see search/features.py.
+    """Builds the train and val loaders; with the cache, the frozen stages' output comes from
+    `features.cached_loaders` (validation always, training when its input is deterministic).
 
     Returns:
         (train loader, val loader, plan saying whether they yield images or features).
