@@ -190,13 +190,14 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 def cmd_run(a: argparse.Namespace) -> int:
     from search.config import SearchSettings, parse_duration
+    from search.outputs import after_search
     from search.runner import run_search
     from search.space import load_space
 
     space = load_space(a.space) if a.space else None
     settings = SearchSettings(
         study=a.study,
-        data=str(Path(a.data).resolve()),
+        data=a.data,
         storage=a.storage,
         space=space.to_dict() if space else {},
         trials=a.trials if a.trials is not None else 20,
@@ -206,7 +207,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         gpus_per_trial=a.gpus_per_trial if a.gpus_per_trial is not None else 0.0,
         max_concurrent=a.max_concurrent,
         address=a.address,
-        weights_dir=str(Path(a.weights_dir).resolve()) if a.weights_dir else None,
+        weights_dir=a.weights_dir,
         pretrained=not a.no_pretrained,
         cache=not a.no_cache,
         seed=a.seed,
@@ -214,11 +215,12 @@ def cmd_run(a: argparse.Namespace) -> int:
         val_fraction=a.val_fraction,
     )
     summary = run_search(settings, space=space, progress=not a.no_progress)
-    return _after_search(summary, settings.study, settings.storage)
+    return after_search(summary, settings.study, settings.storage)
 
 
 def cmd_resume(a: argparse.Namespace) -> int:
     from search.config import parse_duration
+    from search.outputs import after_search
     from search.runner import resume_search
 
     overrides: dict[str, Any] = {}
@@ -228,40 +230,7 @@ def cmd_resume(a: argparse.Namespace) -> int:
     if hasattr(a, "time_budget"):
         overrides["time_budget_s"] = parse_duration(a.time_budget)
     summary = resume_search(a.name, storage=a.storage, progress=not a.no_progress, **overrides)
-    return _after_search(summary, a.name, a.storage)
-
-
-def _after_search(summary: Any, study: str, storage: str | None) -> int:
-    """Prints the leaderboard, writes the report and best config; Ctrl-C says how to resume."""
-    from search.studies import format_leaderboard, leaderboard, load_study
-
-    st = load_study(study, storage=storage)
-    print(format_leaderboard(leaderboard(st), top=10))
-    _write_outputs(study, storage)
-    if getattr(summary, "interrupted", False):
-        print(f"interrupted; continue with: tlsearch resume {study}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return EXIT_OK
-
-
-def _write_outputs(study: str, storage: str | None) -> dict[str, Path]:
-    """Writes the report and, when there is a COMPLETE trial, best.yaml; returns their paths."""
-    paths: dict[str, Path] = {}
-    try:
-        from search.report import write_report
-
-        paths["report"] = write_report(study, storage=storage)
-        print(f"report: {paths['report']}")
-    except ImportError:
-        pass
-    try:
-        from search.export import export_trial
-
-        paths["best"] = export_trial(study, storage=storage)[0]
-        print(f"best config: {paths['best']}")
-    except TLSearchError as e:
-        print(f"no best config: {e}", file=sys.stderr)
-    return paths
+    return after_search(summary, a.name, a.storage)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:

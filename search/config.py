@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -42,6 +43,9 @@ RECORD_KEYS = frozenset(
         "versions",
         "state",
         "threads",
+        "metric",
+        "device",
+        "weights_id",
     }
 )
 
@@ -147,6 +151,7 @@ class SearchSettings:
     weights_dir: str | None = None  # DIR/<model name>.pth state dicts used instead of downloads
     pretrained: bool = True  # False (--no-pretrained): every trial starts from random weights
     cache: bool = True  # False (--no-cache): no image or feature cache
+    cache_dir: str | None = None  # image and feature caches; None: $TLSEARCH_CACHE or ~/.cache/tlsearch
     seed: int = 0
     sampler: str = "tpe"  # tpe | random | cmaes | qmc
     metric: str = "val_acc"
@@ -175,6 +180,20 @@ class SearchSettings:
         """Returns the settings as a plain dict."""
         return dataclasses.asdict(self)
 
+    def resolve(self) -> "SearchSettings":
+        """The settings with every path absolute and `~` expanded, the cache folder fixed.
+
+        Called once in the driver before any trial starts, and stored that way: every trial, on
+        any node, and every later `resume`, from any folder, then means the same files.
+        """
+        return self.replace(
+            data=absolute_path(self.data),
+            weights_dir=absolute_path(self.weights_dir) if self.weights_dir else None,
+            cache_dir=absolute_path(self.cache_dir or default_cache_dir()),
+            studies_dir=absolute_path(self.studies_dir),
+            reports_dir=absolute_path(self.reports_dir),
+        )
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SearchSettings":
         """Builds settings from a dict written by `to_dict` (keys it does not know are dropped)."""
@@ -188,9 +207,7 @@ class SearchSettings:
     @property
     def storage_url(self) -> str:
         """The Optuna storage URL of the study."""
-        if self.storage:
-            return self.storage
-        return f"sqlite:///{Path(self.studies_dir, self.study + '.db').resolve()}"
+        return self.storage or default_storage_url(self.study, studies_dir=self.studies_dir)
 
     @property
     def experiment_dir(self) -> Path:
@@ -201,6 +218,17 @@ class SearchSettings:
     def report_dir(self) -> Path:
         """reports/<study>/."""
         return Path(self.reports_dir, self.study).resolve()
+
+
+def absolute_path(path: str | os.PathLike[str]) -> str:
+    """`path` with `~` expanded, made absolute against the working folder (symlinks kept)."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def default_cache_dir() -> Path:
+    """Where the image and feature caches live: $TLSEARCH_CACHE, else ~/.cache/tlsearch (absolute)."""
+    env = os.environ.get("TLSEARCH_CACHE")
+    return Path(absolute_path(env)) if env else Path.home() / ".cache" / "tlsearch"
 
 
 _STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -224,6 +252,12 @@ def check_study_name(name: str) -> str:
             f"study name may hold letters, digits, '.', '_' and '-' (no '..', no '/'), got {name!r}"
         )
     return name
+
+
+def default_storage_url(study: str, *, studies_dir: str | Path = "studies") -> str:
+    """Returns `sqlite:///<abs path>/studies/<study>.db` for a study name (the default storage)."""
+    check_study_name(study)
+    return f"sqlite:///{Path(studies_dir, study + '.db').resolve()}"
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|d)?\s*$")

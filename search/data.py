@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from search.config import TLSearchError
+from search.config import TLSearchError, default_cache_dir
 
 # File name endings accepted as images (compared in lower case).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
@@ -581,12 +581,6 @@ def _fingerprint(
 
 # ---------------------------------------------------------------------------------------------
 # Decoded-image cache
-
-
-def default_cache_dir() -> Path:
-    """Where decoded images are cached: $TLSEARCH_CACHE, else ~/.cache/tlsearch."""
-    env = os.environ.get("TLSEARCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "tlsearch"
 
 
 class ImageDataset(torch.utils.data.Dataset):

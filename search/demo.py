@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from search.config import SearchSettings
+from search.config import SearchSettings, absolute_path
 
 DEMO_CLASSES = ("circle", "cross", "square", "triangle")
 DEMO_STUDY = "demo"
@@ -133,9 +133,11 @@ def run_demo(workdir: Path, *, weights_dir: str | None = None, trials: int | Non
     Returns:
         The exit code.
     """
-    from search.cli import _after_search
+    from search.outputs import after_search
     from search.runner import run_search
 
+    # Paths the user typed mean what they meant before the demo changes folder.
+    weights_dir = absolute_path(weights_dir) if weights_dir else None
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)
@@ -152,12 +154,12 @@ def run_demo(workdir: Path, *, weights_dir: str | None = None, trials: int | Non
         grace_period=1,
         reduction_factor=3,
         cpus_per_trial=1.0,
-        weights_dir=str(Path(weights_dir).resolve()) if weights_dir else None,
+        weights_dir=weights_dir,
         pretrained=pretrained,
         seed=0,
     )
     summary = run_search(settings)
-    code = _after_search(summary, DEMO_STUDY, None)
+    code = after_search(summary, DEMO_STUDY, None)
     print(
         f"demo finished in {time.time() - t0:.0f}s\n"
         f"  study:   {settings.storage_url}  (tlsearch show demo; optuna-dashboard {settings.storage_url})\n"

@@ -12,13 +12,12 @@ A model folder holds everything `tlsearch predict` (or a user's own code) needs:
 from __future__ import annotations
 
 import json
-import math
 import platform
 import warnings
 from pathlib import Path
 from typing import Any
 
-from search.config import RECORD_KEYS, ConfigError, TLSearchError, TrialConfig, dump_yaml
+from search.config import RECORD_KEYS, ConfigError, TLSearchError, TrialConfig, check_study_name, dump_yaml
 
 FORMATS = ("yaml", "json")
 
@@ -39,6 +38,10 @@ def library_versions() -> dict[str, str]:
 def trial_record(study: Any, trial: Any) -> dict[str, Any]:
     """A trial's config plus, for the record, where it came from and how it scored.
 
+    Everything recorded about the run (library versions, thread count, device, weights identity)
+    is what the trial recorded when it ran, not what this machine has today; a trial from before
+    these were recorded says "unknown".
+
     Args:
         study: the Optuna study.
         trial: one of its FrozenTrials; its user_attrs hold the full config.
@@ -46,29 +49,41 @@ def trial_record(study: Any, trial: Any) -> dict[str, Any]:
     Returns:
         A dict that `tlsearch train` accepts unchanged.
     """
-    config = trial.user_attrs.get("config")
-    if not config:
+    from search.studies import TrialRecord, objective_of
+
+    rec = TrialRecord.from_trial(trial)
+    if not rec.config:
         raise TLSearchError(f"trial {trial.number} of study {study.study_name!r} has no stored config")
+    metric, _ = objective_of(study)
+    metrics = {metric: rec.value if rec.value is not None else rec.last_value}
+    for key in ("val_acc", "val_balanced_acc", "val_loss", "best_val_acc", "epochs_run", "params_total", "latency_ms"):
+        if key in metrics:
+            continue
+        v = getattr(rec, key, None)
+        if v is None and rec.curve:
+            v = rec.curve[-1].get(key)
+        if v is not None:
+            metrics[key] = v
     attrs = study.user_attrs
-    metrics = {"val_acc": trial.value if trial.value is not None else _last_value(trial)}
-    for key in ("val_balanced_acc", "val_loss", "epochs_run", "params_total", "latency_ms"):
-        if key in trial.user_attrs:
-            metrics[key] = trial.user_attrs[key]
-    record = dict(TrialConfig.from_dict(config).to_dict())
     settings = attrs.get("settings") or {}
+    threads = rec.threads or max(1, int(settings.get("cpus_per_trial", 1)))
+    record = dict(TrialConfig.from_dict(rec.config).to_dict())
     record.update(
         {
             # CPU kernels sum in an order that depends on the thread count: training again with
             # the trial's own thread count reproduces it exactly.
-            "threads": max(1, int(settings.get("cpus_per_trial", 1))),
+            "threads": threads,
             "study": study.study_name,
             "trial": trial.number,
             "state": trial.state.name,
+            "metric": metric,
             "metrics": metrics,
             "dataset": attrs.get("dataset"),
             "dataset_fingerprint": attrs.get("dataset_fingerprint"),
             "class_names": attrs.get("class_names"),
-            "versions": library_versions(),
+            "device": rec.device or "unknown",
+            "weights_id": rec.weights_id or ("random" if not record["pretrained"] else "unknown"),
+            "versions": dict(rec.versions) if rec.versions else "unknown",
         }
     )
     assert set(record) - set(TrialConfig().to_dict()) <= RECORD_KEYS
@@ -86,14 +101,15 @@ def export_trial(
     studies_dir: str | Path = "studies",
     reports_dir: str | Path = "reports",
 ) -> list[Path]:
-    """Writes the best (or a chosen) trial's config, or the accuracy/cost Pareto set.
+    """Writes the best (or a chosen) trial's config, or the score/size Pareto set.
 
     Args:
         name: the study name.
         trial: a trial number; None: the best COMPLETE trial.
         out: the file to write; None: reports/<study>/best.<fmt> (pareto: pareto-<n>.<fmt>).
         fmt: "yaml" or "json".
-        pareto: write every trial on the accuracy vs params Pareto front.
+        pareto: write every COMPLETE trial on the Pareto front of the study's objective (in its
+            direction) against the parameter count.
         storage: the study's storage URL; None: studies/<name>.db.
         studies_dir: where default SQLite studies live.
         reports_dir: where reports live.
@@ -101,37 +117,32 @@ def export_trial(
     Returns:
         The files written.
     """
-    import optuna
+    from search.studies import best_trial, load_study, objective_of, pareto_front
 
-    from search.studies import load_study
-
+    check_study_name(name)  # it becomes a folder name under reports/
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; available: {', '.join(FORMATS)}")
     study = load_study(name, storage=storage, studies_dir=studies_dir)
-    complete = [
-        t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if t.value is not None and math.isfinite(t.value)
-    ]
+    _, maximize = objective_of(study)
+    trials = study.get_trials(deepcopy=False)
     if pareto:
-        chosen = pareto_front(complete)
+        chosen = pareto_front(trials, maximize=maximize)
         if not chosen:
             raise TLSearchError(f"study {name!r} has no COMPLETE trial to export")
     elif trial is not None:
-        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+        by_number = {t.number: t for t in trials}
         if trial not in by_number:
             raise TLSearchError(f"study {name!r} has no trial {trial} (trials 0..{len(by_number) - 1})")
         chosen = [by_number[trial]]
     else:
-        if not complete:
+        best = best_trial(trials, maximize=maximize)
+        if best is None:
             raise TLSearchError(f"study {name!r} has no COMPLETE trial yet; nothing to export")
-        best = max(complete, key=lambda t: t.value) if study.direction.name == "MAXIMIZE" else min(
-            complete, key=lambda t: t.value
-        )
         chosen = [best]
 
     folder = Path(reports_dir, name)
     written = []
-    for i, t in enumerate(chosen):
+    for t in chosen:
         if out is not None and len(chosen) == 1:
             path = Path(out)
         elif out is not None:
@@ -140,19 +151,6 @@ def export_trial(
             path = folder / (f"pareto-{t.number}.{fmt}" if pareto else f"best.{fmt}")
         written.append(_write_record(trial_record(study, t), path, fmt))
     return written
-
-
-def pareto_front(trials: list[Any]) -> list[Any]:
-    """COMPLETE trials not beaten on both val_acc (higher) and parameter count (lower)."""
-    points = [(t, t.value, t.user_attrs.get("params_total", math.inf)) for t in trials]
-    front = []
-    for t, acc, cost in points:
-        dominated = any(
-            (a >= acc and c <= cost) and (a > acc or c < cost) for _, a, c in points
-        )
-        if not dominated:
-            front.append(t)
-    return sorted(front, key=lambda t: t.user_attrs.get("params_total", 0))
 
 
 def _write_record(record: dict[str, Any], path: Path, fmt: str) -> Path:
@@ -166,12 +164,6 @@ def _write_record(record: dict[str, Any], path: Path, fmt: str) -> Path:
         return dump_yaml(record, path)
     except OSError as e:  # --out under a file, onto a folder, read-only: bad input, one line
         raise TLSearchError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-def _last_value(trial: Any) -> float | None:
-    if trial.intermediate_values:
-        return trial.intermediate_values[max(trial.intermediate_values)]
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

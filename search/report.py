@@ -40,7 +40,7 @@ from plotly.subplots import make_subplots
 from plotly.utils import PlotlyJSONEncoder
 
 from search.config import TLSearchError, check_study_name
-from search.studies import LEADERBOARD_COLUMNS, leaderboard, load_study, objective_of, score_of
+from search.studies import LEADERBOARD_COLUMNS, leaderboard, load_study, objective_of, pareto_flags, score_of
 
 if TYPE_CHECKING:
     import optuna
@@ -500,29 +500,6 @@ def curves_figure(curves: pd.DataFrame, *, metric: str, best_trial: int | None) 
     return _layout(fig, title="Learning curves (per epoch)")
 
 
-def pareto_front(costs: list[float], scores: list[float], *, maximize: bool = True) -> list[bool]:
-    """Marks the points no other point beats on both cost (lower is better) and score.
-
-    Args:
-        costs: cost per point (params, latency).
-        scores: score per point.
-        maximize: True when a larger score is better.
-
-    Returns:
-        One flag per point: True where the point is on the Pareto front.
-    """
-    sign = 1 if maximize else -1
-    flags = []
-    for i, (c, s) in enumerate(zip(costs, scores)):
-        dominated = any(
-            c2 <= c and sign * s2 >= sign * s and (c2 < c or sign * s2 > sign * s)
-            for j, (c2, s2) in enumerate(zip(costs, scores))
-            if j != i
-        )
-        flags.append(not dominated)
-    return flags
-
-
 _COSTS = (("params", "parameters (millions)", 1e-6), ("latency_ms", "batch-1 latency (ms)", 1.0))
 
 
@@ -545,7 +522,7 @@ def cost_figure(board: pd.DataFrame, *, metric: str, maximize: bool) -> go.Figur
     for col_i, (col, label, scale) in enumerate(panels, start=1):
         part = complete[complete[col].notna()]
         cost = (part[col].astype(float) * scale).tolist()
-        front = pareto_front(cost, part[metric].tolist(), maximize=maximize)
+        front = pareto_flags(cost, part[metric].tolist(), maximize=maximize)
         text = [f"trial {int(t)} ({_t(b)})" for t, b in zip(part["trial"], part["backbone"])]
         fig.add_trace(
             go.Scatter(x=cost, y=part[metric], mode="markers", text=text, name="complete",

@@ -45,6 +45,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from search import studies
+from search.studies import CURVE_KEYS, TrialRecord, best_trial, counts_toward_target, is_finite
 from search.config import SearchSettings, TLSearchError, check_study_name, dump_yaml
 from search.space import Constant, SearchSpace, backbones_in, default_space
 
@@ -212,14 +213,12 @@ class HonestOptunaSearch(OptunaSearch):
         storage: "optuna.storages.BaseStorage",
         asha_stopped: set,
         tally: _Tally,
-        pretrained: bool = True,
         driver: str = "",
         target: int | None = None,
     ) -> None:
         self._search_space = space
         self._asha_stopped = asha_stopped
         self._tally = tally
-        self._pretrained = pretrained
         self._driver = driver  # this driver's id, stamped on every trial it runs
         self._target = target  # trials the study should reach, all drivers together; None: no check
         self._reseeded = False
@@ -318,7 +317,7 @@ class HonestOptunaSearch(OptunaSearch):
             return
         curve[epoch] = dict(result)
         value = result.get(self.metric)
-        if _finite(value):
+        if is_finite(value):
             self._ot_trials[trial_id].report(float(value), step=epoch)
 
     def _finish(self, trial_id: str, *, worker_died: bool, stopped_by_driver: bool = False) -> None:
@@ -327,26 +326,17 @@ class HonestOptunaSearch(OptunaSearch):
         curve = [self._curves.get(trial_id, {})[e] for e in sorted(self._curves.get(trial_id, {}))]
         last = curve[-1] if curve else {}
         final = self._last.get(trial_id) or {}
-        epochs = int(config.get("epochs", self._search_space.max_epochs))
-        epochs_run = int(last.get("epoch", 0))
         value = last.get(self.metric)
-        error = final.get("error")
-        if worker_died:
-            error = "trial worker died (killed, or out of memory)"
-        elif error is None and curve and not all(_finite(c.get(self.metric)) for c in curve):
-            error = f"{self.metric} is not finite ({value})"
-
-        interrupted = False
-        if error:
-            state = TrialState.FAIL
-        elif epochs_run >= epochs:
-            state = TrialState.COMPLETE
-        elif trial_id in self._asha_stopped and not stopped_by_driver and epochs_run > 0:
-            state = TrialState.PRUNED
-        else:
-            state, interrupted, error = TrialState.FAIL, True, INTERRUPTED
-
-        self._set_attrs(ot_trial, config, curve, last, final, epochs_run, error, interrupted)
+        state, error, interrupted = trial_outcome(
+            epochs_planned=int(config.get("epochs", self._search_space.max_epochs)),
+            values=[c.get(self.metric) for c in curve],
+            error=final.get("error"),
+            worker_died=worker_died,
+            asha_stopped=trial_id in self._asha_stopped,
+            stopped_by_driver=stopped_by_driver,
+            metric=self.metric,
+        )
+        self._set_attrs(ot_trial, config, curve, last, final, error, interrupted)
         try:
             self._ot_study.tell(ot_trial, float(value) if state == TrialState.COMPLETE else None, state=state)
         except Exception as e:  # a storage hiccup must not end the search
@@ -360,46 +350,44 @@ class HonestOptunaSearch(OptunaSearch):
 
     def _set_attrs(
         self, ot_trial: Any, config: dict, curve: list, last: dict, final: dict,
-        epochs_run: int, error: str | None, interrupted: bool,
+        error: str | None, interrupted: bool,
     ) -> None:
         try:
-            cfg = self._search_space.to_trial_config(config)
-            if not self._pretrained:
-                cfg = cfg.replace(pretrained=False)
-            cfg_dict: dict | None = cfg.to_dict()
+            cfg_dict: dict | None = self._search_space.to_trial_config(config).to_dict()
         except Exception:
             cfg_dict = {k: v for k, v in config.items() if not k.startswith("_")}
         src = last or final
-        attrs: dict[str, Any] = {
-            "config": cfg_dict,
-            "epochs_run": epochs_run,
-            "params_total": src.get("params_total"),
-            "params_trainable": src.get("params_trainable"),
-            "train_seconds": final.get("train_seconds", src.get("train_seconds")),
-            "images_per_s": _mean([c.get("images_per_s") for c in curve]),
-            "latency_ms": src.get("latency_ms"),
-            "node_id": final.get("node_id"),
-            "hostname": final.get("hostname"),
-            "worker": final.get("worker"),
-            "started_at": final.get("started_at"),
-            "finished_at": time.time(),
-            "checkpoint": final.get("checkpoint"),
-            "curve": [
-                {k: c.get(k) for k in ("epoch", "val_acc", "val_loss", "val_balanced_acc",
-                                       "train_loss", "epoch_seconds", "images_per_s")}
-                for c in curve
-            ],
-            "confusion_matrix": last.get("confusion_matrix"),
-            "val_loss": last.get("val_loss"),
-            "val_balanced_acc": last.get("val_balanced_acc"),
-            "best_val_acc": last.get("best_val_acc"),
-        }
-        if error:
-            attrs["error"] = error[:2000]
-        if final.get("traceback"):
-            attrs["traceback"] = str(final["traceback"])[-4000:]
-        if interrupted:
-            attrs["interrupted"] = True
+        record = TrialRecord(
+            config=cfg_dict,
+            epochs_run=int(last.get("epoch", 0)),
+            curve=tuple({k: c.get(k) for k in CURVE_KEYS} for c in curve),
+            # One epoch for everything: the value, these metrics and the checkpoint are the last epoch's.
+            confusion_matrix=last.get("confusion_matrix"),
+            val_loss=last.get("val_loss"),
+            val_balanced_acc=last.get("val_balanced_acc"),
+            best_val_acc=last.get("best_val_acc"),
+            params_total=src.get("params_total"),
+            params_trainable=src.get("params_trainable"),
+            latency_ms=src.get("latency_ms"),
+            train_seconds=final.get("train_seconds", src.get("train_seconds")),
+            images_per_s=_mean([c.get("images_per_s") for c in curve]),
+            node_id=final.get("node_id"),
+            hostname=final.get("hostname"),
+            worker=final.get("worker"),
+            device=src.get("device"),
+            threads=final.get("threads"),
+            weights_id=src.get("weights_id"),
+            versions=final.get("versions"),
+            started_at=final.get("started_at"),
+            finished_at=time.time(),
+            checkpoint=final.get("checkpoint"),
+            error=error[:2000] if error else None,
+            traceback=str(final["traceback"])[-4000:] if final.get("traceback") else None,
+            interrupted=interrupted,
+        )
+        attrs = record.to_user_attrs()
+        for key in ("retry_of", "baseline", "driver", "heartbeat"):  # set by the search, not the trial
+            attrs.pop(key)
         for key, val in attrs.items():
             try:
                 ot_trial.set_user_attr(key, val)
@@ -421,13 +409,51 @@ class HonestOptunaSearch(OptunaSearch):
             t.failed += 1
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _mean(values: list) -> float | None:
-    xs = [float(v) for v in values if _finite(v)]
+    xs = [float(v) for v in values if is_finite(v)]
     return sum(xs) / len(xs) if xs else None
+
+
+def trial_outcome(
+    *,
+    epochs_planned: int,
+    values: list,
+    error: str | None,
+    worker_died: bool,
+    asha_stopped: bool,
+    stopped_by_driver: bool,
+    metric: str = "val_acc",
+) -> tuple[TrialState, str | None, bool]:
+    """How a trial ended, from what it reported: COMPLETE, PRUNED or FAIL (and whether interrupted).
+
+    COMPLETE: it ran every planned epoch. PRUNED: ASHA stopped it after at least one epoch. FAIL:
+    it raised, its worker died, or a reported value is not finite. A trial stopped by the driver
+    (Ctrl-C, the time budget, the end of the run) or that reported nothing is FAIL "interrupted":
+    it does not count toward the trial count and its params run again.
+
+    Args:
+        epochs_planned: the trial config's `epochs`.
+        values: the objective per reported epoch, in order.
+        error: the error the trial reported, if any.
+        worker_died: its worker process ended without a word (killed, out of memory).
+        asha_stopped: ASHA decided to stop it.
+        stopped_by_driver: the driver stopped it (the run ended under it).
+        metric: the objective's name, for the error text.
+
+    Returns:
+        (state, error text or None, interrupted).
+    """
+    if worker_died:
+        error = "trial worker died (killed, or out of memory)"
+    elif error is None and values and not all(is_finite(v) for v in values):
+        error = f"{metric} is not finite ({values[-1]})"
+    if error:
+        return TrialState.FAIL, error, False
+    if len(values) >= epochs_planned:
+        return TrialState.COMPLETE, None, False
+    if asha_stopped and not stopped_by_driver and values:
+        return TrialState.PRUNED, None, False
+    return TrialState.FAIL, INTERRUPTED, True
 
 
 # ----- the trainable (runs in a Ray worker) -------------------------------------------------------
@@ -440,9 +466,9 @@ def _trainable(
     space: SearchSpace,
     trial_fn: TrialFn | None,
     metric: str,
-    pretrained: bool,
     weights_dir: str | None,
     cache: bool,
+    cache_dir: str | None,
     checkpoint_dir: str,
     threads: int,
 ) -> None:
@@ -452,6 +478,8 @@ def _trainable(
     NaN, which ASHA ignores), so the driver records the reason; the search goes on.
     """
     import torch
+
+    from search.export import library_versions
 
     torch.set_num_threads(threads)
     if trial_fn is None:
@@ -466,6 +494,9 @@ def _trainable(
         "worker": f"{host}:{os.getpid()}",
         "started_at": started,
         "checkpoint": checkpoint,
+        # What the trial ran with, recorded here so that an export years later says the same.
+        "threads": threads,
+        "versions": library_versions(),
     }
     state = {"epoch": 0, "in_report": False}
 
@@ -477,10 +508,8 @@ def _trainable(
 
     try:
         cfg = space.to_trial_config(config)
-        if not pretrained:
-            cfg = cfg.replace(pretrained=False)
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        trial_fn(cfg, index, report=report, weights_dir=weights_dir, cache=cache,
+        trial_fn(cfg, index, report=report, weights_dir=weights_dir, cache=cache, cache_dir=cache_dir,
                  checkpoint_path=checkpoint, threads=threads)
     except Exception as e:
         if state["in_report"]:
@@ -593,9 +622,28 @@ def _check_experiment_dir(exp: Path, study: str) -> None:
         )
 
 
-def _uses_pretrained(settings: SearchSettings, space: SearchSpace) -> bool:
+def resolve(settings: SearchSettings, space: SearchSpace | None = None) -> tuple[SearchSettings, SearchSpace]:
+    """Folds every run option into one settings object and its space, once, before any trial.
+
+    The space: `space`, else the stored `settings.space`, else the default space; `--max-epochs`
+    and `--no-pretrained` become part of it, so every trial, the study and every later resume see
+    the same. Paths become absolute with `~` expanded (`SearchSettings.resolve`).
+
+    Returns:
+        (settings with `space` set to the space's dict, the space).
+    """
+    if space is None:
+        space = SearchSpace.from_dict(settings.space) if settings.space else default_space(gpu=settings.gpus_per_trial > 0)
+    if settings.max_epochs is not None and settings.max_epochs != space.max_epochs:
+        space = space.with_max_epochs(settings.max_epochs)
+    if not settings.pretrained:
+        space = space.fixed(pretrained=False)
+    return settings.resolve().replace(space=space.to_dict()), space
+
+
+def _uses_pretrained(space: SearchSpace) -> bool:
     p = space.param_dict.get("pretrained")
-    return settings.pretrained and not (isinstance(p, Constant) and p.value is False)
+    return not (isinstance(p, Constant) and p.value is False)
 
 
 def preflight(settings: SearchSettings, space: SearchSpace) -> Any:
@@ -619,7 +667,7 @@ def preflight(settings: SearchSettings, space: SearchSpace) -> Any:
     _writable(settings.experiment_dir, "experiment")
     _writable(Path(settings.reports_dir).resolve(), "reports")
     index = scan_dataset(settings.data, val_fraction=settings.val_fraction, seed=settings.seed)
-    if _uses_pretrained(settings, space):
+    if _uses_pretrained(space):
         for name in backbones_in(space):
             backbones.check_weights(name, settings.weights_dir)
     return index
@@ -705,14 +753,8 @@ def reconcile(study: optuna.Study, *, driver: str | None = None) -> int:
 
 
 def finished_count(study: optuna.Study) -> int:
-    """Trials that count toward `settings.trials`: COMPLETE, PRUNED and FAIL not caused by a stop."""
-    n = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            n += 1
-        elif t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"):
-            n += 1
-    return n
+    """Trials that count toward `settings.trials` (see `studies.counts_toward_target`)."""
+    return sum(counts_toward_target(t) for t in study.get_trials(deepcopy=False))
 
 
 def new_driver_id() -> str:
@@ -751,7 +793,7 @@ def is_stale(trial: Any, *, driver: str | None, now: float | None = None) -> boo
         return False
     now = time.time() if now is None else now
     beat = trial.user_attrs.get("heartbeat")
-    if not _finite(beat):
+    if not is_finite(beat):
         beat = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
     if now - beat > STALE_AFTER_S:
         return True
@@ -776,15 +818,10 @@ def _pid_alive(pid: int) -> bool:
 def _claimed(trials: list, *, driver: str | None) -> int:
     """Trials that count toward `settings.trials` plus those live drivers are running now."""
     now = time.time()
-    n = 0
-    for t in trials:
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-            n += 1
-        elif t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"):
-            n += 1
-        elif t.state == TrialState.RUNNING and not is_stale(t, driver=driver, now=now):
-            n += 1
-    return n
+    return sum(
+        counts_toward_target(t) or (t.state == TrialState.RUNNING and not is_stale(t, driver=driver, now=now))
+        for t in trials
+    )
 
 
 def _other_drivers(trials: list, *, driver: str) -> bool:
@@ -799,17 +836,13 @@ def _other_drivers(trials: list, *, driver: str) -> bool:
 
 def _base_tally(study: optuna.Study, mode: str) -> dict:
     trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and _finite(t.value)]
-    best = None
-    if complete:
-        pick = max if mode == "max" else min
-        best = pick(complete, key=lambda t: t.value)
+    best = best_trial(trials, maximize=mode == "max")
     return {
-        "complete": len(complete),
+        "complete": sum(t.state == TrialState.COMPLETE and is_finite(t.value) for t in trials),
         "pruned": sum(t.state == TrialState.PRUNED for t in trials),
-        "failed": sum(t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") for t in trials),
+        "failed": sum(t.state == TrialState.FAIL and counts_toward_target(t) for t in trials),
         "best": best.value if best else None,
-        "best_backbone": best.params.get("backbone", (best.user_attrs.get("config") or {}).get("backbone")) if best else None,
+        "best_backbone": TrialRecord.from_trial(best).backbone if best else None,
     }
 
 
@@ -933,16 +966,7 @@ def run_search(
     """
     t0 = time.time()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our live view says what matters
-    if space is None:
-        space = SearchSpace.from_dict(settings.space) if settings.space else default_space(gpu=settings.gpus_per_trial > 0)
-    if settings.max_epochs is not None and settings.max_epochs != space.max_epochs:
-        space = space.with_max_epochs(settings.max_epochs)
-    settings = settings.replace(
-        space=space.to_dict(),
-        studies_dir=str(Path(settings.studies_dir).resolve()),
-        reports_dir=str(Path(settings.reports_dir).resolve()),
-        data=str(Path(settings.data).resolve()),
-    )
+    settings, space = resolve(settings, space)
     index = preflight(settings, space)
     storage = studies.get_storage(settings.storage_url)
     study, created = _open_study(settings, storage, index, space)
@@ -988,7 +1012,7 @@ def _tune(
     searcher = HonestOptunaSearch(
         space, metric=settings.metric, mode=settings.mode, sampler=sampler,
         study_name=settings.study, storage=storage, asha_stopped=asha_stopped, tally=tally,
-        pretrained=settings.pretrained, driver=driver, target=settings.trials,
+        driver=driver, target=settings.trials,
     )
     concurrency = settings.max_concurrent or default_concurrency(
         cpus=resources.get("CPU", 1), gpus=resources.get("GPU", 0),
@@ -1001,7 +1025,7 @@ def _tune(
     )
     trainable = tune.with_parameters(
         _trainable, index=index, space=space, trial_fn=trial_fn, metric=settings.metric,
-        pretrained=settings.pretrained, weights_dir=settings.weights_dir, cache=settings.cache,
+        weights_dir=settings.weights_dir, cache=settings.cache, cache_dir=settings.cache_dir,
         checkpoint_dir=str(settings.experiment_dir / "checkpoints"),
         threads=max(1, int(settings.cpus_per_trial)),
     )
@@ -1078,10 +1102,7 @@ def _summary(
     counts: dict[str, int] = {}
     for t in trials:
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and _finite(t.value)]
-    best = None
-    if complete:
-        best = (max if settings.mode == "max" else min)(complete, key=lambda t: t.value)
+    best = best_trial(trials, maximize=settings.mode == "max")
     return RunSummary(
         study=settings.study,
         storage=settings.storage_url,

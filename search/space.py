@@ -103,6 +103,7 @@ class SearchSpace:
         order = [k for k in _ORDER if k in parsed] + [k for k in _FIELD_TYPES if k in parsed and k not in _ORDER]
         space = cls(params=tuple((k, parsed[k]) for k in order), max_epochs=max_epochs)
         _check_backbones(space, source)
+        _check_freeze_depths(space, source)
         return space
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,7 +126,11 @@ class SearchSpace:
 
     def with_max_epochs(self, max_epochs: int) -> "SearchSpace":
         """Returns a copy whose trials run (at most) `max_epochs` epochs."""
-        return SearchSpace.from_dict({**self.to_dict(), "max_epochs": max_epochs})
+        return self.fixed(max_epochs=max_epochs)
+
+    def fixed(self, **values: Any) -> "SearchSpace":
+        """Returns a copy in which each named parameter is the given constant (validated again)."""
+        return SearchSpace.from_dict({**self.to_dict(), **values})
 
     @property
     def param_dict(self) -> dict[str, Param]:
@@ -425,3 +430,30 @@ def _check_backbones(space: SearchSpace, source: str) -> None:
             backbones.get_spec(name)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+
+
+def _check_freeze_depths(space: SearchSpace, source: str) -> None:
+    """A freeze depth above the stage count of every listed backbone cannot mean anything.
+
+    One below the largest but above a smaller backbone's count is clipped for that backbone
+    (`to_trial_config`), as documented; the study records the depth a trial actually used.
+    """
+    p = space.param_dict.get("freeze_depth")
+    if p is None:
+        return
+    if isinstance(p, Range):
+        values = [p.low] + ([] if p.high == "all" else [p.high])
+    else:
+        values = list(p.values) if isinstance(p, Choice) else [p.value]
+    numbers = [int(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not numbers:
+        return
+    stages = {name: _stages(name) for name in backbones_in(space)}
+    most = max(stages.values())
+    too_deep = [v for v in numbers if v > most]
+    if too_deep:
+        counts = ", ".join(f"{name}: {n}" for name, n in stages.items())
+        raise ConfigError(
+            f"{source}: freeze_depth {too_deep[0]} is more than the stages of every backbone listed "
+            f"({counts}); use at most {most}, or 'all'"
+        )

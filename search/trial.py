@@ -40,7 +40,7 @@ class TrialResult:
     params_trainable: int = 0  # parameters that received gradients
     latency_ms: float = 0.0  # batch-1 inference time on the trial's device
     seconds: float = 0.0  # wall time of the whole trial
-    checkpoint_path: str | None = None  # best epoch's state_dict, when asked for
+    checkpoint_path: str | None = None  # the last epoch's state_dict, when asked for
     model: nn.Module | None = None  # the trained model, last epoch (for `tlsearch train`)
     preprocessing: dict[str, Any] = field(default_factory=dict)  # what predict needs to reproduce eval
 
@@ -81,7 +81,7 @@ def fine_tune(
         cache: use the decoded-image and frozen-feature caches.
         cache_dir: where caches live; None: the default cache folder.
         device: "cpu", "cuda", "cuda:1", ...; None: CUDA when available.
-        checkpoint_path: where to save the best epoch's state_dict (overwritten, so bounded).
+        checkpoint_path: where to save the last epoch's state_dict (overwritten every epoch).
         threads: torch CPU threads for this trial (= CPUs given to it).
         train_on_val: train on train+val (the final fit); val metrics are then optimistic.
         keep_model: keep the trained model in the result.
@@ -148,7 +148,7 @@ def fine_tune(
         },
     )
     result.latency_ms = measure_latency(model, config.image_size, dev)
-    best_acc, best_confusion = -1.0, None
+    best_acc = -1.0
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
         train_loss, seen = train_one_epoch(
@@ -157,10 +157,11 @@ def fine_tune(
         )
         val = evaluate(plan.eval_module(model), val_loader, num_classes, device=dev)
         seconds = time.perf_counter() - t0
-        if val["val_acc"] > best_acc:
-            best_acc, best_confusion = val["val_acc"], val["confusion_matrix"]
-            if checkpoint_path:
-                save_checkpoint(model, checkpoint_path)
+        best_acc = max(best_acc, val["val_acc"])
+        if checkpoint_path:
+            # The last epoch's weights, like the study value and the confusion matrix: a trial
+            # stopped after this epoch is described by this epoch everywhere.
+            save_checkpoint(model, checkpoint_path)
         metrics = {
             "epoch": epoch,
             "val_acc": val["val_acc"],
@@ -173,8 +174,10 @@ def fine_tune(
             "params_total": result.params_total,
             "params_trainable": trainable,
             "latency_ms": result.latency_ms,
-            "confusion_matrix": best_confusion,
-            "best_val_acc": best_acc,
+            "confusion_matrix": val["confusion_matrix"],
+            "best_val_acc": best_acc,  # the best epoch so far, labelled as such wherever shown
+            "device": str(dev),
+            "weights_id": getattr(bb, "weights_id", None),
         }
         result.history.append(metrics)
         if report is not None:
@@ -452,12 +455,15 @@ def train(
     """
     import sys
 
-    from search.config import load_trial_config, load_yaml
-    from search.backbones import get_spec
+    from search.backbones import resolve_depth
+    from search.config import absolute_path, load_trial_config, load_yaml
     from search.data import scan_dataset
 
     cfg = config if isinstance(config, TrialConfig) else load_trial_config(config)
-    get_spec(cfg.backbone)  # an unknown name: one error line before any progress is printed
+    # An unknown backbone or a freeze depth it does not have: one error line before any work.
+    resolve_depth(cfg.backbone, cfg.freeze_depth)
+    weights_dir = absolute_path(weights_dir) if weights_dir else None
+    out = absolute_path(out) if out is not None else None
     if threads is None and not isinstance(config, TrialConfig):
         recorded = load_yaml(config).get("threads")
         threads = recorded if isinstance(recorded, int) and recorded > 0 else None

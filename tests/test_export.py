@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from search.config import TLSearchError, TrialConfig, load_trial_config, load_yaml
-from search.export import export_trial, pareto_front
+from search.export import export_trial
 
 CONFIG = TrialConfig(backbone="resnet18", pretrained=False, image_size=32, batch_size=8, epochs=2, lr=1e-3)
 
@@ -26,7 +26,8 @@ def _study(tmp_path: Path, name: str = "exp") -> optuna.Study:
         cfg = CONFIG.replace(lr=lr).to_dict()
         study.add_trial(optuna.trial.create_trial(
             params={"lr": lr}, distributions=dist, value=value,
-            user_attrs={"config": cfg, "params_total": params_total, "epochs_run": 2},
+            user_attrs={"config": cfg, "params_total": params_total, "epochs_run": 2, "device": "cpu",
+                        "threads": 3, "versions": {"torch": "2.0.0-when-the-trial-ran"}, "weights_id": "random"},
             intermediate_values={1: value - 0.1, 2: value},
         ))
     study.add_trial(optuna.trial.create_trial(
@@ -44,7 +45,9 @@ def test_export_best_writes_a_config_train_accepts(tmp_path: Path) -> None:
     # The pruned trial's 0.99 after one epoch is not a full-budget score: the best is trial 1.
     assert record["trial"] == 1 and record["metrics"]["val_acc"] == pytest.approx(0.9)
     assert record["dataset_fingerprint"] == "abc123" and record["class_names"][0] == "circle"
-    assert record["threads"] == 2 and "torch" in record["versions"]
+    # What the trial ran with, as it recorded it then, not this machine's versions today.
+    assert record["threads"] == 3 and record["versions"] == {"torch": "2.0.0-when-the-trial-ran"}
+    assert record["device"] == "cpu" and record["weights_id"] == "random"
     assert load_trial_config(path) == CONFIG.replace(lr=2e-3)
 
 
@@ -58,15 +61,6 @@ def test_export_chosen_trial_json_and_pareto(tmp_path: Path) -> None:
     assert sorted(p.name for p in paths) == ["pareto-0.yaml", "pareto-1.yaml", "pareto-2.yaml"]
     with pytest.raises(TLSearchError, match="no trial 42"):
         export_trial("exp", trial=42, **kw)
-
-
-def test_pareto_front_drops_dominated() -> None:
-    class T:
-        def __init__(self, value: float, params: int) -> None:
-            self.value, self.user_attrs = value, {"params_total": params}
-
-    a, b, c = T(0.9, 10), T(0.8, 20), T(0.95, 30)
-    assert pareto_front([a, b, c]) == [a, c]
 
 
 def test_export_without_complete_trial_is_a_clear_error(tmp_path: Path) -> None:

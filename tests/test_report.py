@@ -262,7 +262,7 @@ def test_figures_from_plain_data(study: optuna.Study) -> None:
     notes = {k: v for k, v in built.items() if isinstance(v, str)}
     assert not notes, notes
     assert isinstance(data.importances, dict) and set(data.importances) <= set(DISTRIBUTIONS)
-    assert report.pareto_front([1, 2, 3, 2], [0.5, 0.7, 0.6, 0.4]) == [True, True, False, False]
+    assert pareto_flags([1, 2, 3, 2], [0.5, 0.7, 0.6, 0.4], maximize=True) == [True, True, False, False]
     # Pruned curves are dashed and end in a cross.
     pruned = [t for t in built["curves"].data if t.line.dash == "dash"]
     assert pruned and all(list(t.marker.size)[-1] > 0 for t in pruned)
@@ -443,3 +443,18 @@ def test_browser_screenshot(tmp_path: Path) -> None:
     shot.parent.mkdir(parents=True, exist_ok=True)
     _chromium(tmp_path, page.as_uri(), f"--screenshot={shot}", "--window-size=1300,5200")
     assert shot.stat().st_size > 50_000  # a rendered page, not a blank one
+
+
+def test_cost_figure_marks_the_front_in_the_study_direction() -> None:
+    import pandas as pd
+
+    board = pd.DataFrame({
+        "trial": [0, 1, 2, 3], "state": ["COMPLETE"] * 4, "backbone": ["a"] * 4,
+        "val_loss": [0.3, 0.2, 0.9, 0.25], "params": [10e6, 20e6, 5e6, 30e6], "latency_ms": [None] * 4,
+    })
+    front = {tuple(zip(t.x, t.y)) for t in report.cost_figure(board, metric="val_loss", maximize=False).data
+             if t.name == "Pareto front"}
+    assert front == {((5.0, 0.9), (10.0, 0.3), (20.0, 0.2))}
+    front = {tuple(zip(t.x, t.y)) for t in report.cost_figure(board, metric="val_loss", maximize=True).data
+             if t.name == "Pareto front"}
+    assert front == {((5.0, 0.9),)}

@@ -1,8 +1,6 @@
-"""Study storage: URLs, opening, listing, and trials -> DataFrame.
+"""The leaderboard and study listings: trials -> ranked DataFrame, JSON summaries, terminal table.
 
-A study lives in any Optuna storage. The default is SQLite at `studies/<study>.db`; `--storage`
-takes any Optuna RDB URL (postgresql://, mysql://, sqlite://) or `journal:PATH` for a journal file
-on shared storage.
+Compute first; report and the CLI only render these.
 """
 
 from __future__ import annotations
@@ -10,88 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from search.config import TLSearchError, check_study_name
+from search.config import TLSearchError
+from search.studies._record import TrialRecord, best_trial
+from search.studies._storage import _redact, get_storage
 
 if TYPE_CHECKING:
     import optuna
-
-# SQLite waits this long for a lock instead of failing with "database is locked" when a reader
-# (tlsearch show, optuna-dashboard) and the search touch the file at once.
-SQLITE_TIMEOUT_S = 60
-
-
-def default_storage_url(study: str, *, studies_dir: str | Path = "studies") -> str:
-    """Returns `sqlite:///<abs path>/studies/<study>.db` for a study name."""
-    check_study_name(study)
-    return f"sqlite:///{Path(studies_dir, study + '.db').resolve()}"
-
-
-def get_storage(url: str) -> "optuna.storages.BaseStorage":
-    """Opens an Optuna storage from a URL.
-
-    Args:
-        url: an RDB URL (sqlite:///..., postgresql://..., mysql://...) or `journal:PATH`.
-
-    Returns:
-        The storage object, shared by every reader and writer in this process.
-    """
-    import optuna
-
-    if url.startswith("journal:"):
-        path = url[len("journal:") :]
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(path))
-    engine_kwargs: dict = {}
-    if url.startswith("sqlite:"):
-        db = url.split("///", 1)[-1]
-        if db and db != ":memory:":
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
-    else:
-        engine_kwargs = {"pool_pre_ping": True}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    except ImportError as e:
-        raise TLSearchError(f"storage {_redact(url)} needs a database driver: {e}") from None
-    except Exception as e:  # sqlalchemy raises many kinds for a bad URL or an unreachable server
-        raise TLSearchError(f"cannot open storage {_redact(url)}: {str(e).splitlines()[0]}") from None
-
-
-def load_study(
-    name: str, *, storage: str | None = None, studies_dir: str | Path = "studies"
-) -> "optuna.Study":
-    """Opens an existing study.
-
-    Args:
-        name: the study name.
-        storage: its storage URL; None: `studies/<name>.db`.
-        studies_dir: where default SQLite studies live.
-
-    Returns:
-        The Optuna study.
-    """
-    import optuna
-
-    url = storage or default_storage_url(name, studies_dir=studies_dir)
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
-        raise TLSearchError(f"no study named {name!r} (no file {url[len('sqlite:///'):]})")
-    try:
-        return optuna.load_study(study_name=name, storage=get_storage(url))
-    except KeyError:
-        raise TLSearchError(f"no study named {name!r} in {_redact(url)}") from None
-
-
-def _redact(url: str) -> str:
-    """Hides a password in a database URL before it is printed."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return url
-
+    import pandas
 
 # ---------------------------------------------------------------------------------------------
 # Listing studies and the leaderboard (compute first; report.py and the CLI only render these).
@@ -326,18 +249,10 @@ def list_studies(*, studies_dir: str | Path = "studies", storage: str | None = N
 
 
 def _study_row(study: "optuna.Study", url: str) -> dict:
-    import math
-
     metric, maximize = objective_of(study)
     trials = study.get_trials(deepcopy=False)
-    best = None
-    for t in trials:
-        if t.state.name == "COMPLETE" and t.values and math.isfinite(t.values[0]):
-            v = t.values[0]
-            if best is None or (v > best.values[0] if maximize else v < best.values[0]):
-                best = t
+    best = best_trial(trials, maximize=maximize)
     starts = [t.datetime_start for t in trials if t.datetime_start]
-    config = (best.user_attrs.get("config") or {}) if best else {}
     return {
         "name": study.study_name,
         "storage": url,
@@ -347,7 +262,7 @@ def _study_row(study: "optuna.Study", url: str) -> dict:
         "states": state_counts(trials),
         "best_trial": best.number if best else None,
         "best_value": float(best.values[0]) if best else None,
-        "best_backbone": (best.params.get("backbone", config.get("backbone")) if best else None),
+        "best_backbone": TrialRecord.from_trial(best).backbone if best else None,
         "dataset": study.user_attrs.get("dataset"),
         "started": min(starts).isoformat(timespec="seconds") if starts else None,
         "error": None,
@@ -374,10 +289,8 @@ def study_summary(study: "optuna.Study") -> dict:
     trials = study.get_trials(deepcopy=False)
     df = leaderboard(study, trials=trials)
     best = None
-    top = df[df["rank"] == 1] if len(df) else df
-    if len(top):
-        number = int(top.iloc[0]["trial"])
-        t = next(t for t in trials if t.number == number)
+    t = best_trial(trials, maximize=maximize)
+    if t is not None:
         best = {
             "trial": t.number,
             "value": float(t.values[0]),

@@ -1,0 +1,231 @@
+"""What a trial produced, typed (`TrialRecord`), and the rules on it, each written once.
+
+Optuna's `FrozenTrial` holds a trial's state, value, params and per-epoch values; everything else
+a trial produced (its config, costs, curve, where it ran, checkpoint, error, versions) is stored in
+its user_attrs. `TrialRecord` is that record as one frozen dataclass: the runner writes it with
+`to_user_attrs()`, and the leaderboard, report and export read it back with `from_trial()`.
+
+The rules about trials live here, next to the record: `best_trial`, `counts_toward_target` and
+`pareto_front`, each given the study's direction where it matters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence, TypeVar
+
+if TYPE_CHECKING:
+    import optuna
+
+T = TypeVar("T")
+
+# The metrics kept per epoch in a trial's curve.
+CURVE_KEYS = ("epoch", "val_acc", "val_loss", "val_balanced_acc", "train_loss", "epoch_seconds", "images_per_s")
+
+
+def is_finite(v: Any) -> bool:
+    """Whether `v` is a real, finite number (bools and None are not)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial: Optuna's view of it (number, state, value, params) plus what it produced."""
+
+    number: int = -1  # the Optuna trial number
+    state: str = "RUNNING"  # COMPLETE | PRUNED | FAIL | RUNNING | WAITING
+    value: float | None = None  # the objective (COMPLETE trials only)
+    params: Mapping[str, Any] = field(default_factory=dict)  # the sampled params
+    intermediate_values: Mapping[int, float] = field(default_factory=dict)  # epoch -> objective
+    # --- user_attrs: what the trial produced ---
+    config: Mapping[str, Any] | None = None  # the TrialConfig it ran, as a dict
+    epochs_run: int | None = None  # epochs it finished
+    curve: tuple[Mapping[str, Any], ...] = ()  # per-epoch metrics (CURVE_KEYS)
+    confusion_matrix: list | None = None  # the last epoch's (rows: true class)
+    val_loss: float | None = None  # last epoch's
+    val_balanced_acc: float | None = None  # last epoch's
+    best_val_acc: float | None = None  # the best epoch's val_acc (labelled as such where shown)
+    params_total: int | None = None  # parameters of the whole model
+    params_trainable: int | None = None  # parameters that received gradients
+    latency_ms: float | None = None  # batch-1 inference time on the trial's device
+    train_seconds: float | None = None  # wall time of the trial function
+    images_per_s: float | None = None  # mean training throughput over its epochs
+    node_id: str | None = None  # the Ray node it ran on
+    hostname: str | None = None
+    worker: str | None = None  # host:pid of the worker process
+    device: str | None = None  # cpu, cuda:0, ...
+    threads: int | None = None  # torch CPU threads it trained with (exact reproduction needs them)
+    weights_id: str | None = None  # content identity of the pretrained weights loaded, or random
+    versions: Mapping[str, str] | None = None  # library versions of the worker that ran it
+    started_at: float | None = None  # unix seconds
+    finished_at: float | None = None
+    checkpoint: str | None = None  # its last epoch's state_dict, while kept
+    checkpoint_removed: bool = False  # the checkpoint was removed to bound disk use
+    error: str | None = None  # why it failed, or why it was stopped by the driver
+    traceback: str | None = None
+    interrupted: bool = False  # cut short by the driver (Ctrl-C, time budget, crash): not counted
+    retry_of: int | None = None  # the interrupted trial whose params it runs again
+    baseline: bool = False  # a warm-start trial enqueued by the search
+    driver: str | None = None  # the driver that runs it (host:pid:token)
+    heartbeat: float | None = None  # last sign of life of that driver (unix seconds)
+
+    # The fields that live in the FrozenTrial itself, not in user_attrs.
+    _TRIAL_FIELDS = ("number", "state", "value", "params", "intermediate_values")
+
+    @classmethod
+    def from_trial(cls, trial: "optuna.trial.FrozenTrial") -> "TrialRecord":
+        """Reads a trial's record (unknown user_attrs are ignored, missing ones are defaults).
+
+        Args:
+            trial: a frozen trial of any state.
+
+        Returns:
+            The record.
+        """
+        attrs = trial.user_attrs
+        known = {f.name for f in fields(cls)} - set(cls._TRIAL_FIELDS)
+        values = {k: v for k, v in attrs.items() if k in known}
+        if isinstance(values.get("curve"), list):
+            values["curve"] = tuple(c for c in values["curve"] if isinstance(c, dict))
+        elif "curve" in values:
+            values["curve"] = ()
+        if not isinstance(values.get("config"), dict):
+            values["config"] = None
+        for flag in ("interrupted", "checkpoint_removed", "baseline"):
+            values[flag] = bool(values.get(flag, False))
+        value = trial.values[0] if trial.state.name == "COMPLETE" and trial.values else None
+        return cls(
+            number=trial.number, state=trial.state.name, value=value, params=dict(trial.params),
+            intermediate_values=dict(trial.intermediate_values), **values,
+        )
+
+    def to_user_attrs(self) -> dict[str, Any]:
+        """The user_attrs to store for this record (JSON-ready; trial fields left out)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name in self._TRIAL_FIELDS:
+                continue
+            v = getattr(self, f.name)
+            if f.name == "curve":
+                v = [dict(c) for c in v]
+            elif isinstance(v, Mapping):
+                v = dict(v)
+            out[f.name] = v
+        return out
+
+    def replace(self, **changes: Any) -> "TrialRecord":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def backbone(self) -> str | None:
+        """The backbone it ran (from its params, else its config)."""
+        return self.params.get("backbone", (self.config or {}).get("backbone"))
+
+    @property
+    def last_value(self) -> float | None:
+        """The objective at its last reported epoch (any state)."""
+        if not self.intermediate_values:
+            return None
+        return self.intermediate_values[max(self.intermediate_values)]
+
+
+# ----- the rules ------------------------------------------------------------------------------------
+
+
+def counts_toward_target(trial: Any) -> bool:
+    """Whether a finished trial counts toward the requested trial count.
+
+    COMPLETE and PRUNED trials count, and so does a FAIL that the trial itself caused (an error);
+    a FAIL the driver caused (Ctrl-C, time budget, a crash: `interrupted`) does not, since its
+    params are run again. Running and waiting trials are not finished.
+
+    Args:
+        trial: a FrozenTrial or a TrialRecord.
+
+    Returns:
+        True when it counts.
+    """
+    state = trial.state if isinstance(trial.state, str) else trial.state.name
+    if state in ("COMPLETE", "PRUNED"):
+        return True
+    if state == "FAIL":
+        interrupted = trial.interrupted if isinstance(trial, TrialRecord) else trial.user_attrs.get("interrupted")
+        return not interrupted
+    return False
+
+
+def _value(trial: Any) -> float | None:
+    if isinstance(trial, TrialRecord):
+        return trial.value
+    return trial.values[0] if trial.values else None
+
+
+def best_trial(trials: Iterable[T], *, maximize: bool) -> T | None:
+    """The best COMPLETE trial with a finite value (the earliest on ties); None when there is none.
+
+    Args:
+        trials: FrozenTrials or TrialRecords.
+        maximize: the study's direction.
+
+    Returns:
+        The best trial, or None.
+    """
+    best, best_value = None, None
+    for t in trials:
+        state = t.state if isinstance(t.state, str) else t.state.name
+        v = _value(t)
+        if state != "COMPLETE" or not is_finite(v):
+            continue
+        if best is None or (v > best_value if maximize else v < best_value):
+            best, best_value = t, v
+    return best
+
+
+def pareto_flags(costs: Sequence[float], scores: Sequence[float], *, maximize: bool) -> list[bool]:
+    """Marks the points that no other point beats on both cost (lower is better) and score.
+
+    Args:
+        costs: cost per point (parameters, latency).
+        scores: score per point.
+        maximize: True when a larger score is better, False when smaller is.
+
+    Returns:
+        One flag per point: True where the point is on the Pareto front.
+    """
+    sign = 1.0 if maximize else -1.0
+    flags = []
+    for i, (c, s) in enumerate(zip(costs, scores)):
+        dominated = any(
+            c2 <= c and sign * s2 >= sign * s and (c2 < c or sign * s2 > sign * s)
+            for j, (c2, s2) in enumerate(zip(costs, scores))
+            if j != i
+        )
+        flags.append(not dominated)
+    return flags
+
+
+def pareto_front(
+    trials: Sequence[T], *, maximize: bool, cost: Callable[[T], float] | None = None
+) -> list[T]:
+    """The COMPLETE trials on the score vs cost Pareto front, cheapest first.
+
+    Args:
+        trials: FrozenTrials or TrialRecords (others than COMPLETE with a finite value are left out).
+        maximize: the study's direction.
+        cost: a trial's cost; default: its parameter count (user_attr params_total; unknown = inf).
+
+    Returns:
+        The trials on the front, sorted by cost.
+    """
+    def default_cost(t: Any) -> float:
+        v = t.params_total if isinstance(t, TrialRecord) else t.user_attrs.get("params_total")
+        return float(v) if is_finite(v) else math.inf
+
+    cost = cost or default_cost
+    scored = [t for t in trials if best_trial([t], maximize=maximize) is not None]
+    costs = [cost(t) for t in scored]
+    flags = pareto_flags(costs, [_value(t) for t in scored], maximize=maximize)
+    return [t for _, t in sorted(((c, t) for c, t, f in zip(costs, scored, flags) if f), key=lambda p: p[0])]
