@@ -240,6 +240,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_studies(a: argparse.Namespace) -> int:
+    from search.config import printable
     from search.studies import list_studies
 
     rows = list_studies(storage=a.storage)
@@ -251,7 +252,8 @@ def cmd_studies(a: argparse.Namespace) -> int:
     for r in rows:
         counts = ", ".join(f"{k.lower()} {v}" for k, v in r.get("states", {}).items())
         best = f"{r['best_value']:.4f} ({r.get('best_backbone')})" if r.get("best_value") is not None else "-"
-        print(f"{r['name']:<24} {counts:<40} best {best}")
+        # Names come from the storage, which another user may have written: no control characters.
+        print(printable(f"{r['name']:<24} {counts:<40} best {best}"))
     return EXIT_OK
 
 

@@ -220,6 +220,14 @@ class SearchSettings:
         return Path(self.reports_dir, self.study).resolve()
 
 
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: object) -> str:
+    """`text` with terminal control characters replaced by '?', for names read from storage or files."""
+    return _UNPRINTABLE.sub("?", str(text))
+
+
 def absolute_path(path: str | os.PathLike[str]) -> str:
     """`path` with `~` expanded, made absolute against the working folder (symlinks kept)."""
     return os.path.abspath(os.path.expanduser(os.fspath(path)))

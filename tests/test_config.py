@@ -81,3 +81,26 @@ def test_settings_paths_stay_under_studies_and_reports() -> None:
     assert s.storage_url.endswith("/studies/pets-v1.2.db")
     assert s.experiment_dir.parent.name == "studies" and s.report_dir.parent.name == "reports"
     assert SearchSettings.from_dict(s.to_dict()) == s
+
+
+def test_settings_resolve_paths_once(tmp_path, monkeypatch) -> None:
+    from search.config import SearchSettings
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TLSEARCH_CACHE", "rel-cache")
+    s = SearchSettings(study="x", data="~/data", weights_dir="~/w", studies_dir="st", reports_dir="~/rep").resolve()
+    assert s.data == str(tmp_path / "home" / "data")
+    assert s.weights_dir == str(tmp_path / "home" / "w")  # not <cwd>/~/w
+    assert s.reports_dir == str(tmp_path / "home" / "rep") and s.studies_dir == str(tmp_path / "st")
+    assert s.cache_dir == str(tmp_path / "rel-cache")
+    monkeypatch.chdir(tmp_path / "..")
+    assert s.resolve() == s  # resolved settings mean the same files from any folder
+    monkeypatch.delenv("TLSEARCH_CACHE")
+    assert SearchSettings(study="x", data="d").resolve().cache_dir == str(tmp_path / "home" / ".cache" / "tlsearch")
+
+
+def test_printable_drops_control_characters() -> None:
+    from search.config import printable
+
+    assert printable("evil\x1b[31mred\x07") == "evil?[31mred?"

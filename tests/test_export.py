@@ -90,3 +90,19 @@ def test_export_train_predict_round_trip_through_the_cli(tmp_path: Path, tiny_da
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 3 and all(line.split("\t")[0] == str(img) for line, img in zip(lines, images))
+
+
+def test_study_names_from_storage_are_untrusted(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    for name in ("../../escape", "evil\x1b[31m"):
+        study = optuna.create_study(study_name=name, storage=storage)
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5,
+                                                  user_attrs={"config": CONFIG.to_dict()}))
+    for name in ("../../escape", "evil\x1b[31m"):
+        with pytest.raises(TLSearchError, match="study name"):
+            export_trial(name, storage=storage, reports_dir=tmp_path / "reports")
+    assert not (tmp_path.parent / "escape").exists()
+    r = subprocess.run([sys.executable, "-m", "search", "studies", "--storage", storage], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "evil?[31m" in r.stdout and "\x1b" not in r.stdout

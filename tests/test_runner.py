@@ -106,8 +106,9 @@ def test_asha_prunes_honestly(tmp_path: Path, ray_session) -> None:
     t = complete[0]
     for key in ("config", "params_total", "params_trainable", "train_seconds", "images_per_s", "latency_ms",
                 "node_id", "hostname", "worker", "started_at", "finished_at", "checkpoint", "curve",
-                "confusion_matrix", "val_loss", "val_balanced_acc"):
+                "confusion_matrix", "val_loss", "val_balanced_acc", "threads", "versions"):
         assert t.user_attrs.get(key) is not None, key
+    assert t.user_attrs["threads"] == 1 and "torch" in t.user_attrs["versions"]
     assert t.user_attrs["config"]["epochs"] == 4 and "error" not in t.user_attrs
     assert Path(t.user_attrs["checkpoint"]).name == f"trial-{t.number}.pt"
     assert set(t.params) == {"lr"}  # flat TrialConfig names; constants are not params
@@ -228,6 +229,7 @@ def test_kill9_then_resume(tmp_path: Path, ray_session) -> None:
         assert (t.state, t.value, dict(t.intermediate_values)) == (state, value, iv)
     assert finished_count(_study(s)) == 6 == summary.finished
     interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert interrupted, "the kill interrupted no trial, so nothing here was checked"
     for t in interrupted:  # each interrupted trial was retried with the same params
         assert t.user_attrs["error"] == INTERRUPTED
         assert any(r.user_attrs.get("retry_of") == t.number and r.params == t.params for r in trials)
@@ -265,3 +267,24 @@ def test_asha_is_quiet_about_a_rung_of_failed_trials() -> None:
             asha.on_trial_result(None, t, {"training_iteration": 1, "val_acc": float("nan")})
         asha.on_trial_complete(None, trials[0], {"training_iteration": 1, "val_acc": float("nan")})
     assert not [w for w in caught if "NaN" in str(w.message)], [str(w.message) for w in caught]
+
+
+# ----- the outcome of a trial, decided without Ray --------------------------------------------------
+
+
+@pytest.mark.parametrize(("kw", "expected"), [
+    (dict(values=[0.5, 0.6, 0.7]), ("COMPLETE", None, False)),
+    (dict(values=[0.5], asha_stopped=True), ("PRUNED", None, False)),
+    (dict(values=[0.5], asha_stopped=True, stopped_by_driver=True), ("FAIL", INTERRUPTED, True)),
+    (dict(values=[0.5]), ("FAIL", INTERRUPTED, True)),  # cut short, not by ASHA: the time budget, Ctrl-C
+    (dict(values=[], asha_stopped=True), ("FAIL", INTERRUPTED, True)),  # nothing reported
+    (dict(values=[0.5], error="RuntimeError: boom"), ("FAIL", "RuntimeError: boom", False)),
+    (dict(values=[0.5, float("nan")], asha_stopped=True), ("FAIL", "val_acc is not finite (nan)", False)),
+    (dict(values=[0.5, 0.6, 0.7], worker_died=True), ("FAIL", "trial worker died (killed, or out of memory)", False)),
+])
+def test_trial_outcome(kw: dict, expected: tuple) -> None:
+    from search.runner import trial_outcome
+
+    args = dict(epochs_planned=3, error=None, worker_died=False, asha_stopped=False, stopped_by_driver=False)
+    state, error, interrupted = trial_outcome(**{**args, **kw})
+    assert (state.name, error, interrupted) == expected

@@ -194,3 +194,13 @@ def test_baseline_without_probe_choices_takes_first_values_and_range_tops() -> N
                                    "augmentation": ["randaugment", "flip"]})
     base = space.baseline()
     assert base["freeze_depth"] == 5 and base["augmentation"] == "randaugment"
+
+
+def test_freeze_depth_no_listed_backbone_has_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"freeze_depth 99 .*resnet18: 5"):
+        SearchSpace.from_dict({"backbone": ["resnet18"], "freeze_depth": [99]})
+    with pytest.raises(ConfigError, match="freeze_depth 9"):
+        SearchSpace.from_dict({"backbone": "resnet18", "freeze_depth": {"low": 0, "high": 9}})
+    # A depth only the deeper backbone has is clipped for the other, as documented.
+    space = SearchSpace.from_dict({"backbone": ["resnet18", "vit_b_16"], "freeze_depth": [0, 8]})
+    assert space.to_trial_config({"backbone": "resnet18", "freeze_depth": 8}).freeze_depth == 5

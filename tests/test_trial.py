@@ -21,10 +21,10 @@ def test_warmup_cosine_schedule() -> None:
     assert warmup_cosine(12, warmup_steps=4, total_steps=20) == pytest.approx(0.5)
 
 
-def test_fine_tune_reports_every_epoch_and_saves_best_checkpoint(tiny_dataset: Path, tmp_path: Path) -> None:
+def test_fine_tune_reports_every_epoch_and_saves_a_checkpoint(tiny_dataset: Path, tmp_path: Path) -> None:
     index = scan_dataset(tiny_dataset)
     seen: list[dict] = []
-    ckpt = tmp_path / "ckpt" / "best.pt"
+    ckpt = tmp_path / "ckpt" / "trial.pt"
     result = fine_tune(TrialConfig(**TINY, freeze_depth=2), index, report=seen.append,
                        cache_dir=str(tmp_path / "cache"), checkpoint_path=str(ckpt))
     assert [m["epoch"] for m in seen] == [1, 2]
@@ -101,3 +101,41 @@ def test_pretrained_lite0_beats_random_on_hymenoptera(shared_dir: Path, tmp_path
     rnd = fine_tune(cfg.replace(pretrained=False), index, cache_dir=str(tmp_path / "c"))
     assert pre.best["val_acc"] >= 0.85, pre.best
     assert pre.best["val_acc"] - rnd.best["val_acc"] >= 0.2, (pre.best["val_acc"], rnd.best["val_acc"])
+
+
+def test_value_checkpoint_and_confusion_are_the_last_epoch(tiny_dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    """A trial whose best epoch is not its last is described by its last epoch everywhere."""
+    import search.trial as trial_module
+
+    real = trial_module.evaluate
+    calls = {"n": 0}
+
+    def evaluate_best_first(*args, **kwargs):  # epoch 1 looks perfect, epoch 2 does not
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        n = sum(map(sum, out["confusion_matrix"]))
+        k = len(out["confusion_matrix"])
+        right = n if calls["n"] == 1 else n // 2
+        confusion = [[0] * k for _ in range(k)]
+        confusion[0][0], confusion[0][1] = right, n - right
+        return {**out, "val_acc": right / n, "confusion_matrix": confusion}
+
+    monkeypatch.setattr(trial_module, "evaluate", evaluate_best_first)
+    ckpt = tmp_path / "trial.pt"
+    seen: list[dict] = []
+    result = fine_tune(TrialConfig(**TINY), scan_dataset(tiny_dataset), report=seen.append, cache=False,
+                       checkpoint_path=str(ckpt), keep_model=True)
+    last = seen[-1]
+    assert last["val_acc"] < seen[0]["val_acc"] and last["best_val_acc"] == seen[0]["val_acc"]
+    assert last["confusion_matrix"][0][0] / len(scan_dataset(tiny_dataset).val) == pytest.approx(last["val_acc"])
+    saved = load_checkpoint(ckpt)
+    final = result.model.state_dict()
+    assert all(torch.equal(saved[k], final[k].cpu()) for k in final)
+
+
+def test_train_refuses_a_freeze_depth_the_backbone_lacks(tiny_dataset: Path, tmp_path: Path) -> None:
+    from search.config import ConfigError
+
+    # Refused before any work: before the dataset is even looked at.
+    with pytest.raises(ConfigError, match=r"between 0 and 5 for resnet18, got 99"):
+        train(TrialConfig(**TINY, freeze_depth=99), tmp_path / "no-such-dataset", progress=False)

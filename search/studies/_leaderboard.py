@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from search.config import TLSearchError
+from search.config import TLSearchError, printable
 from search.studies._record import TrialRecord, best_trial
 from search.studies._storage import _redact, get_storage
 
@@ -365,8 +365,6 @@ def format_leaderboard(df: "pandas.DataFrame", *, top: int | None = None) -> str
         print as "-". Control characters in user strings are replaced, so a hostile param value or
         error text cannot drive the terminal.
     """
-    import re
-
     if top is not None and top < 1:
         raise TLSearchError(f"--top must be at least 1, got {top}")
     shown = df if top is None else df.head(top)
@@ -374,7 +372,6 @@ def format_leaderboard(df: "pandas.DataFrame", *, top: int | None = None) -> str
     metric = df.attrs.get("metric")
     if metric and metric in df.columns and metric not in cols:  # the objective is another metric
         cols.insert(cols.index("val_acc"), metric)
-    unsafe = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
     def cell(col: str, v: object) -> str:
         v = _jsonable(v)
@@ -387,7 +384,7 @@ def format_leaderboard(df: "pandas.DataFrame", *, top: int | None = None) -> str
             text = fmt.format(v)
         except (ValueError, TypeError):
             text = str(v)
-        text = unsafe.sub("?", text)
+        text = printable(text)
         if col == "error" and len(text) > _ERROR_WIDTH:
             text = text[: _ERROR_WIDTH - 3] + "..."
         return text

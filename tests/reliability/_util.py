@@ -22,9 +22,27 @@ FIGURES: dict[str, Any] = {"bad_inputs": {}, "lost": None, "left_running": None,
                            "payloads_tried": 0}
 
 
-def record_bad_input(name: str, ok: bool) -> None:
-    """Counts one planted bad input and whether it was handled clearly."""
-    FIGURES["bad_inputs"][name] = bool(ok) and FIGURES["bad_inputs"].get(name, True)
+def expect_bad_inputs(*names: str) -> None:
+    """Counts planted bad inputs in M before anything is tried: a case whose check never runs or
+    fails stays counted as not handled."""
+    for name in names:
+        FIGURES["bad_inputs"].setdefault(name, False)
+
+
+def record_bad_input(name: str, ok: bool, detail: object = "") -> None:
+    """Asserts that one planted bad input was handled clearly; only then does it count in N.
+
+    A name seen before counts as handled only when every check of it held.
+    """
+    cases = FIGURES["bad_inputs"]
+    earlier = cases.get(name, True) if name in _CHECKED else True  # every earlier check of it held
+    cases[name] = False
+    _CHECKED.add(name)
+    assert ok, f"{name}: not handled clearly {detail}"
+    cases[name] = earlier
+
+
+_CHECKED: set[str] = set()  # names whose check has run and held at least once
 
 
 def env(tmp: Path, **extra: str) -> dict[str, str]:
@@ -56,15 +74,16 @@ def clear_error(proc: Any, *words: str, name: str | None = None) -> str:
     traceback, naming `words`; records the input."""
     err = proc.stderr if isinstance(proc.stderr, str) else proc.stderr.decode()
     lines = [line for line in stderr_lines(err) if not line.startswith("warning: ")]
-    ok = (proc.returncode == 2 and len(lines) == 1 and "Traceback" not in err
-          and lines[0].startswith("tlsearch: error:") and all(w in lines[0] for w in words))
     if name:
-        record_bad_input(name, ok)
+        expect_bad_inputs(name)
     assert proc.returncode == 2, (proc.returncode, err[-3000:])
     assert "Traceback" not in err, err[-3000:]
     assert len(lines) == 1, lines
+    assert lines[0].startswith("tlsearch: error:"), lines[0]
     for w in words:
         assert w in lines[0], (w, lines[0])
+    if name:
+        record_bad_input(name, True)  # every assertion above held
     return lines[0]
 
 

@@ -45,6 +45,7 @@ SPACES = {  # case -> (space YAML, words the error line must hold)
     "unknown key in space": ("backbone: resnet18\ncolour: [red, blue]\n", ["colour"]),
     "unknown backbone in space": ("backbone: [resnet18, resnet9000]\n", ["resnet9000", "resnet18", "resnet50"]),
     "inverted range": ("backbone: resnet18\nlr: {low: 1.0e-2, high: 1.0e-4, log: true}\n", ["lr"]),
+    "freeze depth no backbone has": ("backbone: [resnet18]\nfreeze_depth: [99]\n", ["freeze_depth 99", "resnet18: 5"]),
 }
 
 
@@ -63,6 +64,8 @@ CONFIGS = {
     "unknown key in config": ("backbone: resnet18\nimage_size: 32\ncolour: red\n", ["colour", "valid keys"]),
     "unknown backbone in config": ("backbone: resnet9000\nimage_size: 32\npretrained: false\n", ["resnet9000", "resnet18"]),
     "bad value in config": ("backbone: resnet18\nimage_size: 32\nlr: -1\n", ["lr", "-1"]),
+    "freeze depth the backbone lacks": ("backbone: resnet18\nfreeze_depth: 99\npretrained: false\n",
+                                        ["freeze_depth", "99", "resnet18", "5"]),
 }
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reliability._util import cli, clear_error, record_bad_input, stderr_lines
+from reliability._util import cli, clear_error, expect_bad_inputs, record_bad_input, stderr_lines
 from tests.conftest import make_image_folder
 
 SKIPPED = {  # file name -> a word its reason must hold
@@ -114,8 +114,11 @@ def test_check_skips_bad_files_by_name_and_accepts_odd_good_ones(planted: Path) 
     import subprocess
     import sys
 
-    from reliability._util import env
+    from reliability._util import env, expect_bad_inputs
+    from search.data import scan_dataset
 
+    hidden = [h.split("/")[-1] for h in HIDDEN]
+    expect_bad_inputs(*(f"data: {name}" for name in [*SKIPPED, *ACCEPTED, *hidden]))
     proc = subprocess.run([sys.executable, "-c", code, "check", "data", "--json"], cwd=planted, env=env(planted),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -125,14 +128,16 @@ def test_check_skips_bad_files_by_name_and_accepts_odd_good_ones(planted: Path) 
     warnings = [line for line in stderr_lines(proc.stderr) if line.startswith("warning:")]
     for name, word in SKIPPED.items():
         named = any(name in w for w in warnings)
-        record_bad_input(f"data: {name}", name in reasons and word in reasons[name] and named)
-        assert name in reasons and word in reasons[name], (name, reasons)
-        assert named, (name, warnings)
+        record_bad_input(f"data: {name}", name in reasons and word in reasons[name] and named, (reasons, warnings))
     assert set(reasons) == set(SKIPPED), reasons  # hidden files are not even mentioned
     assert summary["classes"] == ["a", "b"]  # hidden folders are not classes
     assert summary["counts"]["a"]["train"] == 4 + len(ACCEPTED), summary["counts"]
-    for name in ACCEPTED + [h.split("/")[-1] for h in HIDDEN]:
-        record_bad_input(f"data: {name}", True)  # accepted or ignored, checked by the count above
+    used = {Path(p).name for p, _ in scan_dataset(planted / "data", warn=lambda m: None).train}
+    for name in ACCEPTED:  # odd but good images are trained on
+        record_bad_input(f"data: {name}", name in used and name not in reasons, sorted(used))
+    for name in hidden:  # hidden files are neither used nor mentioned
+        record_bad_input(f"data: {name}", name not in used and name not in reasons
+                         and not any(name in w for w in warnings), warnings)
     # Bounded memory: the bomb was refused from its header (decoding it would take 4.8 GB).
     rss = int(proc.stderr.split("MAXRSS_KB")[1].split()[0])
     assert rss < 1_500_000, f"peak RSS {rss / 1e6:.2f} GB"
@@ -221,13 +226,14 @@ def test_file_broken_after_the_scan_is_skipped_in_training_and_counted(tmp_path:
     victim.write_bytes(b"")  # goes bad after the scan
     cfg = TrialConfig(backbone="resnet18", pretrained=False, augmentation="none", image_size=32, epochs=2,
                       batch_size=4)
+    expect_bad_inputs(*(f"data: broken after scan (cache={cache})" for cache in (False, True)))
     for cache in (False, True):
         result = fine_tune(cfg, index, cache=cache, cache_dir=str(tmp_path / f"c{cache}"))
         assert len(result.history) == 2
         err = capfd.readouterr().err
         named = [line for line in err.splitlines() if str(victim) in line]
-        record_bad_input(f"data: broken after scan (cache={cache})", len(named) == 1)
-        assert len(named) == 1, err[-2000:]  # named once, though read every epoch
+        # Named once, though read every epoch.
+        record_bad_input(f"data: broken after scan (cache={cache})", len(named) == 1, err[-2000:])
 
 
 def test_exif_orientation_same_in_train_eval_and_predict(tmp_path: Path, trained_model: Path, monkeypatch) -> None:
@@ -235,6 +241,7 @@ def test_exif_orientation_same_in_train_eval_and_predict(tmp_path: Path, trained
     from search.data import ImageDataset, stored_size
     from search.export import predict
 
+    expect_bad_inputs("data: EXIF-rotated JPEG")
     p = exif_rotated(tmp_path / "exif6.jpg")
 
     def upright(hwc: np.ndarray) -> bool:
@@ -246,7 +253,7 @@ def test_exif_orientation_same_in_train_eval_and_predict(tmp_path: Path, trained
     for cache in (True, False):  # train and eval share ImageDataset: cached array, or decoded on access
         ds = ImageDataset([(str(p), 0)], size=size, cache=cache, cache_dir=tmp_path / "c")
         x, _ = ds[0]
-        assert upright(x.permute(1, 2, 0).numpy()), f"cache={cache}"
+        record_bad_input("data: EXIF-rotated JPEG", upright(x.permute(1, 2, 0).numpy()), f"cache={cache}")
     seen: list[np.ndarray] = []
     real = data.decode_resized
 
@@ -257,5 +264,4 @@ def test_exif_orientation_same_in_train_eval_and_predict(tmp_path: Path, trained
 
     monkeypatch.setattr(data, "decode_resized", spy)
     [row] = predict(trained_model, [p])
-    assert "top" in row and len(seen) == 1 and upright(seen[0])
-    record_bad_input("data: EXIF-rotated JPEG", True)
+    record_bad_input("data: EXIF-rotated JPEG", "top" in row and len(seen) == 1 and upright(seen[0]), row)

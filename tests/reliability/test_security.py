@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reliability._util import FIGURES, ROOT, cli, clear_error, record_bad_input
+from reliability._util import FIGURES, ROOT, cli, clear_error, expect_bad_inputs, record_bad_input
 from tests.conftest import make_image_folder
 
 
@@ -66,14 +66,14 @@ def test_truncated_checkpoint_is_a_clear_error(trained_model: Path, tmp_path: Pa
     from search.config import TLSearchError
     from search.trial import load_checkpoint
 
+    expect_bad_inputs("checkpoint: truncated")
     ckpt = tmp_path / "trial-3.pt"
     data = (trained_model / "model.pt").read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])  # a crash mid-write, as a non-atomic save would leave
     with pytest.raises(TLSearchError) as e:
         load_checkpoint(ckpt)
     msg = str(e.value)
-    record_bad_input("checkpoint: truncated", "\n" not in msg and str(ckpt) in msg)
-    assert "\n" not in msg and str(ckpt) in msg
+    record_bad_input("checkpoint: truncated", "\n" not in msg and str(ckpt) in msg, msg)
 
 
 @pytest.mark.parametrize("case", ["truncated", "empty", "wrong shapes", "missing"])
