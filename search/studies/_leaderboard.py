@@ -174,40 +174,43 @@ def _sort_key(t: "optuna.trial.FrozenTrial", score: float, maximize: bool) -> tu
 def _leaderboard_row(t: "optuna.trial.FrozenTrial", metric: str, score: float, maximize: bool) -> dict:
     import math
 
-    attrs = t.user_attrs
-    config = attrs.get("config") if isinstance(attrs.get("config"), dict) else {}
-    curve = [c for c in attrs.get("curve") or [] if isinstance(c, dict)]
+    rec = TrialRecord.from_trial(t)
+    config = rec.config or {}
     # The epoch the score comes from: the last one for COMPLETE, the best one for a stopped trial.
-    epoch = max(t.intermediate_values) if t.intermediate_values else None
-    if t.state.name != "COMPLETE" and math.isfinite(score):
-        epoch = next((s for s, v in sorted(t.intermediate_values.items()) if v == score), epoch)
-    at_epoch = next((c for c in curve if c.get("epoch") == epoch), curve[-1] if curve else {})
+    epoch = max(rec.intermediate_values) if rec.intermediate_values else None
+    if rec.state != "COMPLETE" and math.isfinite(score):
+        epoch = next((s for s, v in sorted(rec.intermediate_values.items()) if v == score), epoch)
+    at_epoch = next((c for c in rec.curve if c.get("epoch") == epoch), rec.curve[-1] if rec.curve else {})
 
-    row: dict = {"rank": None, "trial": t.number, "state": t.state.name}
+    row: dict = {"rank": None, "trial": rec.number, "state": rec.state}
     for p in _PARAM_COLUMNS:
-        row[p] = t.params.get(p, config.get(p))
-    row.update({k: v for k, v in t.params.items() if k not in _PARAM_COLUMNS})
-    epochs_run = attrs.get("epochs_run")
-    row["epochs_run"] = epochs_run if epochs_run is not None else len(t.intermediate_values) or None
-    final = t.state.name == "COMPLETE"
+        row[p] = rec.params.get(p, config.get(p))
+    row.update({k: v for k, v in rec.params.items() if k not in _PARAM_COLUMNS})
+    row["epochs_run"] = rec.epochs_run if rec.epochs_run is not None else len(rec.intermediate_values) or None
+    final = rec.state == "COMPLETE"
     for m in dict.fromkeys((*_METRIC_COLUMNS, metric)):
+        recorded = getattr(rec, m, None) if m in _RECORD_METRICS else None
         if m == metric:
             row[m] = score
-        elif final and attrs.get(m) is not None:
-            row[m] = attrs.get(m)
+        elif final and recorded is not None:
+            row[m] = recorded
         else:
-            row[m] = at_epoch.get(m, attrs.get(m))
-    row["params"] = attrs.get("params_total")
-    row["latency_ms"] = attrs.get("latency_ms")
-    seconds = attrs.get("train_seconds")
+            row[m] = at_epoch.get(m, recorded)
+    row["params"] = rec.params_total
+    row["latency_ms"] = rec.latency_ms
+    seconds = rec.train_seconds
     if seconds is None and t.datetime_start and t.datetime_complete:
         seconds = (t.datetime_complete - t.datetime_start).total_seconds()
     row["seconds"] = seconds
-    error = attrs.get("error")
-    if t.state.name == "FAIL" and not error:
+    error = rec.error
+    if rec.state == "FAIL" and not error:
         error = "failed (no reason recorded)"
     row["error"] = str(error) if error else ""
     return row
+
+
+# Metrics a record holds for its last epoch (the rest come from its curve).
+_RECORD_METRICS = ("val_loss", "val_balanced_acc", "best_val_acc")
 
 
 def list_studies(*, studies_dir: str | Path = "studies", storage: str | None = None) -> list[dict]:
