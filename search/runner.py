@@ -850,7 +850,10 @@ def _base_tally(study: optuna.Study, mode: str) -> dict:
 
 
 def _ensure_ray(settings: SearchSettings) -> None:
-    """Starts Ray once per process (or joins --address); reuses a running session."""
+    """Starts Ray once per process (or joins --address); reuses a running session.
+
+    Without --address the Ray is this search's own and listens on loopback only.
+    """
     if ray.is_initialized():
         return
     # Workers must import `search` even when it is not installed (a checkout on PYTHONPATH).
@@ -861,8 +864,44 @@ def _ensure_ray(settings: SearchSettings) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if settings.address:
         ray.init(address=settings.address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        return
+    # address="local": a Ray of this search's own, never the cluster RAY_ADDRESS names or the one
+    # a `ray start` left in /tmp/ray/ray_current_cluster (perhaps killed since).
+    with _single_machine_ray():
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip not in LOOPBACK:
+        print(f"warning: Ray's servers listen on every interface (node IP {node_ip}), not on loopback only",
+              file=sys.stderr)
+
+
+# Ray's servers (GCS, raylet, object manager, agents, each worker's gRPC server) bind loopback only
+# when the node's IP is loopback; any other node IP (even 127.0.0.2) means every interface. On Linux,
+# ray.init rewrites a loopback `_node_ip_address` to the routable one (so does `ray start
+# --node-ip-address 127.0.0.1`), and Ray 2.60 has no bind option. Only Ray's single-machine mode (its
+# default on macOS and Windows) keeps a loopback node IP: env RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+# read once, when `ray` is imported (here with this module, before the search knows it is local),
+# into ray._private.ray_constants.ENABLE_RAY_CLUSTER. So that value is set around the driver's
+# ray.init, the only reader that matters: Ray's processes get the node IP on their command line.
+# Token authentication is not touched.
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+@contextlib.contextmanager
+def _single_machine_ray() -> Iterator[None]:
+    """Ray's single-machine mode for the ray.init inside (set back after: --address runs later in
+    this process resolve addresses as usual)."""
+    from ray._private import ray_constants
+
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # another Ray: _ensure_ray warns if it binds wide
+        yield
+        return
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def check_nodes_see_data(index: Any, *, experiment_dir: Path | None = None,
