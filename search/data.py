@@ -267,7 +267,9 @@ class SplitSpec:
             The validated spec.
         """
         if not isinstance(d, dict):
-            raise DatasetError(f"{source}: expected a mapping such as {{layout: random, val_fraction: 0.2, seed: 0}}, got {d!r}")
+            raise DatasetError(
+                f"{source}: expected a mapping such as {{layout: random, val_fraction: 0.2, seed: 0}}, got {d!r}"
+            )
         known = ("layout", "train", "val", "val_fraction", "seed", "test")
         unknown = sorted(str(k) for k in d if k not in known)
         if unknown:
@@ -554,7 +556,8 @@ def scan_dataset(
                     raise DatasetError(f"class {c!r} has no usable image in {split_name}/")
 
     label = {c: i for i, c in enumerate(classes)}
-    everything = [(p, label[c]) for files in (train_files, val_files, test_files or {}) for c, fs in files.items() for p in fs]
+    groups = [train_files, val_files, test_files or {}]
+    everything = [(p, label[c]) for files in groups for c, fs in files.items() for p in fs]
     content = _content_fingerprint(root_abs, everything, walk.stats, digests)
     return _make_index(root_abs, classes, train_files, val_files, test_files or {}, spec, tuple(walk.skipped), content)
 

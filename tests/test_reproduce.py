@@ -207,7 +207,8 @@ def test_config_without_a_split(tmp_path: Path, flat_data: Path) -> None:
     index = training_index(flat_data, load_yaml(hand), warn=w)
     assert w == [] and index.split_spec.seed == 0 and index.split_spec.val_fraction == 0.2
     # An export from before splits were recorded: the same split, and one line saying DATA is unchecked.
-    old = dump_yaml({**CONFIG.to_dict(), "study": "old", "dataset_fingerprint": "0123456789abcdef"}, tmp_path / "old.yaml")
+    record = {**CONFIG.to_dict(), "study": "old", "dataset_fingerprint": "0123456789abcdef"}
+    old = dump_yaml(record, tmp_path / "old.yaml")
     index = training_index(flat_data, load_yaml(old), warn=w)
     assert len(w) == 1 and "records no split" in w[0] and index.split_spec.seed == 0
 
