@@ -101,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights-dir", default=None)
     c.add_argument("--no-cache", action="store_true")
     c.add_argument("--full", action="store_true", help="train on train+val (the final fit)")
-    c.add_argument("--val-fraction", type=float, default=0.2)
+    c.add_argument("--val-fraction", type=float, default=None,
+                   help="validation share of a random split (default: the study's, recorded in CONFIG; else 0.2)")
+    c.add_argument("--seed", type=int, default=None,
+                   help="seed of a random split, not the training seed (default: the study's; else 0)")
+    c.add_argument("--allow-changed-data", action="store_true",
+                   help="train even when DATA is not the dataset the study searched")
     c.add_argument("--threads", type=int, default=None, help="CPU threads (default: the trial's own, if recorded)")
     c.add_argument("--json", action="store_true")
 
@@ -161,7 +166,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     out = a.out or str(Path("models", Path(a.config).stem))
     summary = train(
         a.config, a.data, out=out, weights_dir=a.weights_dir, cache=not a.no_cache, full=a.full,
-        val_fraction=a.val_fraction, progress=True, threads=a.threads,
+        val_fraction=a.val_fraction, seed=a.seed, allow_changed_data=a.allow_changed_data, progress=True,
+        threads=a.threads,
     )
     if a.json:
         _print_json(summary)

@@ -29,8 +29,8 @@ FreezeDepth = Union[int, str]  # an int >= 0, or "all" for the backbone's number
 OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
 AUGMENTATIONS = ("none", "flip", "trivialaugment", "randaugment", "autoaugment", "augmix")
 
-# Keys `tlsearch export` adds "for the record". `tlsearch train` accepts and ignores them, so an
-# exported file trains unchanged.
+# Keys `tlsearch export` adds "for the record". A TrialConfig ignores them, so an exported file
+# trains unchanged; `tlsearch train` reads `threads` and `split` (the study's split) itself.
 RECORD_KEYS = frozenset(
     {
         "study",
@@ -46,6 +46,7 @@ RECORD_KEYS = frozenset(
         "metric",
         "device",
         "weights_id",
+        "split",
     }
 )
 

@@ -1,8 +1,10 @@
 """Datasets: scan an ImageFolder once, validate and split it, decode images, cache them.
 
 `scan_dataset` walks DATA a single time and returns a `DatasetIndex`: the classes, the train and
-val samples, how they were split, the files it skipped (and why) and a fingerprint that changes
-whenever a file or the split changes. `ImageDataset` serves the samples as uint8 CHW tensors of
+val samples (and the test samples kept for the final evaluation), how they were split (as text and
+as a `SplitSpec` that `tlsearch train` reuses), the files it skipped (and why) and a fingerprint
+that changes whenever a file's content or the split changes, and only then (a copy of the dataset
+elsewhere, with new modification times, keeps it). `ImageDataset` serves the samples as uint8 CHW tensors of
 side `stored_size(image_size)`, from a memory-mapped array of decoded images that every trial on
 the machine shares (built once per dataset fingerprint and size), or decoded on access when the
 array would not fit the cache budget.
@@ -18,6 +20,7 @@ whose header claims more than `MAX_IMAGE_PIXELS` pixels, raises `BadImageError`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,7 +43,13 @@ from search.config import TLSearchError, default_cache_dir
 # File name endings accepted as images (compared in lower case).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 # Validation folder names, in order of preference, when DATA holds train/ beside one of them.
-VAL_SPLIT_NAMES = ("val", "valid", "test")
+VAL_SPLIT_NAMES = ("val", "valid")
+# The folder beside train/ kept for the final evaluation: never trained on, never used to choose.
+TEST_SPLIT_NAME = "test"
+# Split layouts a `SplitSpec` may record.
+SPLIT_LAYOUTS = ("folders", "random")
+# Bump when the per-file hash cache's layout changes, so old files are not read.
+HASH_CACHE_FORMAT = 1
 # Folder names that are never classes nor walked into (besides anything starting with '.').
 IGNORED_NAMES = frozenset({"__MACOSX", "__pycache__", "Thumbs.db", "desktop.ini"})
 # Decompression-bomb guard: images whose header claims more pixels are skipped before decoding,
@@ -214,8 +223,81 @@ def decode_resized(path: str | os.PathLike[str], size: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class SplitSpec:
+    """How a scan chose its validation images, as data: exported with every config, reused by `train`.
+
+    `folders`: validation is the folder `val` beside train/. `random`: a seeded, stratified draw of
+    `val_fraction` of each class, from train/ when DATA has one (`train: train`), else from the
+    class folders. A `test` folder is recorded, and kept for the final evaluation, in both.
+    """
+
+    layout: str  # "folders" | "random"
+    train: str | None = None  # the training folder's name ("train"); None: DATA/<class>/ directly
+    val: str | None = None  # folders: the validation folder's name ("val" or "valid")
+    val_fraction: float | None = None  # random: each class's share drawn for validation
+    seed: int | None = None  # random: the draw's seed (the search's --seed, not a trial's training seed)
+    test: str | None = None  # the folder kept for the final evaluation ("test"), when DATA has one
+
+    def __post_init__(self) -> None:
+        if self.layout not in SPLIT_LAYOUTS:
+            raise DatasetError(f"split layout must be one of {', '.join(SPLIT_LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "folders" and not self.val:
+            raise DatasetError("a 'folders' split needs the name of its val folder (val: val)")
+        if self.layout == "random":
+            fraction = self.val_fraction
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+                raise DatasetError(f"val_fraction must be between 0 and 1 (exclusive), got {fraction!r}")
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+                raise DatasetError(f"a 'random' split needs an integer seed, got {self.seed!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that are set, as a plain dict (what export and model.json record)."""
+        return {f: getattr(self, f) for f in ("layout", "train", "val", "val_fraction", "seed", "test")
+                if getattr(self, f) is not None}
+
+    @classmethod
+    def from_dict(cls, d: Any, *, source: str = "split") -> "SplitSpec":
+        """Reads a split record written by `to_dict`.
+
+        Args:
+            d: the mapping, e.g. the `split` of an exported config.
+            source: what to call it in error messages.
+
+        Returns:
+            The validated spec.
+        """
+        if not isinstance(d, dict):
+            raise DatasetError(
+                f"{source}: expected a mapping such as {{layout: random, val_fraction: 0.2, seed: 0}}, got {d!r}"
+            )
+        known = ("layout", "train", "val", "val_fraction", "seed", "test")
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise DatasetError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
+        try:
+            return cls(**d)
+        except DatasetError as e:
+            raise DatasetError(f"{source}: {e}") from None
+
+    def scan_args(self) -> dict[str, Any]:
+        """The `scan_dataset` keywords that make this split again ({} for folders: they decide)."""
+        if self.layout == "random":
+            return {"val_fraction": float(self.val_fraction), "seed": int(self.seed)}  # type: ignore[arg-type]
+        return {}
+
+    def describe(self) -> str:
+        """One line for people, e.g. "random from train/: fraction=0.2 seed=0 (test/ held out)"."""
+        if self.layout == "folders":
+            text = f"folders: {self.train or 'train'}/{self.val}"
+        else:
+            where = f" from {self.train}/" if self.train else ""
+            text = f"random{where}: fraction={self.val_fraction:g} seed={self.seed}"
+        return text + (f" ({self.test}/ held out for the final evaluation)" if self.test else "")
+
+
+@dataclass(frozen=True)
 class DatasetIndex:
-    """What `scan_dataset` found: classes, the two splits, skipped files, a fingerprint."""
+    """What `scan_dataset` found: classes, the splits, skipped files, fingerprints."""
 
     root: str  # the dataset folder, absolute
     classes: tuple[str, ...]  # class names, sorted; a sample's label indexes this
@@ -223,30 +305,41 @@ class DatasetIndex:
     val: tuple[Sample, ...]  # (absolute path, label), sorted by path
     split: str  # how train/val were made, e.g. "folders: train/val", "random: fraction=0.2 seed=0"
     skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of files left out
-    fingerprint: str = ""  # sha256[:16] over files, sizes, mtimes and the split
+    fingerprint: str = ""  # sha256[:16] over files (relative path, size, content), the split and val list
+    test: tuple[Sample, ...] = ()  # (absolute path, label) of test/, for the final evaluation only
+    split_spec: SplitSpec | None = None  # the split as data (what export records and train reuses)
+    content_fingerprint: str = ""  # sha256[:16] over the files alone, whatever the split
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Returns {class: {"train": n, "val": n}}."""
-        out = {c: {"train": 0, "val": 0} for c in self.classes}
-        for split, samples in (("train", self.train), ("val", self.val)):
+        """Returns {class: {"train": n, "val": n}}, and "test": n when DATA has a test/ folder."""
+        splits = self._splits()
+        out = {c: {name: 0 for name, _ in splits} for c in self.classes}
+        for split, samples in splits:
             for _, label in samples:
                 out[self.classes[label]][split] += 1
         return out
+
+    def _splits(self) -> list[tuple[str, tuple[Sample, ...]]]:
+        splits = [("train", self.train), ("val", self.val)]
+        if self.test or (self.split_spec is not None and self.split_spec.test):
+            splits.append(("test", self.test))
+        return splits
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready description (what `tlsearch check --json` prints).
 
         Returns:
-            A dict with root, split, fingerprint, classes, counts per class and split, totals
-            and the skipped files with their reasons.
+            A dict with root, split (text and split_spec), fingerprint, classes, counts per class
+            and split, totals and the skipped files with their reasons.
         """
         return {
             "root": self.root,
             "split": self.split,
+            "split_spec": self.split_spec.to_dict() if self.split_spec is not None else None,
             "fingerprint": self.fingerprint,
             "classes": list(self.classes),
             "counts": self.counts(),
-            "totals": {"train": len(self.train), "val": len(self.val)},
+            "totals": {name: len(samples) for name, samples in self._splits()},
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
         }
 
@@ -261,18 +354,20 @@ def format_summary(index: DatasetIndex) -> str:
         Multi-line text without a trailing newline.
     """
     counts = index.counts()
+    splits = index._splits()
     width = max([len("class"), len("total"), *(len(c) for c in index.classes)])
+    images = " / ".join(f"{len(samples)} {name}" for name, samples in splits)
     lines = [
         f"dataset: {index.root}",
         f"split: {index.split}",
         f"fingerprint: {index.fingerprint}",
-        f"{len(index.classes)} classes, {len(index.train)} train / {len(index.val)} val images",
+        f"{len(index.classes)} classes, {images} images",
         "",
-        f"{'class':<{width}}  {'train':>7}  {'val':>7}",
+        f"{'class':<{width}}" + "".join(f"  {name:>7}" for name, _ in splits),
     ]
     for c in index.classes:
-        lines.append(f"{c:<{width}}  {counts[c]['train']:>7}  {counts[c]['val']:>7}")
-    lines.append(f"{'total':<{width}}  {len(index.train):>7}  {len(index.val):>7}")
+        lines.append(f"{c:<{width}}" + "".join(f"  {counts[c][name]:>7}" for name, _ in splits))
+    lines.append(f"{'total':<{width}}" + "".join(f"  {len(samples):>7}" for _, samples in splits))
     if index.skipped:
         lines += ["", f"skipped {len(index.skipped)} file(s):"]
         for p, reason in index.skipped:
@@ -297,7 +392,7 @@ class _Walk:
 
     warn: WarnFn
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    stats: dict[str, tuple[int, int]] = field(default_factory=dict)  # path -> (size, mtime_ns)
+    stats: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # path -> (size, mtime_ns, ctime_ns)
 
     def skip(self, path: str, reason: str) -> None:
         self.skipped.append((path, reason))
@@ -353,7 +448,7 @@ def _image_files(folder: str, walk: _Walk) -> list[str]:
                 visit(e.path)
             elif stat.S_ISREG(st.st_mode) and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
                 path = os.path.abspath(e.path)
-                walk.stats[path] = (st.st_size, st.st_mtime_ns)
+                walk.stats[path] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
                 found.append(path)
 
     visit(folder)
@@ -373,14 +468,20 @@ def scan_dataset(
     seed: int = 0,
     verify: bool = True,
     warn: WarnFn | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> DatasetIndex:
     """Scans an ImageFolder once: finds classes and images, checks them, splits train/val.
 
-    Layouts: DATA/train/<class>/... beside DATA/val (or valid, or test); DATA/train alone (val is
-    split off it at random); or DATA/<class>/... (split at random). A random split is stratified
-    (every class keeps >= 1 image on each side), deterministic for a seed, and recorded in
-    `DatasetIndex.split`. Hidden files and folders are ignored; image names are matched by
-    extension in any case; broken links and symlink loops are skipped with a warning.
+    Layouts: DATA/train/<class>/... beside DATA/val (or valid); DATA/train alone (val is split off
+    it at random); or DATA/<class>/... (split at random). A test/ folder beside train/ is never
+    validation: it is kept in `DatasetIndex.test` for the final evaluation. A random split is
+    stratified (every class keeps >= 1 image on each side), deterministic for a seed, and recorded
+    in `DatasetIndex.split` and `split_spec`. Hidden files and folders are ignored; image names are
+    matched by extension in any case; broken links and symlink loops are skipped with a warning.
+
+    The fingerprint hashes every file's content (sha256), not its modification time, so a copy of
+    the dataset elsewhere is the same dataset. Digests are kept in a small per-dataset cache under
+    `<cache_dir>/hashes/`, keyed by relative path, size and times, so a re-scan reads no file twice.
 
     Args:
         root: the dataset folder.
@@ -388,6 +489,7 @@ def scan_dataset(
         seed: seed of the random split.
         verify: fully decode every image and skip those that fail (with a warning).
         warn: called with one line per skipped file; default prints "warning: ..." to stderr.
+        cache_dir: where the digest cache lives; None: `default_cache_dir()`.
 
     Returns:
         The index of the dataset.
@@ -402,9 +504,11 @@ def scan_dataset(
     walk = _Walk(warn=warn)
     top = _subdirs(root_abs, walk)
     val_name = next((n for n in VAL_SPLIT_NAMES if n in top), None)
+    test_files: dict[str, list[str]] | None = None
 
     if "train" in top:
-        others = [n for n in top if n not in ("train", val_name)]
+        test_name = TEST_SPLIT_NAME if TEST_SPLIT_NAME in top else None
+        others = [n for n in top if n not in ("train", val_name, test_name)]
         if others:
             warn(f"ignoring folder(s) beside train/: {', '.join(others)}")
         train_dir = os.path.join(root_abs, "train")
@@ -412,12 +516,14 @@ def scan_dataset(
         if val_name is not None:
             val_files = _class_files(os.path.join(root_abs, val_name), walk)
             _check_same_classes(train_files, val_files, val_name)
-            classes = _check_classes(sorted(train_files), train_dir)
-            split = f"folders: train/{val_name}"
+            spec = SplitSpec("folders", train="train", val=val_name, test=test_name)
         else:
-            classes = _check_classes(sorted(train_files), train_dir)
             val_files = None
-            split = f"random from train/: fraction={val_fraction:g} seed={seed}"
+            spec = SplitSpec("random", train="train", val_fraction=val_fraction, seed=seed, test=test_name)
+        classes = _check_classes(sorted(train_files), train_dir)
+        if test_name is not None:
+            test_files = _class_files(os.path.join(root_abs, test_name), walk)
+            _check_same_classes(train_files, test_files, test_name)
     else:
         train_files = _class_files(root_abs, walk)
         if not train_files:
@@ -429,19 +535,17 @@ def scan_dataset(
             )
         classes = _check_classes(sorted(train_files), root_abs)
         val_files = None
-        split = f"random: fraction={val_fraction:g} seed={seed}"
+        spec = SplitSpec("random", val_fraction=val_fraction, seed=seed)
 
-    if verify:
-        all_files = [p for files in train_files.values() for p in files]
-        if val_files is not None:
-            all_files += [p for files in val_files.values() for p in files]
-        bad = _verify(all_files)
-        for p in all_files:  # report in path order, whatever order the threads finished in
-            if p in bad:
-                walk.skip(p, bad[p])
-        train_files = {c: [p for p in fs if p not in bad] for c, fs in train_files.items()}
-        if val_files is not None:
-            val_files = {c: [p for p in fs if p not in bad] for c, fs in val_files.items()}
+    groups = [files for files in (train_files, val_files, test_files) if files is not None]
+    all_files = [p for files in groups for fs in files.values() for p in fs]
+    digests, bad = _inspect(all_files, walk.stats, root_abs, verify=verify, cache_dir=cache_dir)
+    for p in all_files:  # report in path order, whatever order the threads finished in
+        if p in bad:
+            walk.skip(p, bad[p])
+    train_files = _without(train_files, bad)
+    val_files = _without(val_files, bad) if val_files is not None else None
+    test_files = _without(test_files, bad) if test_files is not None else None
 
     if val_files is None:
         train_files, val_files = _random_split(train_files, val_fraction=val_fraction, seed=seed)
@@ -452,18 +556,78 @@ def scan_dataset(
                     raise DatasetError(f"class {c!r} has no usable image in {split_name}/")
 
     label = {c: i for i, c in enumerate(classes)}
-    train = tuple(sorted((p, label[c]) for c, fs in train_files.items() for p in fs))
-    val = tuple(sorted((p, label[c]) for c, fs in val_files.items() for p in fs))
-    fingerprint = _fingerprint(root_abs, train, val, split, walk.stats)
+    groups = [train_files, val_files, test_files or {}]
+    everything = [(p, label[c]) for files in groups for c, fs in files.items() for p in fs]
+    content = _content_fingerprint(root_abs, everything, walk.stats, digests)
+    return _make_index(root_abs, classes, train_files, val_files, test_files or {}, spec, tuple(walk.skipped), content)
+
+
+def resplit(index: DatasetIndex, *, val_fraction: float, seed: int) -> DatasetIndex:
+    """The same scan with another random train/val split; no file is read again.
+
+    Equal to `scan_dataset(index.root, val_fraction=val_fraction, seed=seed)` on unchanged files.
+
+    Args:
+        index: a scan whose split is random (`split_spec.layout == "random"`).
+        val_fraction: share of each class that goes to val.
+        seed: seed of the split.
+
+    Returns:
+        The re-split index (test/ and the skipped files unchanged).
+    """
+    spec = index.split_spec
+    if spec is None or spec.layout != "random":
+        raise DatasetError(
+            f"{index.root} is split by its folders ({index.split}); a val_fraction and seed apply only "
+            "to a random split"
+        )
+    new_spec = dataclasses.replace(spec, val_fraction=val_fraction, seed=seed)  # validates them
+    pool: dict[str, list[str]] = {c: [] for c in index.classes}
+    for path, label in index.train + index.val:
+        pool[index.classes[label]].append(path)
+    train_files, val_files = _random_split(pool, val_fraction=val_fraction, seed=seed)
+    test_files: dict[str, list[str]] = {}
+    for path, label in index.test:
+        test_files.setdefault(index.classes[label], []).append(path)
+    return _make_index(
+        index.root, list(index.classes), train_files, val_files, test_files, new_spec, index.skipped,
+        index.content_fingerprint,
+    )
+
+
+def _make_index(
+    root: str,
+    classes: list[str],
+    train_files: dict[str, list[str]],
+    val_files: dict[str, list[str]],
+    test_files: dict[str, list[str]],
+    spec: SplitSpec,
+    skipped: tuple[tuple[str, str], ...],
+    content: str,
+) -> DatasetIndex:
+    label = {c: i for i, c in enumerate(classes)}
+
+    def samples(files: dict[str, list[str]]) -> tuple[Sample, ...]:
+        return tuple(sorted((p, label[c]) for c, fs in files.items() for p in fs))
+
+    train, val, test = samples(train_files), samples(val_files), samples(test_files)
+    split = spec.describe()
     return DatasetIndex(
-        root=root_abs,
+        root=root,
         classes=tuple(classes),
         train=train,
         val=val,
         split=split,
-        skipped=tuple(walk.skipped),
-        fingerprint=fingerprint,
+        skipped=skipped,
+        fingerprint=_fingerprint(root, content, split, val),
+        test=test,
+        split_spec=spec,
+        content_fingerprint=content,
     )
+
+
+def _without(files: dict[str, list[str]], bad: dict[str, str]) -> dict[str, list[str]]:
+    return {c: [p for p in fs if p not in bad] for c, fs in files.items()}
 
 
 def _class_files(folder: str, walk: _Walk) -> dict[str, list[str]]:
@@ -514,30 +678,89 @@ KNOWN_PLACEHOLDERS: dict[int, dict[str, str]] = {
 }
 
 
-def _placeholder(path: str) -> str | None:
-    """What the file is when it is a known placeholder, else None (hashes only files of a known size)."""
-    known = KNOWN_PLACEHOLDERS.get(_file_size(path))
-    if not known:
-        return None
-    with open(path, "rb") as f:
-        return known.get(hashlib.sha256(f.read()).hexdigest())
+def _inspect(
+    paths: list[str],
+    stats: dict[str, tuple[int, int, int]],
+    root: str,
+    *,
+    verify: bool,
+    cache_dir: str | os.PathLike[str] | None,
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Hashes every file (sha256 of its bytes) and, with verify, decodes it (JPEGs in draft mode).
 
+    Returns:
+        ({path: hex digest}, {path: reason} for the files to skip: unreadable, undecodable, or a
+        known placeholder).
+    """
+    cache_file = _hash_cache_file(root, cache_dir)
+    cached = _load_hashes(cache_file)
 
-def _verify(paths: list[str]) -> dict[str, str]:
-    """Decodes every file (JPEGs in draft mode); returns {path: reason} for those that fail."""
-
-    def check(path: str) -> str | None:
+    def inspect(path: str) -> tuple[str | None, str | None]:
+        size, mtime_ns, ctime_ns = stats[path]
+        entry = cached.get(_rel_key(path, root))
+        # A file rewritten in place changes its ctime even when size and mtime are put back.
+        digest = entry[3] if isinstance(entry, list) and entry[:3] == [size, mtime_ns, ctime_ns] else None
+        if digest is None:
+            try:
+                digest = _sha256_file(path)
+            except OSError as e:
+                return None, f"cannot read: {e.strerror or e}"
+        if not verify:
+            return digest, None
         try:
             load_image(path, draft=1)  # draft 1: smallest JPEG scale, still reads every byte
         except BadImageError as e:
-            return str(e)
-        return _placeholder(path)
+            return digest, str(e)
+        return digest, KNOWN_PLACEHOLDERS.get(size, {}).get(digest)
 
     if not paths:
-        return {}
+        return {}, {}
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
-        reasons = list(pool.map(check, paths))
-    return {p: r for p, r in zip(paths, reasons) if r is not None}
+        results = list(pool.map(inspect, paths))
+    digests = {p: d for p, (d, _) in zip(paths, results) if d is not None}
+    bad = {p: r for p, (_, r) in zip(paths, results) if r is not None}
+    fresh = {_rel_key(p, root): [*stats[p], d] for p, d in digests.items()}
+    if fresh != cached:
+        _save_hashes(cache_file, root, fresh)
+    return digests, bad
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _rel_key(path: str, root: str) -> str:
+    # "/" on every OS, so a dataset copied between systems keeps its fingerprint.
+    return _relative(path, root).replace(os.sep, "/")
+
+
+def _hash_cache_file(root: str, cache_dir: str | os.PathLike[str] | None) -> Path:
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = hashlib.sha256(root.encode()).hexdigest()[:16]
+    return folder / "hashes" / f"{key}.v{HASH_CACHE_FORMAT}.json"
+
+
+def _load_hashes(path: Path) -> dict[str, list[Any]]:
+    """{relative path: [size, mtime_ns, ctime_ns, sha256]} from a digest cache; {} when unusable."""
+    try:
+        files = json.loads(path.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
+def _save_hashes(path: Path, root: str, files: dict[str, list[Any]]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps({"root": root, "files": files}), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs hashing again next time
 
 
 def _random_split(
@@ -563,19 +786,22 @@ def _random_split(
     return train, val
 
 
-def _fingerprint(
-    root: str,
-    train: tuple[Sample, ...],
-    val: tuple[Sample, ...],
-    split: str,
-    stats: dict[str, tuple[int, int]],
+def _content_fingerprint(
+    root: str, samples: list[Sample], stats: dict[str, tuple[int, int, int]], digests: dict[str, str]
 ) -> str:
+    """sha256[:16] over every file's label, relative path, size and content digest, in path order."""
     h = hashlib.sha256()
-    h.update(f"split={split}\n".encode())
-    for name, samples in (("train", train), ("val", val)):
-        for path, label in samples:
-            size, mtime = stats[path]
-            h.update(f"{name}\t{label}\t{_relative(path, root)}\t{size}\t{mtime}\n".encode())
+    for key, path, label in sorted((_rel_key(p, root), p, y) for p, y in samples):
+        h.update(f"{label}\t{key}\t{stats[path][0]}\t{digests[path]}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _fingerprint(root: str, content: str, split: str, val: tuple[Sample, ...]) -> str:
+    # The files, how they were split and which went to val: train and test follow from them.
+    h = hashlib.sha256()
+    h.update(f"content={content}\nsplit={split}\n".encode())
+    for key in sorted(_rel_key(p, root) for p, _ in val):
+        h.update(f"val\t{key}\n".encode())
     return h.hexdigest()[:16]
 
 

@@ -86,6 +86,10 @@ def trial_record(study: Any, trial: Any) -> dict[str, Any]:
             "versions": dict(rec.versions) if rec.versions else "unknown",
         }
     )
+    if attrs.get("split_spec"):
+        # The search's own split (its --seed and --val-fraction, or DATA's folders): `train`
+        # validates on exactly it, so its val_acc compares with the study's.
+        record["split"] = dict(attrs["split_spec"])
     assert set(record) - set(TrialConfig().to_dict()) <= RECORD_KEYS
     return record
 

@@ -717,6 +717,7 @@ def _open_study(
     study.set_user_attr("dataset_fingerprint", index.fingerprint)
     study.set_user_attr("class_names", list(index.classes))
     study.set_user_attr("split", index.split)
+    study.set_user_attr("split_spec", index.split_spec.to_dict())  # what export records and train reuses
     study.set_user_attr("settings", settings.to_dict())
     study.set_user_attr("space", space.to_dict())
     return study, created

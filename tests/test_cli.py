@@ -48,6 +48,19 @@ def test_check_json(tiny_dataset: Path) -> None:
     assert summary["classes"] == ["circle", "square", "triangle"]
 
 
+def test_check_shows_the_test_folder_apart_from_validation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=5, size=16, splits=("train", "test"))
+    assert main(["check", str(root), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["totals"] == {"train": 8, "val": 2, "test": 10}  # val drawn from train/, test/ whole
+    assert summary["split_spec"]["test"] == "test" and summary["split_spec"]["layout"] == "random"
+    assert main(["check", str(root)]) == 0
+    text = capsys.readouterr().out
+    assert "8 train / 2 val / 10 test images" in text and "held out" in text
+
+
 def test_hostile_study_name_is_refused_before_anything_is_written(tmp_path: Path, tiny_dataset: Path) -> None:
     r = run_cli("run", str(tiny_dataset), "--study", "../escape", cwd=tmp_path)
     assert r.returncode == 2 and "study name" in r.stderr

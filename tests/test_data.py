@@ -21,11 +21,13 @@ from search.data import (
     DatasetError,
     DatasetIndex,
     ImageDataset,
+    SplitSpec,
     dataset_splits,
     decode_resized,
     default_cache_dir,
     format_summary,
     load_image,
+    resplit,
     scan_dataset,
     stored_size,
 )
@@ -89,12 +91,81 @@ def test_folders_layout(tiny_dataset: Path) -> None:
         index.split = "x"  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("val_name", ["valid", "test"])
-def test_valid_and_test_accepted_as_val(tmp_path: Path, val_name: str) -> None:
-    root = make_image_folder(tmp_path / "d", splits=("train", val_name), per_class=2, size=16)
+def test_valid_accepted_as_val(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", splits=("train", "valid"), per_class=2, size=16)
     index = scan_dataset(root, warn=Warnings())
-    assert index.split == f"folders: train/{val_name}"
-    assert len(index.val) == 6
+    assert index.split == "folders: train/valid"
+    assert len(index.val) == 6 and index.test == ()
+    assert index.split_spec == SplitSpec("folders", train="train", val="valid")
+
+
+def test_train_and_test_without_val_splits_val_from_train(tmp_path: Path) -> None:
+    # test/ is for the final evaluation: validation is drawn from train/ and test/ stays whole.
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=5, size=16, splits=("train", "test"))
+    w = Warnings()
+    index = scan_dataset(root, val_fraction=0.4, seed=3, warn=w)
+    assert w == []
+    assert index.split_spec == SplitSpec("random", train="train", val_fraction=0.4, seed=3, test="test")
+    assert index.split.startswith("random from train/: fraction=0.4 seed=3") and "test/" in index.split
+    assert all(Path(p).parts[-3] == "train" for p, _ in index.train + index.val)
+    assert len(index.train) == 6 and len(index.val) == 4
+    test_files = sorted(str(p) for p in (root / "test").rglob("*.png"))
+    assert sorted(p for p, _ in index.test) == test_files
+    assert all(Path(p).parent.name == index.classes[y] for p, y in index.test)
+    assert index.counts()["a"] == {"train": 3, "val": 2, "test": 5}
+    s = index.summary()
+    assert s["totals"] == {"train": 6, "val": 4, "test": 10}
+    assert s["split_spec"] == {"layout": "random", "train": "train", "val_fraction": 0.4, "seed": 3, "test": "test"}
+    assert "test" in format_summary(index).splitlines()[5]  # the table's header has a test column
+    # test/ is part of the dataset: changing it changes the fingerprint.
+    _rgb(root / "test" / "a" / "new.png")
+    assert scan_dataset(root, val_fraction=0.4, seed=3, warn=w).fingerprint != index.fingerprint
+
+
+def test_train_val_test_records_test_for_the_final_evaluation(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=3, size=16, splits=("train", "val", "test"))
+    w = Warnings()
+    index = scan_dataset(root, warn=w)
+    assert w == []  # no "ignoring folder(s) beside train/: test"
+    assert index.split_spec == SplitSpec("folders", train="train", val="val", test="test")
+    assert {Path(p).parts[-3] for p, _ in index.val} == {"val"}
+    assert {Path(p).parts[-3] for p, _ in index.test} == {"test"} and len(index.test) == 6
+    assert not {p for p, _ in index.test} & {p for p, _ in index.train + index.val}
+    assert index.summary()["totals"] == {"train": 6, "val": 6, "test": 6}
+
+
+def test_test_folder_with_other_classes_is_refused(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=2, size=16, splits=("train", "val"))
+    make_image_folder(root, classes=("a", "z"), per_class=1, size=16, splits=("test",))
+    with pytest.raises(DatasetError, match="only in test/: z"):
+        scan_dataset(root, warn=Warnings())
+
+
+def test_split_spec_round_trip_and_errors() -> None:
+    spec = SplitSpec("random", val_fraction=0.3, seed=3)
+    assert spec.to_dict() == {"layout": "random", "val_fraction": 0.3, "seed": 3}
+    assert SplitSpec.from_dict(spec.to_dict()) == spec
+    assert spec.scan_args() == {"val_fraction": 0.3, "seed": 3}
+    assert SplitSpec("folders", train="train", val="val").scan_args() == {}
+    with pytest.raises(DatasetError, match="best.yaml: split: val_fraction must be between 0 and 1.*1.5"):
+        SplitSpec.from_dict({"layout": "random", "val_fraction": 1.5, "seed": 0}, source="best.yaml: split")
+    with pytest.raises(DatasetError, match="layout must be one of folders, random, got 'magic'"):
+        SplitSpec.from_dict({"layout": "magic"})
+    with pytest.raises(DatasetError, match="unknown key.*colour"):
+        SplitSpec.from_dict({"layout": "folders", "val": "val", "colour": 1})
+    with pytest.raises(DatasetError, match="expected a mapping"):
+        SplitSpec.from_dict("random")
+
+
+def test_resplit_equals_a_fresh_scan(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=6, size=16, splits=("train", "test"))
+    first = scan_dataset(root, warn=Warnings())
+    again = resplit(first, val_fraction=0.3, seed=3)
+    assert again == scan_dataset(root, val_fraction=0.3, seed=3, warn=Warnings())
+    assert again.fingerprint != first.fingerprint and again.content_fingerprint == first.content_fingerprint
+    folders = scan_dataset(make_image_folder(tmp_path / "f", per_class=2, size=16), warn=Warnings())
+    with pytest.raises(DatasetError, match="split by its folders"):
+        resplit(folders, val_fraction=0.3, seed=3)
 
 
 def test_errors_are_tlsearch_errors() -> None:
@@ -402,11 +473,59 @@ def test_fingerprint_changes_with_files(tmp_path: Path) -> None:
     changed = scan_dataset(root, warn=Warnings()).fingerprint
     assert changed != first
     st = p.stat()
-    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched only
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched only: the same content
     touched = scan_dataset(root, warn=Warnings()).fingerprint
-    assert touched != changed
+    assert touched == changed
+    # New bytes of the same size, the old modification time put back: still a change.
+    before = p.stat()
+    _rgb(p, colour=(3, 2, 1), size=(17, 17))
+    assert p.stat().st_size == before.st_size
+    os.utime(p, ns=(before.st_atime_ns, before.st_mtime_ns))
+    rewritten = scan_dataset(root, warn=Warnings()).fingerprint
+    assert rewritten != touched
     _rgb(root / "val" / "b" / "new.png")  # a file added
-    assert scan_dataset(root, warn=Warnings()).fingerprint != touched
+    assert scan_dataset(root, warn=Warnings()).fingerprint != rewritten
+
+
+@pytest.mark.parametrize("splits", [(), ("train", "val", "test")])
+def test_copy_elsewhere_with_new_mtimes_is_the_same_dataset(tmp_path: Path, splits: tuple[str, ...]) -> None:
+    import shutil
+
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=5, size=16, splits=splits)
+    copy = Path(shutil.copytree(root, tmp_path / "elsewhere" / "copy"))
+    for i, f in enumerate(sorted(copy.rglob("*.png"))):
+        os.utime(f, ns=(10**18 + i, 10**18 + i))  # another machine, other times
+    original = scan_dataset(root, val_fraction=0.3, seed=3, warn=Warnings())
+    copied = scan_dataset(copy, val_fraction=0.3, seed=3, warn=Warnings())
+    assert copied.root != original.root
+    assert copied.fingerprint == original.fingerprint
+    assert copied.content_fingerprint == original.content_fingerprint
+    rel = lambda index: [os.path.relpath(p, index.root) for p, _ in index.val]  # noqa: E731
+    assert rel(copied) == rel(original)
+
+
+def test_rescan_hashes_only_changed_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=3, size=16)
+    cache = tmp_path / "cache"
+    hashed: list[str] = []
+    real = data._sha256_file
+    monkeypatch.setattr(data, "_sha256_file", lambda p: hashed.append(p) or real(p))
+    first = scan_dataset(root, warn=Warnings(), cache_dir=cache)
+    assert len(hashed) == 12 and list((cache / "hashes").iterdir())
+    hashed.clear()
+    assert scan_dataset(root, warn=Warnings(), cache_dir=cache) == first
+    assert hashed == []
+    p = root / "val" / "b" / "b_0.png"
+    st = p.stat()
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert scan_dataset(root, warn=Warnings(), cache_dir=cache).fingerprint == first.fingerprint
+    assert hashed == [str(p)]
+    # An unreadable cache file is ignored, not an error.
+    for f in (cache / "hashes").iterdir():
+        f.write_text("{not json")
+    hashed.clear()
+    assert scan_dataset(root, warn=Warnings(), cache_dir=cache).fingerprint == first.fingerprint
+    assert len(hashed) == 12
 
 
 def test_summary_and_format(tiny_dataset: Path) -> None:
