@@ -30,6 +30,7 @@ from search.studies import (
     get_storage,
     leaderboard,
     list_studies,
+    pareto_flags,
     study_summary,
 )
 
