@@ -334,6 +334,36 @@ def test_page_is_self_contained_and_escaped(tmp_path: Path) -> None:
     assert HOSTILE not in labels and html_escape(HOSTILE) in labels  # plot labels escaped too
 
 
+def test_page_inlines_the_package_files_and_allows_only_its_scripts(study: optuna.Study, tmp_path: Path) -> None:
+    import base64
+    import hashlib
+    import html
+    from importlib.resources import files
+
+    page = report.write_report(study, out_dir=tmp_path / "r").read_text()
+    package = files("search.report")  # page.css and app.js ship inside the package, not as strings
+    css, app_js = (package.joinpath(n).read_text(encoding="utf-8") for n in ("page.css", "app.js"))
+    assert css.strip() and app_js.strip()
+    assert f"<style>{css}</style>" in page
+    scripts = re.findall(r"<script>(.*?)</script>", page, re.S)  # plotly.js, then the page's script
+    assert len(scripts) == 2 and scripts[1] == app_js
+    # The CSP lets exactly these two scripts run: its hashes are of the text as inlined.
+    csp = html.unescape(re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', page).group(1))
+    allowed = set(re.search(r"script-src ([^;]*);", csp).group(1).split())
+    digest = [base64.b64encode(hashlib.sha256(s.encode("utf-8")).digest()).decode() for s in scripts]
+    assert allowed == {f"'sha256-{d}'" for d in digest}
+
+
+def test_confusion_matrix_is_the_best_trials_last_epoch(study: optuna.Study) -> None:
+    data = report.collect(study)
+    best = next(t for t in study.get_trials() if t.number == 2)  # val_acc 0.90 at its last epoch
+    assert data.best_trial == 2 and data.confusion["trial"] == 2
+    assert data.confusion["matrix"] == best.user_attrs["confusion_matrix"]
+    assert data.confusion["class_names"] == ["circle", "square", "triangle"]
+    about = next(p.about for p in report.PLOTS if p.key == "confusion")
+    assert about.startswith("Best trial's last epoch on the validation set")
+
+
 def html_escape(s: str) -> str:
     import html
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import pandas
 
 # ---------------------------------------------------------------------------------------------
-# Listing studies and the leaderboard (compute first; report.py and the CLI only render these).
+# Listing studies and the leaderboard (compute first; search.report and the CLI only render these).
 # ---------------------------------------------------------------------------------------------
 
 # Trial states in leaderboard order: finished-and-scored first, then stopped early, then broken,
@@ -155,7 +155,7 @@ def leaderboard(study: "optuna.Study", *, trials: list | None = None) -> "pandas
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
     if metric not in _FLOAT_COLUMNS:
         df[metric] = pd.to_numeric(df[metric], errors="coerce").astype("float64")
-    # Renderers (format_leaderboard, report.py) read which column is the objective from here.
+    # Renderers (format_leaderboard, search.report) read which column is the objective from here.
     df.attrs["metric"] = metric
     df.attrs["maximize"] = maximize
     return df

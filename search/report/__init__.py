@@ -1,0 +1,49 @@
+"""The HTML report of a study: one self-contained page that works offline.
+
+Compute, then render, in three steps:
+
+1. data (`_data`): `collect(study)` turns the study into plain tables (`ReportData`: the
+   leaderboard from `studies.leaderboard`, one row per trial with its timing, the per-epoch curves,
+   parameter importances, the best trial's confusion matrix at its last epoch);
+2. figures (`_figures`, drawing with `_figures_search` and `_figures_trials`, sharing `_plotting`):
+   one function per plot (`history_figure`, `backbone_figure`, ...) builds a plotly Figure from
+   that plain data, or raises `NotEnoughData` with a short reason the page shows instead;
+3. page (`_page`, with the package files `page.html`, `page.css` and `app.js`): `render_page`
+   draws the header, the leaderboard table and the figures into one HTML file; `write_report`
+   runs the three steps and writes it.
+
+The page loads nothing from outside: plotly.js is inlined once, there are no fonts, no CDN and no
+fetch, and a Content-Security-Policy forbids any load (only the page's own two scripts, by hash,
+may run). Every user string (study name, class names, paths, param values, errors) is escaped with
+`html.escape`, inside plot labels too; JSON inside <script> has `<`, `>` and `&` escaped.
+
+This is the only package that imports plotly; the CLI imports it only when a report is written.
+"""
+
+from search.report._data import ReportData, collect, param_importances
+from search.report._figures import PLOTS, Plot, build_figures
+from search.report._figures_search import backbone_figure, history_figure, importance_figure, parallel_figure
+from search.report._figures_trials import confusion_figure, cost_figure, curves_figure, timeline_figure
+from search.report._page import render_page, write_report
+from search.report._plotting import STATE_COLOURS, NotEnoughData
+
+__all__ = [
+    "PLOTS",
+    "STATE_COLOURS",
+    "NotEnoughData",
+    "Plot",
+    "ReportData",
+    "backbone_figure",
+    "build_figures",
+    "collect",
+    "confusion_figure",
+    "cost_figure",
+    "curves_figure",
+    "history_figure",
+    "importance_figure",
+    "param_importances",
+    "parallel_figure",
+    "render_page",
+    "timeline_figure",
+    "write_report",
+]

@@ -1,0 +1,106 @@
+// The report page's own script, inlined into index.html by _page.py and allowed to run by its
+// hash in the page's Content-Security-Policy (computed from this text when the page is drawn).
+// It draws the figures from the JSON block, then makes the table sortable and filterable. State
+// lives in location.hash (#sort=COL&dir=asc|desc&filter=TEXT), so a view can be linked; tests use
+// it to drive the page. #tl-status records what rendered and any blocked load (CSP violation)
+// for those tests.
+(function () {
+  "use strict";
+  var status = document.getElementById("tl-status");
+  var violations = [], errors = [];
+  document.addEventListener("securitypolicyviolation", function (e) {
+    violations.push(e.violatedDirective + " " + e.blockedURI);
+    status.setAttribute("data-violations", violations.join(" | "));
+  });
+
+  // ---- leaderboard: sort and filter --------------------------------------------------------
+  var table = document.getElementById("leaderboard");
+  var tbody = table.tBodies[0];
+  var heads = Array.prototype.slice.call(table.tHead.rows[0].cells);
+  var filterBox = document.getElementById("filter");
+  var state = {sort: null, dir: "desc", filter: ""};
+
+  function readHash() {
+    var h = location.hash.replace(/^#/, "");
+    h.split("&").forEach(function (part) {
+      var kv = part.split("=");
+      if (kv.length !== 2) return;
+      var v = decodeURIComponent(kv[1].replace(/\+/g, " "));
+      if (kv[0] === "sort") state.sort = v;
+      if (kv[0] === "dir" && (v === "asc" || v === "desc")) state.dir = v;
+      if (kv[0] === "filter") state.filter = v;
+    });
+  }
+  function writeHash() {
+    var parts = [];
+    if (state.sort) parts.push("sort=" + encodeURIComponent(state.sort), "dir=" + state.dir);
+    if (state.filter) parts.push("filter=" + encodeURIComponent(state.filter));
+    try { history.replaceState(null, "", "#" + parts.join("&")); } catch (e) { /* file: quirks */ }
+  }
+  function compare(a, b, numeric) {
+    if (numeric) return parseFloat(a) - parseFloat(b);
+    return a.localeCompare(b, undefined, {numeric: true, sensitivity: "base"});
+  }
+  function sortRows() {
+    var i = heads.findIndex(function (th) { return th.getAttribute("data-col") === state.sort; });
+    heads.forEach(function (th) { th.removeAttribute("aria-sort"); });
+    if (i < 0) return;
+    heads[i].setAttribute("aria-sort", state.dir === "asc" ? "ascending" : "descending");
+    var sign = state.dir === "asc" ? 1 : -1;
+    var rows = Array.prototype.slice.call(tbody.rows);
+    rows.sort(function (ra, rb) {
+      var a = ra.cells[i], b = rb.cells[i];
+      var va = a.getAttribute("data-v"), vb = b.getAttribute("data-v");
+      // Missing values always go last, whichever the direction.
+      if (va === "" || vb === "") return (va === "") - (vb === "");
+      var numeric = a.getAttribute("data-t") === "n" && b.getAttribute("data-t") === "n";
+      return sign * compare(va, vb, numeric);
+    });
+    rows.forEach(function (r) { tbody.appendChild(r); });
+  }
+  function filterRows() {
+    var terms = state.filter.toLowerCase().split(/\s+/).filter(Boolean);
+    var shown = 0;
+    Array.prototype.forEach.call(tbody.rows, function (r) {
+      var text = r.textContent.toLowerCase();
+      var ok = terms.every(function (t) { return text.indexOf(t) >= 0; });
+      r.hidden = !ok;
+      if (ok) shown++;
+    });
+    document.getElementById("shown").textContent = shown + " of " + tbody.rows.length + " trials";
+  }
+  heads.forEach(function (th) {
+    function activate() {
+      var col = th.getAttribute("data-col");
+      if (state.sort === col) state.dir = state.dir === "asc" ? "desc" : "asc";
+      else { state.sort = col; state.dir = (col === "rank" || col === "trial") ? "asc" : "desc"; }
+      sortRows(); writeHash();
+    }
+    th.addEventListener("click", activate);
+    th.addEventListener("keydown", function (e) { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); activate(); } });
+  });
+  filterBox.addEventListener("input", function () { state.filter = filterBox.value; filterRows(); writeHash(); });
+  window.addEventListener("hashchange", function () { readHash(); filterBox.value = state.filter; sortRows(); filterRows(); });
+  readHash();
+  filterBox.value = state.filter;
+  sortRows();
+  filterRows();
+  window.tlsearch = {sortTable: function (col, dir) { state.sort = col; state.dir = dir || "desc"; sortRows(); writeHash(); }};
+
+  // ---- figures -----------------------------------------------------------------------------
+  var payload = JSON.parse(document.getElementById("tl-figures").textContent);
+  var ids = Object.keys(payload.figures);
+  var pending = ids.map(function (id) {
+    var spec = payload.figures[id];
+    try {
+      return Plotly.newPlot(id, spec.data, spec.layout, payload.config).catch(function (e) {
+        errors.push(id + ": " + e); });
+    } catch (e) { errors.push(id + ": " + e); return Promise.resolve(); }
+  });
+  Promise.all(pending).then(function () {
+    var drawn = ids.filter(function (id) { return document.querySelector("#" + id + " .main-svg"); });
+    status.setAttribute("data-rendered", String(drawn.length));
+    status.setAttribute("data-errors", errors.join(" | "));
+    status.setAttribute("data-done", "1");
+  });
+})();
