@@ -84,7 +84,7 @@ def space(plan: Plan) -> dict:
 
 def settings(work: Path, study: str, **changes: Any) -> Any:
     """SearchSettings for a benchmark search, its study and Ray folders under `work`."""
-    from search.config import SearchSettings
+    from search.settings import SearchSettings
 
     base = dict(study=study, data=str(DATA), weights_dir=str(WEIGHTS_DIR), studies_dir=str(work / "studies"),
                 reports_dir=str(work / "reports"), seed=0)

@@ -106,7 +106,7 @@ def one_trial(data: str, backbone: str, *, weights_dir: str | None, epochs: int,
 
 def packed_trials(data: str, backbone: str, *, weights_dir: str | None, trials: int, size: int, work: Path) -> dict:
     """The same trials with 1 GPU each vs a fraction of the GPU each: wall seconds."""
-    from search.config import SearchSettings
+    from search.settings import SearchSettings
     from search.runner import run_search
 
     space = {"backbone": backbone, "freeze_depth": [0, 2], "augmentation": ["flip"],

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from search.config import ConfigError, SearchSettings, TLSearchError, TrialConfig
+from search.config import ConfigError, TLSearchError, TrialConfig
+from search.settings import SearchSettings
 
 __version__ = "0.1.0"
 

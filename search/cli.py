@@ -63,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///studies/NAME.db)")
     c.add_argument("--no-pretrained", action="store_true", help="random initialisation for every trial")
     c.add_argument("--no-cache", action="store_true", help="no image or feature cache")
-    c.add_argument("--seed", type=int, default=0, help="sampler and data-split seed")
-    c.add_argument("--sampler", default="tpe", help="tpe | random | cmaes | qmc")
-    c.add_argument("--val-fraction", type=float, default=0.2, help="validation share when DATA has no val/")
+    c.add_argument("--seed", type=int, default=None, help="sampler and data-split seed (default 0)")
+    c.add_argument("--sampler", default=None, help="tpe (default) | random | cmaes | qmc")
+    c.add_argument("--val-fraction", type=float, default=None, help="validation share when DATA has no val/ (default 0.2)")
 
     c = sub.add_parser("resume", help="continue an interrupted search with its stored settings")
     c.add_argument("name", metavar="NAME")
@@ -195,47 +195,42 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from search.config import SearchSettings, parse_duration
     from search.outputs import after_search
     from search.runner import run_search
+    from search.settings import SearchSettings
     from search.space import load_space
 
-    space = load_space(a.space) if a.space else None
+    # Options the user gave; the rest keep SearchSettings' defaults (written there, once).
+    options = {**_search_options(a), "seed": a.seed, "sampler": a.sampler, "val_fraction": a.val_fraction}
     settings = SearchSettings(
         study=a.study,
         data=a.data,
         storage=a.storage,
-        space=space.to_dict() if space else {},
-        trials=a.trials if a.trials is not None else 20,
-        time_budget_s=parse_duration(a.time_budget) if a.time_budget else None,
-        max_epochs=a.max_epochs,
-        cpus_per_trial=a.cpus_per_trial if a.cpus_per_trial is not None else 1.0,
-        gpus_per_trial=a.gpus_per_trial if a.gpus_per_trial is not None else 0.0,
-        max_concurrent=a.max_concurrent,
-        address=a.address,
-        weights_dir=a.weights_dir,
+        space=load_space(a.space) if a.space else None,
         pretrained=not a.no_pretrained,
         cache=not a.no_cache,
-        seed=a.seed,
-        sampler=a.sampler,
-        val_fraction=a.val_fraction,
+        **{k: v for k, v in options.items() if v is not None},
     )
-    summary = run_search(settings, space=space, progress=not a.no_progress)
+    summary = run_search(settings, progress=not a.no_progress)
     return after_search(summary, settings.study, settings.storage)
 
 
-def cmd_resume(a: argparse.Namespace) -> int:
+def _search_options(a: argparse.Namespace) -> dict[str, Any]:
+    """The options `run` and `resume` share, as SearchSettings fields (None or absent: not given)."""
     from search.config import parse_duration
+
+    keys = ("trials", "max_epochs", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "address", "weights_dir")
+    out = {k: getattr(a, k) for k in keys if hasattr(a, k)}
+    if getattr(a, "time_budget", None) is not None:
+        out["time_budget_s"] = parse_duration(a.time_budget)
+    return out
+
+
+def cmd_resume(a: argparse.Namespace) -> int:
     from search.outputs import after_search
     from search.runner import resume_search
 
-    overrides: dict[str, Any] = {}
-    for key in ("trials", "max_epochs", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "address", "weights_dir"):
-        if hasattr(a, key):
-            overrides[key] = getattr(a, key)
-    if hasattr(a, "time_budget"):
-        overrides["time_budget_s"] = parse_duration(a.time_budget)
-    summary = resume_search(a.name, storage=a.storage, progress=not a.no_progress, **overrides)
+    summary = resume_search(a.name, storage=a.storage, progress=not a.no_progress, **_search_options(a))
     return after_search(summary, a.name, a.storage)
 
 

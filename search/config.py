@@ -1,6 +1,8 @@
-"""Typed settings: what one trial runs (`TrialConfig`) and how a search runs (`SearchSettings`).
+"""Typed config of one trial (`TrialConfig`), the errors a user can fix, and the file and path
+helpers every module shares (YAML, atomic writes, absolute paths, the cache folder).
 
-Both are frozen dataclasses that round-trip through a plain dict and YAML. Every user-facing
+`TrialConfig` is a frozen dataclass that round-trips through a plain dict and YAML (how a search
+runs is `search.settings.SearchSettings`). Every user-facing
 error raised here is a `ConfigError` whose message names the rule and echoes the value; the CLI
 prints it as one line and exits 2.
 """
@@ -11,7 +13,7 @@ import dataclasses
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Union
 
@@ -130,95 +132,6 @@ class TrialConfig:
     def replace(self, **changes: Any) -> "TrialConfig":
         """Returns a copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """How a search runs; stored with the study so `tlsearch resume` can continue it."""
-
-    study: str  # the study's name: studies/<study>.db, reports/<study>/
-    data: str  # the dataset folder, absolute
-    storage: str | None = None  # Optuna storage URL; None: sqlite:///studies/<study>.db
-    space: dict = field(default_factory=dict)  # the search space as loaded from YAML (or default)
-    trials: int = 20  # total trials the study should reach (finished ones count)
-    time_budget_s: float | None = None  # wall-clock limit of this run; None: none
-    max_epochs: int | None = None  # ASHA's largest rung; None: from the space
-    grace_period: int = 1  # ASHA: epochs every trial gets before it can be stopped
-    reduction_factor: int = 3  # ASHA: keep 1/reduction_factor at each rung
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_concurrent: int | None = None  # None: chosen for the machine
-    address: str | None = None  # an existing Ray cluster; None: start Ray locally
-    weights_dir: str | None = None  # DIR/<model name>.pth state dicts used instead of downloads
-    pretrained: bool = True  # False (--no-pretrained): every trial starts from random weights
-    cache: bool = True  # False (--no-cache): no image or feature cache
-    cache_dir: str | None = None  # image and feature caches; None: $TLSEARCH_CACHE or ~/.cache/tlsearch
-    seed: int = 0
-    sampler: str = "tpe"  # tpe | random | cmaes | qmc
-    metric: str = "val_acc"
-    mode: str = "max"  # max | min
-    val_fraction: float = 0.2  # validation share when DATA has no val/ folder
-    warm_start: bool = True  # a new study's first trial is the space's linear probe (SearchSpace.baseline)
-    studies_dir: str = "studies"
-    reports_dir: str = "reports"
-
-    def __post_init__(self) -> None:
-        check_study_name(self.study)
-        _check_range("trials", self.trials, 1, 1_000_000)
-        _check_range("grace_period", self.grace_period, 1, 10_000)
-        _check_range("reduction_factor", self.reduction_factor, 2, 100)
-        _check_range("cpus_per_trial", self.cpus_per_trial, 0.0, 4096)
-        _check_range("gpus_per_trial", self.gpus_per_trial, 0.0, 64)
-        _check_range("val_fraction", self.val_fraction, 0.01, 0.9)
-        if self.mode not in ("max", "min"):
-            raise ConfigError(f"mode must be 'max' or 'min', got {self.mode!r}")
-        if self.max_concurrent is not None:
-            _check_range("max_concurrent", self.max_concurrent, 1, 100_000)
-        if self.time_budget_s is not None:
-            _check_positive("time_budget", self.time_budget_s)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Returns the settings as a plain dict."""
-        return dataclasses.asdict(self)
-
-    def resolve(self) -> "SearchSettings":
-        """The settings with every path absolute and `~` expanded, the cache folder fixed.
-
-        Called once in the driver before any trial starts, and stored that way: every trial, on
-        any node, and every later `resume`, from any folder, then means the same files.
-        """
-        return self.replace(
-            data=absolute_path(self.data),
-            weights_dir=absolute_path(self.weights_dir) if self.weights_dir else None,
-            cache_dir=absolute_path(self.cache_dir or default_cache_dir()),
-            studies_dir=absolute_path(self.studies_dir),
-            reports_dir=absolute_path(self.reports_dir),
-        )
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SearchSettings":
-        """Builds settings from a dict written by `to_dict` (keys it does not know are dropped)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def replace(self, **changes: Any) -> "SearchSettings":
-        """Returns a copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    @property
-    def storage_url(self) -> str:
-        """The Optuna storage URL of the study."""
-        return self.storage or default_storage_url(self.study, studies_dir=self.studies_dir)
-
-    @property
-    def experiment_dir(self) -> Path:
-        """Ray's experiment folder for this study: studies/<study>/."""
-        return Path(self.studies_dir, self.study).resolve()
-
-    @property
-    def report_dir(self) -> Path:
-        """reports/<study>/."""
-        return Path(self.reports_dir, self.study).resolve()
 
 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")

@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from search.config import SearchSettings, absolute_path
+from search.config import absolute_path
+from search.settings import SearchSettings
 
 DEMO_CLASSES = ("circle", "cross", "square", "triangle")
 DEMO_STUDY = "demo"

@@ -46,8 +46,9 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search import studies
 from search.studies import CURVE_KEYS, TrialRecord, best_trial, counts_toward_target, is_finite
-from search.config import SearchSettings, TLSearchError, check_study_name, dump_yaml
-from search.space import Constant, SearchSpace, backbones_in, default_space
+from search.config import TLSearchError, check_study_name, dump_yaml
+from search.settings import SearchSettings
+from search.space import Constant, SearchSpace, backbones_in
 
 MARKER = ".tlsearch"  # marks an experiment folder this tool created (resume refuses others)
 INTERRUPTED = "interrupted (driver stopped)"
@@ -622,25 +623,6 @@ def _check_experiment_dir(exp: Path, study: str) -> None:
         )
 
 
-def resolve(settings: SearchSettings, space: SearchSpace | None = None) -> tuple[SearchSettings, SearchSpace]:
-    """Folds every run option into one settings object and its space, once, before any trial.
-
-    The space: `space`, else the stored `settings.space`, else the default space; `--max-epochs`
-    and `--no-pretrained` become part of it, so every trial, the study and every later resume see
-    the same. Paths become absolute with `~` expanded (`SearchSettings.resolve`).
-
-    Returns:
-        (settings with `space` set to the space's dict, the space).
-    """
-    if space is None:
-        space = SearchSpace.from_dict(settings.space) if settings.space else default_space(gpu=settings.gpus_per_trial > 0)
-    if settings.max_epochs is not None and settings.max_epochs != space.max_epochs:
-        space = space.with_max_epochs(settings.max_epochs)
-    if not settings.pretrained:
-        space = space.fixed(pretrained=False)
-    return settings.resolve().replace(space=space.to_dict()), space
-
-
 def _uses_pretrained(space: SearchSpace) -> bool:
     p = space.param_dict.get("pretrained")
     return not (isinstance(p, Constant) and p.value is False)
@@ -993,9 +975,8 @@ def run_search(
     """Runs (or continues) a search until the study holds `settings.trials` finished trials.
 
     Args:
-        settings: how to search; `settings.space` is used when `space` is None (empty: the
-            default space for the hardware).
-        space: the search space.
+        settings: how to search; resolved here (`SearchSettings.resolve`) before anything runs.
+        space: the search space, instead of `settings.space` (None there too: the default space).
         trial_fn: the per-trial function, `search.trial.fine_tune`'s signature; None: fine_tune.
             Tests swap in a fast stub.
         progress: print a live status line to stderr.
@@ -1006,7 +987,10 @@ def run_search(
     """
     t0 = time.time()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our live view says what matters
-    settings, space = resolve(settings, space)
+    if space is not None:
+        settings = settings.replace(space=space)
+    settings = settings.resolve()
+    space = settings.space
     index = preflight(settings, space)
     storage = studies.get_storage(settings.storage_url)
     study, created = _open_study(settings, storage, index, space)

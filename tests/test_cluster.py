@@ -221,7 +221,8 @@ import json, sys, time
 sys.path[:0] = [{root!r}, {tests!r}]
 import ray
 from search import runner
-from search.config import SearchSettings, TLSearchError
+from search.config import TLSearchError
+from search.settings import SearchSettings
 from test_cluster import stub_trial
 job = json.loads(sys.argv[1])
 ray.init(address=job["address"], log_to_driver=False)

@@ -84,7 +84,7 @@ def test_settings_paths_stay_under_studies_and_reports() -> None:
 
 
 def test_settings_resolve_paths_once(tmp_path, monkeypatch) -> None:
-    from search.config import SearchSettings
+    from search.settings import SearchSettings
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
@@ -104,3 +104,20 @@ def test_printable_drops_control_characters() -> None:
     from search.config import printable
 
     assert printable("evil\x1b[31mred\x07") == "evil?[31mred?"
+
+
+def test_settings_hold_the_typed_space_and_resolve_folds_every_option(tmp_path) -> None:
+    from search.settings import SearchSettings
+    from search.space import SearchSpace
+
+    s = SearchSettings(study="x", data=str(tmp_path), space={"backbone": "resnet18", "max_epochs": 3},
+                       max_epochs=5, pretrained=False)
+    assert isinstance(s.space, SearchSpace)
+    r = s.resolve()
+    assert r.space.max_epochs == 5 and r.space.to_trial_config({}).pretrained is False
+    assert r.resolve() == r and SearchSettings.from_dict(r.to_dict()) == r
+    assert SearchSettings.from_dict({**r.to_dict(), "space": {}}).space is None  # stored by an older version
+    default = SearchSettings(study="x", data=str(tmp_path)).resolve()
+    assert default.space is not None and default.space.max_epochs == 6
+    with pytest.raises(Exception, match="unknown key"):
+        SearchSettings(study="x", data="d", space={"colour": ["red"]})

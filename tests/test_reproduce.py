@@ -18,7 +18,8 @@ import pytest
 
 from search import trial as trial_module
 from search.cli import main
-from search.config import SearchSettings, TrialConfig, dump_yaml, load_trial_config, load_yaml
+from search.config import TrialConfig, dump_yaml, load_trial_config, load_yaml
+from search.settings import SearchSettings
 from search.data import DatasetIndex, scan_dataset
 from search.export import export_trial
 from search.trial import training_index

@@ -21,7 +21,8 @@ import pytest
 
 from conftest import make_image_folder
 from reliability.stubs import epoch_metrics
-from search.config import SearchSettings, TLSearchError
+from search.config import TLSearchError
+from search.settings import SearchSettings
 from search.space import SearchSpace
 from search.studies import get_storage
 
@@ -163,7 +164,7 @@ def test_refuses_changed_dataset_and_space(tmp_path: Path, ray_session) -> None:
 _CHILD = """
 import os, sys, tempfile, ray
 sys.path[:0] = [{root!r}, {tests!r}]
-from search.config import SearchSettings
+from search.settings import SearchSettings
 from search.runner import run_search
 from test_runner import stub_trial
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir={temp!r})

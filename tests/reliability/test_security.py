@@ -117,7 +117,7 @@ def test_checkpoint_writes_are_atomic(tmp_path: Path) -> None:
 def _foreign(tmp_path: Path) -> tuple[Path, str]:
     import optuna
 
-    from search.config import SearchSettings
+    from search.settings import SearchSettings
 
     data = make_image_folder(tmp_path / "data", classes=("a", "b"), per_class=3, size=16)
     s = SearchSettings(study="victim", data=str(data), pretrained=False,

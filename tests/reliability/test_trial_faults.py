@@ -33,7 +33,7 @@ ENQUEUE = ["resnet34", "efficientnet_b0", "mobilenet_v3_large"]
 
 _CHILD = """
 import json, os, sys, ray, optuna
-from search.config import SearchSettings
+from search.settings import SearchSettings
 from search.runner import run_search
 from search.studies import get_storage
 from reliability.stubs import stub_trial
@@ -53,7 +53,7 @@ class Run:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    from search.config import SearchSettings
+    from search.settings import SearchSettings
 
     work = tmp_path_factory.mktemp("faults")
     data = make_image_folder(work / "data", classes=("a", "b"), per_class=4, size=24)
