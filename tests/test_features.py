@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -129,7 +128,7 @@ def test_feature_key_changes_with_every_input(monkeypatch: pytest.MonkeyPatch) -
     base = key()
     assert key() == base, "a key is stable"
     variants = {
-        "image size": key(cfg=dataclasses.replace(cfg, image_size=48)),
+        "image size": key(cfg=cfg.replace(image_size=48)),
         "boundary": key(depth=2),
         "another boundary": key(depth=3),
         "weights": key(bb=SimpleNamespace(name="resnet18", weights_id="sha256:fedcba9876543210")),
@@ -137,10 +136,10 @@ def test_feature_key_changes_with_every_input(monkeypatch: pytest.MonkeyPatch) -
         "split": key(split="train"),
         "dataset": key(fingerprint="f2"),
         "random seed 0": key(bb=SimpleNamespace(name="resnet18", weights_id="random")),
-        "random seed 1": key(cfg=dataclasses.replace(cfg, seed=1), bb=SimpleNamespace(name="resnet18", weights_id="random")),
+        "random seed 1": key(cfg=cfg.replace(seed=1), bb=SimpleNamespace(name="resnet18", weights_id="random")),
     }
     assert len({base, *variants.values()}) == len(variants) + 1, variants
-    assert key(cfg=dataclasses.replace(cfg, seed=1)) == base, "the seed does not change pretrained weights"
+    assert key(cfg=cfg.replace(seed=1)) == base, "the seed does not change pretrained weights"
     for module, attr in [(torch, "__version__"), (features, "FEATURE_FORMAT")]:
         with monkeypatch.context() as m:
             m.setattr(module, attr, "other")
