@@ -10,6 +10,10 @@ named stages, stem first, so that `freeze(backbone, k)` can freeze the first k o
 Pretrained weights come from, in order: `weights_dir/<model name>.pth` (a state_dict), the
 torch hub cache (torchvision) or the Hugging Face cache (timm), or a download with a short
 socket timeout. An offline machine without weights gets a `WeightsError` within seconds.
+Every checkpoint, ours or downloaded, is read with `torch.load(..., weights_only=True)` (or as
+safetensors): a file that needs to unpickle arbitrary objects is refused, never run. The built
+`Backbone.weights_id` names the content of the file actually loaded ("sha256:<16 hex>"), or
+"random".
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import hashlib
+import json
 import os
+import pickle
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +94,14 @@ class TransferModel(nn.Module):
 
 @dataclass
 class Backbone:
-    """A built backbone: the model and what training and preprocessing need to know about it."""
+    """A built backbone: the model and what training and preprocessing need to know about it.
+
+    `weights_id` is the identity of the weights the body started from: "sha256:<16 hex digits>"
+    of the content of the file actually loaded (a --weights-dir file, the torch hub cache file or
+    the Hugging Face cache file), or "random" for a random initialisation (then the trial's seed
+    tells which). Two files with different content never share an id; a copy of a file at another
+    path keeps it. Feature caches key on it and trial records store it.
+    """
 
     model: TransferModel  # body + head
     name: str  # registry name, e.g. "resnet18" or "timm/tf_efficientnet_lite0"
@@ -98,6 +113,9 @@ class Backbone:
     default_size: int  # input side the weights were trained/evaluated at
     params_total: int  # parameters of body + head
     source: str  # where the weights came from: "random", "file <path>", "cache <path>", ...
+    # content identity of the initial weights: "sha256:<16 hex>" or "random"; "" means unknown
+    # (a Backbone built by hand), which nothing may cache under
+    weights_id: str = ""
     freeze_depth: int = 0  # stages frozen now (set by `freeze`)
 
 
@@ -503,6 +521,92 @@ def _hub_path(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
 
 
+# ---------------------------------------------------------------------------------------------
+# Weights identity: the content hash of the file loaded, computed once per file version
+
+WEIGHTS_IDS_FILE = "weights-ids.json"  # under the cache dir: known hashes, shared by processes
+_DIGESTS: dict[tuple[str, int, int, int, int, int], str] = {}  # this process's known hashes
+
+
+def _stat_key(path: Path) -> tuple[str, int, int, int, int, int]:
+    """What identifies one version of a file without reading it.
+
+    Size and mtime alone miss a rewrite in place with the old mtime put back; the ctime cannot be
+    put back, and a file swapped in by rename has a new inode.
+    """
+    real = path.resolve()  # the Hugging Face cache links snapshot names to blobs
+    st = real.stat()
+    return (str(real), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def weights_file_id(path: str | Path) -> str:
+    """The content identity of a weights file, as `Backbone.weights_id` records it.
+
+    The file is hashed once per version: the hash is remembered by (resolved path, inode, size,
+    mtime, ctime) in memory and in `<cache dir>/weights-ids.json`, so later builds, in this
+    process or another, do not read a large file again.
+
+    Args:
+        path: the weights file.
+
+    Returns:
+        "sha256:<first 16 hex digits of the file's sha256>".
+    """
+    path = Path(path)
+    return _file_digest(path, _stat_key(path))
+
+
+def _file_digest(path: Path, key: tuple[str, int, int, int, int, int]) -> str:
+    """The content id of `path`, which must still be the version `key` was taken from (the
+    caller takes `key` before loading, so the id names what was loaded)."""
+    known = _DIGESTS.get(key)
+    store = _digest_store()
+    if known is None:
+        entry = _read_digests(store).get(key[0])
+        if isinstance(entry, list) and tuple(entry[:-1]) == key[1:] and str(entry[-1]).startswith("sha256:"):
+            known = str(entry[-1])
+    hashed = known is None
+    if hashed:
+        digest = hashlib.sha256()
+        with open(key[0], "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        known = f"sha256:{digest.hexdigest()[:16]}"
+    if _stat_key(path) != key:
+        raise WeightsError(f"weights file {path} changed while it was being read; run again")
+    _DIGESTS[key] = known
+    if hashed:
+        _remember_digest(store, key, known)
+    return known
+
+
+def _digest_store() -> Path:
+    from search.data import default_cache_dir
+
+    return default_cache_dir() / WEIGHTS_IDS_FILE
+
+
+def _read_digests(store: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(store.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # absent or damaged: it is only a cache
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember_digest(store: Path, key: tuple[str, int, int, int, int, int], digest: str) -> None:
+    """Adds one file's hash to the store (written atomically), dropping files that are gone."""
+    entries = {p: e for p, e in _read_digests(store).items() if os.path.exists(p)}
+    entries[key[0]] = [*key[1:], digest]
+    tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(entries, indent=0, sort_keys=True), encoding="utf-8")
+        tmp.replace(store)
+    except OSError:  # a read-only cache folder only costs a rehash next time
+        tmp.unlink(missing_ok=True)
+
+
 def _timm_cached(name: str) -> Path | None:
     """A timm checkpoint already on disk (HF cache or legacy torch hub cache), or None."""
     from timm.models import get_pretrained_cfg
@@ -599,9 +703,11 @@ def _fetch(name: str) -> Path:
     if dst.is_file():
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
+    # As torchvision's check_hash: the file name carries a prefix of its sha256.
+    named = torch.hub.HASH_REGEX.search(dst.name)
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-            torch.hub.download_url_to_file(url, str(dst), progress=True)
+            torch.hub.download_url_to_file(url, str(dst), named.group(1) if named else None, progress=True)
     except Exception as e:  # urllib raises many types; all mean "could not fetch"
         raise WeightsError(
             _missing_message(name, f"download failed (offline?: {type(e).__name__})")
@@ -655,17 +761,52 @@ def check_weights(name: str, weights_dir: str | Path | None = None) -> str:
     return status
 
 
-def _load_file(net: nn.Module, path: Path, name: str) -> None:
-    """Loads a user state_dict strictly into the full network; one-line WeightsError if not."""
+def _read_state(path: Path, name: str) -> dict[str, Any]:
+    """A state_dict from a weights file, without running any code stored in it.
+
+    torch files are read with `weights_only=True` (tensors and plain containers only: a pickled
+    object that would run code on loading is refused), safetensors files as safetensors.
+    """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"cannot read weights file {path} for {name}: {type(e).__name__}: {e}") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        if isinstance(e, pickle.UnpicklingError) and "weights only" in first.lower():
+            raise WeightsError(
+                f"refused weights file {path} for {name}: it holds pickled Python objects besides "
+                f"tensors, and loading those could run code; save a plain state_dict instead"
+            ) from None
+        raise WeightsError(f"cannot read weights file {path} for {name}: {type(e).__name__}: {first}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]  # common checkpoint wrapper
     if not isinstance(state, dict):
         raise WeightsError(f"weights file {path} for {name} does not hold a state_dict")
-    result = net.load_state_dict(state, strict=False)
+    return state
+
+
+# Old densenet checkpoints (torchvision's own among them) name layers "norm.1"; the modules are
+# now "norm1". The renaming of torchvision's densenet loader (plus the BatchNorm step counter).
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
+
+
+def _load_file(net: nn.Module, path: Path, name: str) -> None:
+    """Loads a state_dict file strictly into the full network; one-line WeightsError if not."""
+    state = _read_state(path, name)
+    state = {(m.group(1) + m.group(2) if (m := _DENSENET_OLD_KEY.match(k)) else k): v for k, v in state.items()}
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch: state_dict keys fit, sizes don't
+        lines = str(e).strip().splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise WeightsError(f"weights file {path} does not fit {name}: {detail}") from None
     problems = []
     if result.missing_keys:
         problems.append(f"missing keys {', '.join(result.missing_keys[:4])}")
@@ -678,30 +819,45 @@ def _load_file(net: nn.Module, path: Path, name: str) -> None:
         )
 
 
-def _pretrained_network(spec: BackboneSpec, weights_dir: str | Path | None) -> tuple[nn.Module, str]:
-    """The full network with pretrained weights and where they came from."""
-    local = _weights_file(spec.name, weights_dir)
-    if local is not None and local.is_file():
-        net = _create_network(spec)
-        try:
-            _load_file(net, local, spec.name)
-        except RuntimeError as e:  # shape mismatch: state_dict keys fit, sizes don't
-            first = str(e).strip().splitlines()
-            detail = first[1].strip() if len(first) > 1 else first[0]
-            raise WeightsError(f"weights file {local} does not fit {spec.name}: {detail}") from None
-        return net, f"file {local}"
-    path = _fetch(spec.name)
-    if spec.family == "timm":
-        import timm
+def _timm_pretrained(spec: BackboneSpec, path: Path) -> nn.Module:
+    """A timm network with the weights of a cached checkpoint, through timm's loader so that its
+    checkpoint filters (key renames, resizing) apply, but read by `_read_state`."""
+    import timm
+    from timm.models import clean_state_dict
 
-        arch = spec.name[len(TIMM_PREFIX):]
-        # Through timm's loader so its checkpoint filters (key renames, resizing) apply.
-        net = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-        return net, f"cache {path}"
-    # torchvision's builder finds the file in the hub cache and applies its key fixes
-    # (e.g. densenet's old key names).
-    net = torchvision.models.get_model(spec.name, weights=_tv_weights(spec.name))
-    return net, f"cache {path}"
+    arch = spec.name[len(TIMM_PREFIX):]
+    if path.suffix == ".npz":  # timm reads these numpy archives itself, with allow_pickle=False
+        overlay: dict[str, Any] = {"file": str(path)}
+    else:
+        state = _read_state(path, spec.name)
+        for wrapper in ("state_dict_ema", "model_ema", "model"):  # as timm's load_state_dict
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+        overlay = {"state_dict": clean_state_dict(state)}
+    try:
+        net = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay)
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise WeightsError(f"weights file {path} does not fit {spec.name}: {first}") from None
+    net.pretrained_cfg.pop("state_dict", None)  # it would keep a second copy of the weights alive
+    return net
+
+
+def _pretrained_network(spec: BackboneSpec, weights_dir: str | Path | None) -> tuple[nn.Module, str, str]:
+    """The full network with pretrained weights, where they came from, and their content id."""
+    local = _weights_file(spec.name, weights_dir)
+    from_dir = local is not None and local.is_file()
+    path = local if from_dir else _fetch(spec.name)
+    assert path is not None
+    key = _stat_key(path)  # before loading: the id must name the content that was loaded
+    if spec.family == "timm" and not from_dir:
+        net = _timm_pretrained(spec, path)
+    else:
+        # torchvision's builders would read the hub file with weights_only=False: load it here.
+        net = _create_network(spec)
+        _load_file(net, path, spec.name)
+    return net, f"{'file' if from_dir else 'cache'} {path}", _file_digest(path, key)
 
 
 def build_backbone(
@@ -722,15 +878,15 @@ def build_backbone(
         dropout: dropout probability before the new Linear.
 
     Returns:
-        The Backbone, unfrozen, in train mode.
+        The Backbone, unfrozen, in train mode; its `weights_id` names the weights loaded.
     """
     spec = get_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     if pretrained:
-        net, source = _pretrained_network(spec, weights_dir)
+        net, source, weights_id = _pretrained_network(spec, weights_dir)
     else:
-        net, source = _create_network(spec), "random"
+        net, source, weights_id = _create_network(spec), "random", "random"
     width = _swap_classifier(net, spec)
     head = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))
     model = TransferModel(net, head)
@@ -746,6 +902,7 @@ def build_backbone(
         default_size=size,
         params_total=sum(p.numel() for p in model.parameters()),
         source=source,
+        weights_id=weights_id,
     )
 
 

@@ -2,8 +2,8 @@
 
 The frozen stages' output for an image never changes when their input does not: always for
 validation, and for training with augmentation `none` (no mixup or cutmix). It is computed once
-per (backbone, weights, freeze depth, image size, dataset fingerprint, split) and reused by every
-epoch and every later trial with that key (`cached_loaders`).
+per (backbone, weights content, freeze depth, image size, dataset fingerprint, split, library
+versions) and reused by every epoch and every later trial with that key (`cached_loaders`).
 
 - Head-only trials (`freeze_depth: all`) cache the body's pooled output and then train in seconds.
 - Partial freezing caches at the freeze boundary: the body is split with torch.fx after its last
@@ -11,14 +11,17 @@ epoch and every later trial with that key (`cached_loaders`).
   batch, and the frozen part's output is cached in float16 when it fits `PARTIAL_BUDGET_BYTES`.
   Bodies that do not split cleanly there, and boundaries too large for the budget, run uncached.
 
-Features live on disk under `<cache dir>/features/`, one file per key, written atomically; the
+Features live on disk under `<cache dir>/features/`, one file per key, written atomically and
+read back with `weights_only=True` (a file holding anything but tensors is recomputed); the
 folder is kept under a size budget by removing the least recently used files.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
+import importlib.metadata
 import math
 import os
 import time
@@ -38,25 +41,55 @@ DEFAULT_BUDGET_BYTES = int(os.environ.get("TLSEARCH_FEATURE_CACHE_BYTES", 4 * 2*
 PARTIAL_BUDGET_BYTES = int(os.environ.get("TLSEARCH_PARTIAL_CACHE_BYTES", 2**30))
 
 
-def feature_key(config: TrialConfig, bb: Any, *, fingerprint: str, split: str, weights_id: str,
-                depth: int | None = None) -> str:
-    """A key that changes whenever the cached features would (depth: a freeze boundary, None: whole body)."""
-    parts = [bb.name, weights_id, str(config.image_size), fingerprint, split,
-             "body-v1" if depth is None else f"boundary{depth}-v1"]
+# Part of every key: bump it when what a feature file holds, or how it is computed, changes.
+FEATURE_FORMAT = 2
+
+
+def feature_key(config: TrialConfig, bb: Any, *, fingerprint: str, split: str, depth: int | None = None) -> str:
+    """A key that changes whenever the cached features would.
+
+    Args:
+        config: the trial config (image size; the seed of random weights).
+        bb: the built backbone (its name and `weights_id`).
+        fingerprint: the dataset fingerprint.
+        split: "train" or "val".
+        depth: the freeze boundary the features are taken at; None: the whole body.
+
+    Returns:
+        24 hex digits of a sha256 over all of them, the library versions and FEATURE_FORMAT.
+    """
+    parts = [bb.name, weights_identity(config, bb), f"size{config.image_size}", fingerprint, split,
+             "body" if depth is None else f"boundary{depth}", *library_versions(), f"format{FEATURE_FORMAT}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def weights_identity(config: TrialConfig, weights_dir: str | None) -> str:
-    """What the body's weights are: random (seeded), a local file (path, size, mtime), or the default."""
-    if not config.pretrained:
-        return f"random-seed{config.seed}"
-    name = config.backbone.split("/", 1)[-1]
-    if weights_dir:
-        p = Path(weights_dir, f"{name}.pth")
-        if p.exists():
-            st = p.stat()
-            return f"file:{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return "default"
+def weights_identity(config: TrialConfig, bb: Any) -> str:
+    """What the body's weights are: the content id of the loaded file, or random with the seed.
+
+    Args:
+        config: the trial config (its seed made the random weights).
+        bb: the built backbone; `bb.weights_id` names the file it loaded.
+
+    Returns:
+        "sha256:<hex>" or "random-seed<seed>"; "" when the backbone does not say (nothing is cached).
+    """
+    weights_id = getattr(bb, "weights_id", "")
+    return f"random-seed{config.seed}" if weights_id == "random" else weights_id
+
+
+def library_versions() -> tuple[str, ...]:
+    """The versions that change what a network computes from given weights (kernels, builders)."""
+    import torchvision
+
+    return (f"torch{torch.__version__}", f"torchvision{torchvision.__version__}", f"timm{_timm_version()}")
+
+
+@functools.lru_cache(maxsize=1)
+def _timm_version() -> str:
+    try:  # from the package metadata: importing timm only for its version costs seconds
+        return importlib.metadata.version("timm")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def cached_loaders(
@@ -68,7 +101,6 @@ def cached_loaders(
     index: Any,
     device: torch.device,
     cache_dir: str | os.PathLike | None = None,
-    weights_dir: str | None = None,
 ) -> tuple[DataLoader | None, DataLoader, nn.Module] | None:
     """Loaders over the frozen stages' cached output, or None when nothing can be cached.
 
@@ -79,21 +111,23 @@ def cached_loaders(
         index: the scanned dataset (its fingerprint is part of the key).
         device: where to run the frozen stages.
         cache_dir: the cache root; None: the default cache folder.
-        weights_dir: the trial's weights folder (part of the key).
 
     Returns:
         (train loader, or None when training input is not deterministic; val loader; the module
         that turns the cached output into the body's output: nn.Identity for head-only trials).
         None when no stage is frozen, or the body does not split cleanly at the boundary, or
-        the boundary features would exceed PARTIAL_BUDGET_BYTES.
+        the boundary features would exceed PARTIAL_BUDGET_BYTES, or the backbone does not name
+        its weights (`weights_id`).
     """
     from search.augment import is_deterministic
     from search.backbones import resolve_depth
 
+    if not weights_identity(config, bb):  # features of unnamed weights could be anyone's
+        return None
     depth = resolve_depth(bb, config.freeze_depth)
     train_too = is_deterministic(config)
     splits = {"train": train_ds, "val": val_ds} if train_too else {"val": val_ds}
-    where = dict(index=index, device=device, cache_dir=cache_dir, weights_dir=weights_dir)
+    where = dict(index=index, device=device, cache_dir=cache_dir)
     if depth == len(bb.stages):
         loaders = _cached_loaders(config, bb, splits, bb.model.body, val_batch=256, **where)
         return loaders.get("train"), loaders["val"], nn.Identity()
@@ -116,7 +150,6 @@ def _cached_loaders(
     index: Any,
     device: torch.device,
     cache_dir: str | os.PathLike | None,
-    weights_dir: str | None,
     val_batch: int,
     depth: int | None = None,
     dtype: torch.dtype = torch.float32,
@@ -126,11 +159,10 @@ def _cached_loaders(
     from search.data import default_cache_dir
 
     folder = Path(cache_dir or default_cache_dir()) / "features"
-    weights_id = weights_identity(config, weights_dir)
     was = bb.model.training
     loaders = {}
     for split, ds in splits.items():
-        key = feature_key(config, bb, fingerprint=index.fingerprint, split=split, weights_id=weights_id, depth=depth)
+        key = feature_key(config, bb, fingerprint=index.fingerprint, split=split, depth=depth)
         feats, labels = cached_features(folder / f"{key}.pt", module, ds, device=device, dtype=dtype)
         data = TensorDataset(feats, labels)
         if split == "train":
@@ -154,10 +186,11 @@ def cached_features(
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent trial with the same key waits, then reads
         if path.exists():
             try:
+                # weights_only: a file holding pickled objects besides tensors is refused unread
                 blob = torch.load(path, map_location="cpu", weights_only=True)
                 os.utime(path)  # mark as recently used
                 return blob["features"], blob["labels"]
-            except Exception:  # a damaged file is recomputed, never trusted
+            except Exception:  # a damaged or foreign file is recomputed, never trusted
                 path.unlink(missing_ok=True)
         # The trial's random stream must not depend on whether the cache was warm.
         with torch.random.fork_rng(devices=[]):

@@ -113,7 +113,6 @@ def fine_tune(
 
     train_loader, val_loader, plan = load_data(
         config, index, bb, device=dev, cache=cache, cache_dir=cache_dir, train_on_val=train_on_val,
-        weights_dir=weights_dir,
     )
     optimizer = build_optimizer(config, backbones.param_groups(
         bb, lr=config.lr, weight_decay=config.weight_decay, lr_decay=config.lr_decay
@@ -214,7 +213,6 @@ def load_data(
     cache: bool,
     cache_dir: str | None,
     train_on_val: bool = False,
-    weights_dir: str | None = None,
 ) -> tuple[Iterable, Iterable, _Plan]:
     """Builds the train and val loaders; with the cache, the frozen stages' output comes from
     `features.cached_loaders` (validation always, training when its input is deterministic).
@@ -241,7 +239,7 @@ def load_data(
         from search import features
 
         cached = features.cached_loaders(config, bb, train_ds, val_ds, index=index, device=device,
-                                         cache_dir=cache_dir, weights_dir=weights_dir)
+                                         cache_dir=cache_dir)
         if cached is not None:
             train_loader, val_loader, tail = cached
             if train_loader is None:  # augmented training input: only validation is cached

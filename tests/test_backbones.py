@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 import socket
 import time
 from collections import Counter
@@ -30,6 +33,13 @@ def _build_meta(name: str, num_classes: int = 3) -> B.Backbone:
 def _coverage(backbone: B.Backbone) -> Counter:
     body = backbone.model.body
     return Counter(n for s in backbone.stages for n, _ in B._stage_params(body, s))
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Weight hashes are remembered under the cache dir: each test gets its own."""
+    monkeypatch.setenv("TLSEARCH_CACHE", str(tmp_path / "tlsearch-cache"))
+    monkeypatch.setattr(B, "_DIGESTS", {})
 
 
 @pytest.fixture()
@@ -264,3 +274,178 @@ def test_describe_and_table_are_cheap() -> None:
     assert time.monotonic() - start < 30
     assert [r["name"] for r in table] == list(B.REGISTRY)
     assert all(r["params"] > 0 and r["num_stages"] >= 5 for r in table)
+
+
+# ----- weights identity and safe loading -------------------------------------------------------
+
+SMALL = "shufflenet_v2_x1_0"  # 2.3M params: a 9 MB weights file
+
+
+class Payload:
+    """Unpickling this runs code: it writes `path` (the side effect the tests look for)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):  # noqa: ANN204
+        return (exec, (f"open({self.path!r}, 'w').write('pwned')",))
+
+
+def _save_weights(path: Path, seed: int, name: str = SMALL) -> Path:
+    """A random-init state_dict of `name`: files of different seeds differ in content only."""
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(B._create_network(B.get_spec(name)).state_dict(), path)
+    return path
+
+
+def _rewrite_keeping_mtime(path: Path, seed: int) -> None:
+    """Replaces the content in place (same inode and size) and puts the old mtime back."""
+    before = path.stat()
+    _save_weights(path, seed)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+
+
+def _sha(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def test_weights_id_names_the_content_of_the_file_loaded(tmp_path: Path) -> None:
+    first = _save_weights(tmp_path / "a" / f"{SMALL}.pth", seed=1)
+    other = _save_weights(tmp_path / "b" / f"{SMALL}.pth", seed=2)
+    assert first.stat().st_size == other.stat().st_size  # same name, same size, other content
+    copy = tmp_path / "c" / f"{SMALL}.pth"
+    copy.parent.mkdir()
+    shutil.copy(first, copy)
+
+    def build(folder: str) -> B.Backbone:
+        return B.build_backbone(SMALL, 2, pretrained=True, weights_dir=tmp_path / folder)
+
+    a, b, c = build("a"), build("b"), build("c")
+    assert a.weights_id == _sha(first) and b.weights_id == _sha(other)
+    assert a.weights_id != b.weights_id
+    assert c.weights_id == a.weights_id, "a copy at another path is the same weights"
+    assert B.build_backbone(SMALL, 2, pretrained=False).weights_id == "random"
+
+    # The same path rewritten with other content, size and mtime kept: a new id, not the remembered one.
+    _rewrite_keeping_mtime(first, seed=2)
+    again = build("a")
+    assert again.weights_id == b.weights_id
+    assert torch.equal(again.model.body.conv1[0].weight, b.model.body.conv1[0].weight)
+
+
+def test_weights_hash_is_remembered_across_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _save_weights(tmp_path / f"{SMALL}.pth", seed=1)
+    expected = B.weights_file_id(path)
+    assert expected == _sha(path)
+    store = B._digest_store()
+    assert store.is_file() and str(path.resolve()) in store.read_text()
+
+    def no_hashing() -> None:
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(B, "_DIGESTS", {})  # a fresh process: only the file store knows the hash
+    monkeypatch.setattr(B.hashlib, "sha256", no_hashing)
+    assert B.weights_file_id(path) == expected
+    _rewrite_keeping_mtime(path, seed=2)  # a new version of the file is hashed again
+    with pytest.raises(AssertionError, match="hashed again"):
+        B.weights_file_id(path)
+
+
+def test_torch_hub_cache_weights_get_their_content_identity(offline: Path) -> None:
+    hub = B._hub_path(B._tv_weights(SMALL).url)
+    _save_weights(hub, seed=1)
+    first = B.build_backbone(SMALL, 2, pretrained=True)
+    assert first.source == f"cache {hub}"
+    assert first.weights_id == _sha(hub)
+    _rewrite_keeping_mtime(hub, seed=2)
+    assert B.build_backbone(SMALL, 2, pretrained=True).weights_id == _sha(hub) != first.weights_id
+
+
+def _hf_cache_file(root: Path, filename: str) -> Path:
+    """Where the Hugging Face cache keeps timm/tf_efficientnet_lite0's `filename` (revision main)."""
+    from timm.models import get_pretrained_cfg
+
+    repo = get_pretrained_cfg("tf_efficientnet_lite0").hf_hub_id
+    folder = root / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    return folder / "snapshots" / commit / filename
+
+
+def test_timm_cache_weights_load_safely_with_their_identity(offline: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(offline / "hf"))
+    path = _hf_cache_file(offline / "hf", "model.safetensors")
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(3)
+    state = B._create_network(B.get_spec(TIMM_LITE0)).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    bb = B.build_backbone(TIMM_LITE0, 2, pretrained=True)
+    assert bb.source == f"cache {path}" and bb.weights_id == _sha(path)
+    assert torch.equal(bb.model.body.conv_stem.weight, state["conv_stem.weight"])
+    assert "state_dict" not in bb.model.body.pretrained_cfg  # no second copy of the weights kept
+
+
+@pytest.mark.parametrize("where", ["torch hub cache", "hugging face cache", "weights dir"])
+def test_pickle_payload_in_a_weights_file_is_refused_not_run(
+    offline: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(offline / "hf"))
+    name, weights_dir = "resnet18", None
+    if where == "torch hub cache":
+        path = B._hub_path(B._tv_weights(name).url)
+    elif where == "hugging face cache":
+        name, path = TIMM_LITE0, _hf_cache_file(offline / "hf", "pytorch_model.bin")
+    else:
+        weights_dir = offline / "weights"
+        path = weights_dir / f"{name}.pth"
+    path.parent.mkdir(parents=True)
+    marker = offline / "pwned"
+    torch.save({"conv1.weight": torch.zeros(1), "evil": Payload(marker)}, path)
+    with pytest.raises(B.WeightsError) as info:
+        B.build_backbone(name, 2, pretrained=True, weights_dir=weights_dir)
+    assert not marker.exists(), "the pickled payload ran"
+    msg = str(info.value)
+    assert f"refused weights file {path}" in msg and "\n" not in msg
+
+
+def test_torchvision_hub_files_fit_the_architecture_torchvision_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hub files are loaded into `get_model(name, weights=None)`: it must be the very network
+    torchvision's builder makes for its DEFAULT weights (no num_classes / image_size change)."""
+    import torchvision
+    from torchvision.models._api import WeightsEnum
+
+    def both(name: str) -> tuple[nn.Module, nn.Module]:
+        ours = B._create_network(B.get_spec(name))
+        # torchvision's builder, handed our network's own state_dict as its "download"
+        with monkeypatch.context() as m:
+            m.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: ours.state_dict())
+            theirs = torchvision.models.get_model(name, weights=B._tv_weights(name))
+        return ours, theirs
+
+    for name in B.REGISTRY:
+        try:
+            with torch.device("meta"):  # allocates nothing
+                ours, theirs = both(name)
+        except NotImplementedError:  # regnet computes its widths with tensor ops: build on CPU
+            ours, theirs = both(name)
+        assert repr(theirs) == repr(ours), name
+
+
+def test_old_densenet_key_names_are_renamed(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = B._create_network(B.get_spec("densenet121"))
+    state = {k.replace(".norm1.", ".norm.1.").replace(".conv2.", ".conv.2."): v for k, v in net.state_dict().items()}
+    assert any(".norm.1." in k for k in state)
+    torch.save(state, tmp_path / "densenet121.pth")
+    bb = B.build_backbone("densenet121", 2, pretrained=True, weights_dir=tmp_path)
+    got = bb.model.body.features.denseblock1.denselayer1.norm1.weight
+    assert torch.equal(got, net.features.denseblock1.denselayer1.norm1.weight)
