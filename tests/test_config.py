@@ -6,7 +6,6 @@ import pytest
 
 from search.config import (
     ConfigError,
-    SearchSettings,
     TrialConfig,
     check_study_name,
     dump_yaml,
@@ -14,6 +13,7 @@ from search.config import (
     load_yaml,
     parse_duration,
 )
+from search.settings import SearchSettings
 
 
 def test_trial_config_round_trips_through_yaml(tmp_path: Path) -> None:

@@ -289,3 +289,33 @@ def test_trial_outcome(kw: dict, expected: tuple) -> None:
     args = dict(epochs_planned=3, error=None, worker_died=False, asha_stopped=False, stopped_by_driver=False)
     state, error, interrupted = trial_outcome(**{**args, **kw})
     assert (state.name, error, interrupted) == expected
+
+
+@pytest.mark.shared
+def test_relative_weights_dir_then_resume_from_another_folder(tmp_path: Path, ray_session, shared_dir: Path,
+                                                              monkeypatch) -> None:
+    """Paths are resolved once, in the driver: a resume from elsewhere means the same weights file."""
+    import shutil
+
+    from search.backbones import weights_file_id
+
+    data = make_image_folder(tmp_path / "data", size=32)
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "w").mkdir(parents=True)
+    elsewhere.mkdir()
+    shutil.copy(shared_dir / "weights" / "tf_efficientnet_lite0.pth", work / "w")
+    space = {"backbone": "timm/tf_efficientnet_lite0", "freeze_depth": "all", "augmentation": "none",
+             "lr": {"low": 1e-3, "high": 1e-2, "log": True}, "image_size": 64, "batch_size": 8, "max_epochs": 1}
+    monkeypatch.chdir(work)
+    s = SearchSettings(study="rel", data=str(data), trials=2, weights_dir="w", space=space, studies_dir="studies",
+                       reports_dir="reports", cache_dir=str(tmp_path / "cache"), warm_start=False)
+    run_search(s, progress=False)
+    monkeypatch.chdir(elsewhere)
+    summary = resume_search("rel", studies_dir=str(work / "studies"), trials=4, progress=False)
+    trials = optuna.load_study(study_name="rel", storage=f"sqlite:///{work / 'studies' / 'rel.db'}").get_trials()
+    assert summary.finished == 4 and [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4, \
+        [t.user_attrs.get("error") for t in trials]
+    expected = weights_file_id(work / "w" / "tf_efficientnet_lite0.pth")
+    assert expected.startswith("sha256:05796415d9bca55f")
+    assert {t.user_attrs["weights_id"] for t in trials} == {expected}
+    assert not (elsewhere / "w").exists() and not (elsewhere / "studies").exists()
