@@ -378,7 +378,7 @@ class HonestOptunaSearch(OptunaSearch):
             device=src.get("device"),
             threads=final.get("threads"),
             weights_id=src.get("weights_id"),
-            versions=final.get("versions"),
+            versions=_unflatten(final, "versions"),
             started_at=final.get("started_at"),
             finished_at=time.time(),
             checkpoint=final.get("checkpoint"),
@@ -413,6 +413,15 @@ class HonestOptunaSearch(OptunaSearch):
 def _mean(values: list) -> float | None:
     xs = [float(v) for v in values if is_finite(v)]
     return sum(xs) / len(xs) if xs else None
+
+
+def _unflatten(result: Mapping[str, Any], key: str) -> dict | None:
+    """A dict the trial reported under `key`, which Tune hands on flattened ("key/sub": value)."""
+    if isinstance(result.get(key), dict):
+        return dict(result[key])
+    prefix = key + "/"
+    found = {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}
+    return found or None
 
 
 def trial_outcome(
