@@ -263,10 +263,10 @@ def split_at_boundary(bb: Any, depth: int, image_size: int) -> tuple[nn.Module, 
     """
     import torch.fx as fx
 
-    from search.backbones import _resolve
+    from search.backbones import resolve_path
 
     body = bb.model.body
-    stage_mods = {p for st in bb.stages for p in st.paths if isinstance(_resolve(body, p), nn.Module)}
+    stage_mods = {p for st in bb.stages for p in st.paths if isinstance(resolve_path(body, p), nn.Module)}
     frozen = {p for st in bb.stages[:depth] for p in st.paths if p in stage_mods}
     if not 0 < depth < len(bb.stages) or not frozen:
         return None
