@@ -26,13 +26,16 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from search.config import TrialConfig
+
+if TYPE_CHECKING:
+    from search.backbones import Backbone
 
 # The feature folder is trimmed to this many bytes (least recently used files go first).
 DEFAULT_BUDGET_BYTES = int(os.environ.get("TLSEARCH_FEATURE_CACHE_BYTES", 4 * 2**30))
@@ -45,7 +48,7 @@ PARTIAL_BUDGET_BYTES = int(os.environ.get("TLSEARCH_PARTIAL_CACHE_BYTES", 2**30)
 FEATURE_FORMAT = 2
 
 
-def feature_key(config: TrialConfig, bb: Any, *, fingerprint: str, split: str, depth: int | None = None) -> str:
+def feature_key(config: TrialConfig, bb: Backbone, *, fingerprint: str, split: str, depth: int | None = None) -> str:
     """A key that changes whenever the cached features would.
 
     Args:
@@ -63,7 +66,7 @@ def feature_key(config: TrialConfig, bb: Any, *, fingerprint: str, split: str, d
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
-def weights_identity(config: TrialConfig, bb: Any) -> str:
+def weights_identity(config: TrialConfig, bb: Backbone) -> str:
     """What the body's weights are: the content id of the loaded file, or random with the seed.
 
     Args:
@@ -94,7 +97,7 @@ def _timm_version() -> str:
 
 def cached_loaders(
     config: TrialConfig,
-    bb: Any,
+    bb: Backbone,
     train_ds: Dataset,
     val_ds: Dataset,
     *,
@@ -143,7 +146,7 @@ def cached_loaders(
 
 def _cached_loaders(
     config: TrialConfig,
-    bb: Any,
+    bb: Backbone,
     splits: dict[str, Dataset],
     module: nn.Module,
     *,
@@ -252,7 +255,7 @@ class BoundaryTail(nn.Module):
         return self.rest(x.to(torch.float32, copy=True))
 
 
-def split_at_boundary(bb: Any, depth: int, image_size: int) -> tuple[nn.Module, nn.Module, tuple[int, ...]] | None:
+def split_at_boundary(bb: Backbone, depth: int, image_size: int) -> tuple[nn.Module, nn.Module, tuple[int, ...]] | None:
     """Splits the body after its first `depth` stages: (frozen part, the rest, one image's boundary shape).
 
     The body is traced with torch.fx, every stage module kept whole (only the code between stages
@@ -263,10 +266,10 @@ def split_at_boundary(bb: Any, depth: int, image_size: int) -> tuple[nn.Module, 
     """
     import torch.fx as fx
 
-    from search.backbones import _resolve
+    from search.backbones import resolve_path
 
     body = bb.model.body
-    stage_mods = {p for st in bb.stages for p in st.paths if isinstance(_resolve(body, p), nn.Module)}
+    stage_mods = {p for st in bb.stages for p in st.paths if isinstance(resolve_path(body, p), nn.Module)}
     frozen = {p for st in bb.stages[:depth] for p in st.paths if p in stage_mods}
     if not 0 < depth < len(bb.stages) or not frozen:
         return None

@@ -13,7 +13,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from search.config import TrialConfig
+
+if TYPE_CHECKING:
+    from search.backbones import Backbone
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -207,7 +210,7 @@ class _Plan:
 def load_data(
     config: TrialConfig,
     index: Any,
-    bb: Any,
+    bb: Backbone,
     *,
     device: torch.device,
     cache: bool,

@@ -32,14 +32,14 @@ def _build_meta(name: str, num_classes: int = 3) -> B.Backbone:
 
 def _coverage(backbone: B.Backbone) -> Counter:
     body = backbone.model.body
-    return Counter(n for s in backbone.stages for n, _ in B._stage_params(body, s))
+    return Counter(n for s in backbone.stages for n, _ in B._freeze._stage_params(body, s))
 
 
 @pytest.fixture(autouse=True)
 def _own_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Weight hashes are remembered under the cache dir: each test gets its own."""
     monkeypatch.setenv("TLSEARCH_CACHE", str(tmp_path / "tlsearch-cache"))
-    monkeypatch.setattr(B, "_DIGESTS", {})
+    monkeypatch.setattr(B._weights, "_DIGESTS", {})
 
 
 @pytest.fixture()
@@ -124,7 +124,7 @@ def test_freeze_trains_exactly_the_right_params(depth: int | str) -> None:
     k = B.resolve_depth(bb, depth)
     trainable = B.freeze(bb, depth)
     body = bb.model.body
-    frozen_names = {n for s in bb.stages[:k] for n, _ in B._stage_params(body, s)}
+    frozen_names = {n for s in bb.stages[:k] for n, _ in B._freeze._stage_params(body, s)}
     for n, p in body.named_parameters():
         assert p.requires_grad == (n not in frozen_names), n
     assert all(p.requires_grad for p in bb.model.head.parameters())
@@ -202,7 +202,7 @@ def test_param_groups_vit_stages_with_parameter_paths() -> None:
 
 def test_weights_dir_loads_state_dict(tmp_path: Path) -> None:
     torch.manual_seed(1)
-    source = B._create_network(B.get_spec("resnet18"))
+    source = B._registry._create_network(B.get_spec("resnet18"))
     torch.save(source.state_dict(), tmp_path / "resnet18.pth")
     assert B.weights_status("resnet18", tmp_path) == f"file {tmp_path / 'resnet18.pth'}"
     bb = B.build_backbone("resnet18", 3, pretrained=True, weights_dir=tmp_path)
@@ -213,7 +213,7 @@ def test_weights_dir_loads_state_dict(tmp_path: Path) -> None:
 
 
 def test_weights_dir_mismatch_names_file_and_keys(tmp_path: Path) -> None:
-    state = B._create_network(B.get_spec("resnet18")).state_dict()
+    state = B._registry._create_network(B.get_spec("resnet18")).state_dict()
     state["extra.weight"] = state.pop("layer1.0.conv1.weight")
     path = tmp_path / "resnet18.pth"
     torch.save(state, path)
@@ -224,7 +224,7 @@ def test_weights_dir_mismatch_names_file_and_keys(tmp_path: Path) -> None:
     assert "\n" not in msg
 
     # A file for another architecture: shapes differ.
-    torch.save(B._create_network(B.get_spec("resnet50")).state_dict(), path)
+    torch.save(B._registry._create_network(B.get_spec("resnet50")).state_dict(), path)
     with pytest.raises(B.WeightsError, match=f"weights file {path} does not fit resnet18"):
         B.build_backbone("resnet18", 3, pretrained=True, weights_dir=tmp_path)
 
@@ -246,7 +246,7 @@ def test_offline_without_weights_fails_fast(offline: Path) -> None:
 def test_weights_status_sees_torch_hub_cache(offline: Path) -> None:
     hub = Path(torch.hub.get_dir()) / "checkpoints"
     hub.mkdir(parents=True)
-    torch.save(B._create_network(B.get_spec("resnet18")).state_dict(), hub / "resnet18-f37072fd.pth")
+    torch.save(B._registry._create_network(B.get_spec("resnet18")).state_dict(), hub / "resnet18-f37072fd.pth")
     assert B.weights_status("resnet18") == "cached"
     assert B.check_weights("resnet18") == "cached"
     bb = B.build_backbone("resnet18", 2, pretrained=True)
@@ -295,7 +295,7 @@ def _save_weights(path: Path, seed: int, name: str = SMALL) -> Path:
     """A random-init state_dict of `name`: files of different seeds differ in content only."""
     torch.manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(B._create_network(B.get_spec(name)).state_dict(), path)
+    torch.save(B._registry._create_network(B.get_spec(name)).state_dict(), path)
     return path
 
 
@@ -340,14 +340,14 @@ def test_weights_hash_is_remembered_across_processes(tmp_path: Path, monkeypatch
     path = _save_weights(tmp_path / f"{SMALL}.pth", seed=1)
     expected = B.weights_file_id(path)
     assert expected == _sha(path)
-    store = B._digest_store()
+    store = B._weights._digest_store()
     assert store.is_file() and str(path.resolve()) in store.read_text()
 
     def no_hashing() -> None:
         raise AssertionError("hashed again")
 
-    monkeypatch.setattr(B, "_DIGESTS", {})  # a fresh process: only the file store knows the hash
-    monkeypatch.setattr(B.hashlib, "sha256", no_hashing)
+    monkeypatch.setattr(B._weights, "_DIGESTS", {})  # a fresh process: only the file store knows the hash
+    monkeypatch.setattr(B._weights.hashlib, "sha256", no_hashing)
     assert B.weights_file_id(path) == expected
     _rewrite_keeping_mtime(path, seed=2)  # a new version of the file is hashed again
     with pytest.raises(AssertionError, match="hashed again"):
@@ -355,7 +355,7 @@ def test_weights_hash_is_remembered_across_processes(tmp_path: Path, monkeypatch
 
 
 def test_torch_hub_cache_weights_get_their_content_identity(offline: Path) -> None:
-    hub = B._hub_path(B._tv_weights(SMALL).url)
+    hub = B._weights._hub_path(B._torchvision._tv_weights(SMALL).url)
     _save_weights(hub, seed=1)
     first = B.build_backbone(SMALL, 2, pretrained=True)
     assert first.source == f"cache {hub}"
@@ -384,7 +384,7 @@ def test_timm_cache_weights_load_safely_with_their_identity(offline: Path, monke
     path = _hf_cache_file(offline / "hf", "model.safetensors")
     path.parent.mkdir(parents=True)
     torch.manual_seed(3)
-    state = B._create_network(B.get_spec(TIMM_LITE0)).state_dict()
+    state = B._registry._create_network(B.get_spec(TIMM_LITE0)).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     bb = B.build_backbone(TIMM_LITE0, 2, pretrained=True)
     assert bb.source == f"cache {path}" and bb.weights_id == _sha(path)
@@ -401,7 +401,7 @@ def test_pickle_payload_in_a_weights_file_is_refused_not_run(
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(offline / "hf"))
     name, weights_dir = "resnet18", None
     if where == "torch hub cache":
-        path = B._hub_path(B._tv_weights(name).url)
+        path = B._weights._hub_path(B._torchvision._tv_weights(name).url)
     elif where == "hugging face cache":
         name, path = TIMM_LITE0, _hf_cache_file(offline / "hf", "pytorch_model.bin")
     else:
@@ -424,11 +424,11 @@ def test_torchvision_hub_files_fit_the_architecture_torchvision_builds(monkeypat
     from torchvision.models._api import WeightsEnum
 
     def both(name: str) -> tuple[nn.Module, nn.Module]:
-        ours = B._create_network(B.get_spec(name))
+        ours = B._registry._create_network(B.get_spec(name))
         # torchvision's builder, handed our network's own state_dict as its "download"
         with monkeypatch.context() as m:
             m.setattr(WeightsEnum, "get_state_dict", lambda self, *a, **k: ours.state_dict())
-            theirs = torchvision.models.get_model(name, weights=B._tv_weights(name))
+            theirs = torchvision.models.get_model(name, weights=B._torchvision._tv_weights(name))
         return ours, theirs
 
     for name in B.REGISTRY:
@@ -442,7 +442,7 @@ def test_torchvision_hub_files_fit_the_architecture_torchvision_builds(monkeypat
 
 def test_old_densenet_key_names_are_renamed(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    net = B._create_network(B.get_spec("densenet121"))
+    net = B._registry._create_network(B.get_spec("densenet121"))
     state = {k.replace(".norm1.", ".norm.1.").replace(".conv2.", ".conv.2."): v for k, v in net.state_dict().items()}
     assert any(".norm.1." in k for k in state)
     torch.save(state, tmp_path / "densenet121.pth")

@@ -205,7 +205,7 @@ SMALL = "shufflenet_v2_x1_0"  # 2.3M params: a 9 MB weights file
 def _save_weights(path: Path, seed: int) -> None:
     torch.manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(backbones._create_network(backbones.get_spec(SMALL)).state_dict(), path)
+    torch.save(backbones._registry._create_network(backbones.get_spec(SMALL)).state_dict(), path)
 
 
 @pytest.mark.parametrize("where", ["weights dir", "torch hub cache"])
@@ -214,9 +214,9 @@ def test_cached_features_follow_the_content_of_the_weights_file(
 ) -> None:
     monkeypatch.setenv("TLSEARCH_CACHE", str(tmp_path / "tlsearch-cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(backbones, "_DIGESTS", {})
+    monkeypatch.setattr(backbones._weights, "_DIGESTS", {})
     weights_dir = tmp_path / "w" if where == "weights dir" else None
-    path = weights_dir / f"{SMALL}.pth" if weights_dir else backbones._hub_path(backbones._tv_weights(SMALL).url)
+    path = weights_dir / f"{SMALL}.pth" if weights_dir else backbones._weights._hub_path(backbones._torchvision._tv_weights(SMALL).url)
     index = _small_index(tmp_path)
     cfg = TrialConfig(**{**TINY, "backbone": SMALL, "pretrained": True}, freeze_depth="all", augmentation="flip")
 
