@@ -142,7 +142,7 @@ def test_resume_and_run_refuse_a_folder_they_did_not_create(tmp_path: Path) -> N
 def test_nothing_binds_to_every_interface() -> None:
     """We serve nothing ourselves; Ray is started with its dashboard off."""
     wide = []
-    for py in (ROOT / "search").glob("*.py"):
+    for py in (ROOT / "search").rglob("*.py"):
         text = py.read_text(encoding="utf-8")
         for needle in ("0.0.0.0", "INADDR_ANY", "::/0"):
             if needle in text:
@@ -152,11 +152,17 @@ def test_nothing_binds_to_every_interface() -> None:
             if isinstance(node, ast.Attribute) and node.attr in ("bind", "serve_forever", "run_server"):
                 wide.append(f"{py.name}:{node.lineno}: .{node.attr}")
     assert not wide, wide
-    runner = (ROOT / "search" / "runner.py").read_text(encoding="utf-8")
+    runner = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "search").rglob("*.py") if "runner" in p.parts
+                       or p.stem == "runner")
     inits = [n for n in ast.walk(ast.parse(runner)) if isinstance(n, ast.Call)
              and getattr(n.func, "attr", None) == "init" and getattr(n.func.value, "id", None) == "ray"]
-    assert inits, "runner.py no longer calls ray.init"
-    local = [n for n in inits if not any(k.arg == "address" for k in n.keywords)]
+    assert inits, "the runner no longer calls ray.init"
+
+    def local_address(n: ast.Call) -> bool:  # no address, or address="local": a Ray of the search's own
+        kw = {k.arg: k.value for k in n.keywords}
+        return "address" not in kw or (isinstance(kw["address"], ast.Constant) and kw["address"].value == "local")
+
+    local = [n for n in inits if local_address(n)]
     assert local, "no local ray.init"
     for n in local:  # the one that starts Ray here: no dashboard, so no HTTP server at all
         kw = {k.arg: k.value for k in n.keywords}
