@@ -386,9 +386,7 @@ class HonestOptunaSearch(OptunaSearch):
             traceback=str(final["traceback"])[-4000:] if final.get("traceback") else None,
             interrupted=interrupted,
         )
-        attrs = record.to_user_attrs()
-        for key in ("retry_of", "baseline", "driver", "heartbeat"):  # set by the search, not the trial
-            attrs.pop(key)
+        attrs = record.to_user_attrs()  # retry_of, baseline, driver, heartbeat: set by the search, kept
         for key, val in attrs.items():
             try:
                 ot_trial.set_user_attr(key, val)

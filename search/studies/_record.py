@@ -102,12 +102,14 @@ class TrialRecord:
         )
 
     def to_user_attrs(self) -> dict[str, Any]:
-        """The user_attrs to store for this record (JSON-ready; trial fields left out)."""
+        """The user_attrs to store for this record (JSON-ready). Trial fields and fields at their
+        default (nothing recorded: no error, not interrupted, ...) are left out."""
         out: dict[str, Any] = {}
+        blank = TrialRecord()
         for f in fields(self):
-            if f.name in self._TRIAL_FIELDS:
-                continue
             v = getattr(self, f.name)
+            if f.name in self._TRIAL_FIELDS or v == getattr(blank, f.name):
+                continue
             if f.name == "curve":
                 v = [dict(c) for c in v]
             elif isinstance(v, Mapping):
