@@ -17,7 +17,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from search.config import RECORD_KEYS, ConfigError, TLSearchError, TrialConfig, check_study_name, dump_yaml
+from search.config import (
+    RECORD_KEYS, ConfigError, TLSearchError, TrialConfig, atomic_save, atomic_write_text, check_study_name, dump_yaml,
+)
 
 FORMATS = ("yaml", "json")
 
@@ -161,10 +163,7 @@ def _write_record(record: dict[str, Any], path: Path, fmt: str) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "json" or path.suffix == ".json":
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-            tmp.replace(path)
-            return path
+            return atomic_write_text(path, json.dumps(record, indent=2) + "\n")
         return dump_yaml(record, path)
     except OSError as e:  # --out under a file, onto a folder, read-only: bad input, one line
         raise TLSearchError(f"cannot write {path}: {e.strerror or e}") from None
@@ -190,7 +189,7 @@ def save_model(result: Any, out_dir: str | Path, *, record: dict[str, Any] | Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = result.model.cpu().eval().to(memory_format=torch.contiguous_format)
-    torch.save(model.state_dict(), out / "model.pt")
+    atomic_save(out / "model.pt", model.state_dict())
     dump_yaml(result.config.to_dict(), out / "config.yaml")
     size = result.config.image_size
     example = torch.zeros(1, 3, size, size)
@@ -207,7 +206,7 @@ def save_model(result: Any, out_dir: str | Path, *, record: dict[str, Any] | Non
         "notes": notes,
         **(record or {}),
     }
-    (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / "model.json", json.dumps(meta, indent=2) + "\n")
     return out
 
 

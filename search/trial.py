@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from search.config import TrialConfig
+from search.config import TrialConfig, atomic_save
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -369,11 +369,7 @@ def measure_latency(model: nn.Module, image_size: int, device: torch.device, *, 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """Saves the model's state_dict atomically (a crash never leaves half a file)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(p)
+    atomic_save(path, model.state_dict())
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
