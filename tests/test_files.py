@@ -14,7 +14,7 @@ import torch
 
 from search import _files
 from search.config import atomic_save, atomic_write_bytes, atomic_write_text, file_lock
-from search.trial import load_checkpoint, save_checkpoint
+from search.model_io import load_checkpoint, save_checkpoint
 
 
 def test_atomic_writes_replace_the_file_and_leave_nothing_else(tmp_path: Path) -> None:
