@@ -17,6 +17,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+# The package's one atomic write and one file lock (in _files.py); other modules import them from here.
+from search._files import atomic_save, atomic_write_bytes, atomic_write_text, file_lock  # noqa: F401
+
 
 class TLSearchError(Exception):
     """A problem the user can fix (bad input, missing file): one line on stderr, exit code 2."""
@@ -231,12 +234,7 @@ def dump_yaml(data: Mapping[str, Any], path: str | Path) -> Path:
     """Writes a mapping as YAML (keys in the given order), atomically; returns the path."""
     import yaml
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(dict(data), sort_keys=False), encoding="utf-8")
-    tmp.replace(p)
-    return p
+    return atomic_write_text(path, yaml.safe_dump(dict(data), sort_keys=False))
 
 
 def load_trial_config(path: str | Path) -> TrialConfig:

@@ -32,13 +32,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from search.config import TLSearchError, default_cache_dir
+from search.config import TLSearchError, atomic_write_text, default_cache_dir, file_lock
 
 # File name endings accepted as images (compared in lower case).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
@@ -755,10 +755,7 @@ def _load_hashes(path: Path) -> dict[str, list[Any]]:
 
 def _save_hashes(path: Path, root: str, files: dict[str, list[Any]]) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps({"root": root, "files": files}), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"root": root, "files": files}))
     except OSError:
         pass  # a cache that cannot be written only costs hashing again next time
 
@@ -922,7 +919,7 @@ class ImageDataset(torch.utils.data.Dataset):
         bad_path = final.with_suffix(".bad.json")
         final.parent.mkdir(parents=True, exist_ok=True)
         if not _complete(final, self.nbytes):
-            with _file_lock(final.with_name(final.name + ".lock")):
+            with file_lock(final.with_name(final.name + ".lock")):
                 if not _complete(final, self.nbytes):  # another process may have built it meanwhile
                     self._build(final, bad_path, shape)
         if bad_path.exists():
@@ -983,25 +980,7 @@ def _atomic_write(path: Path, text: str | None) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock between processes on this machine (a no-op where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: builders could race, but each writes a private temp file
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    atomic_write_text(path, text)
 
 
 def _samples_key(samples: Sequence[Sample]) -> str:

@@ -1,38 +1,21 @@
-"""Best trial -> config file; trained model -> deployable folder; predict with it.
+"""Best trial -> config file (`export_trial`); a saved model folder -> predictions (`predict`).
 
-A model folder holds everything `tlsearch predict` (or a user's own code) needs:
-
-    model.pt            state_dict of the whole model (load with weights_only=True)
-    model.torchscript   TorchScript, runs without tlsearch installed
-    model.onnx          ONNX, where the export works offline
-    config.yaml         the trial config it was trained with
-    model.json          class names, preprocessing, metrics, library versions
+Model folders themselves (what they hold, how they are written and read) are `search.model_io`;
+`save_model`, `load_model` and `library_versions` are re-exported here for existing callers.
 """
 
 from __future__ import annotations
 
 import json
-import platform
-import warnings
 from pathlib import Path
 from typing import Any
 
-from search.config import RECORD_KEYS, ConfigError, TLSearchError, TrialConfig, check_study_name, dump_yaml
+from search.config import (
+    RECORD_KEYS, ConfigError, TLSearchError, TrialConfig, atomic_write_text, check_study_name, dump_yaml,
+)
+from search.model_io import library_versions, load_model, save_model  # noqa: F401  (re-exported)
 
 FORMATS = ("yaml", "json")
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries a trained model depends on, for the record."""
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for name in ("tlsearch", "torch", "torchvision", "timm", "optuna", "ray"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def trial_record(study: Any, trial: Any) -> dict[str, Any]:
@@ -161,100 +144,10 @@ def _write_record(record: dict[str, Any], path: Path, fmt: str) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "json" or path.suffix == ".json":
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-            tmp.replace(path)
-            return path
+            return atomic_write_text(path, json.dumps(record, indent=2) + "\n")
         return dump_yaml(record, path)
     except OSError as e:  # --out under a file, onto a folder, read-only: bad input, one line
         raise TLSearchError(f"cannot write {path}: {e.strerror or e}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Model folders
-
-
-def save_model(result: Any, out_dir: str | Path, *, record: dict[str, Any] | None = None) -> Path:
-    """Saves a trained model as a deployable folder (see the module docstring).
-
-    Args:
-        result: a `search.trial.TrialResult` with `model` kept.
-        out_dir: the folder to write.
-        record: extra fields for model.json (e.g. dataset fingerprint).
-
-    Returns:
-        The folder.
-    """
-    import torch
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = result.model.cpu().eval().to(memory_format=torch.contiguous_format)
-    torch.save(model.state_dict(), out / "model.pt")
-    dump_yaml(result.config.to_dict(), out / "config.yaml")
-    size = result.config.image_size
-    example = torch.zeros(1, 3, size, size)
-    notes = []
-    with warnings.catch_warnings():  # both exporters warn about their own deprecation on every call
-        warnings.simplefilter("ignore")
-        notes += _export_graphs(model, example, out)
-    meta = {
-        "class_names": result.class_names,
-        "preprocessing": result.preprocessing,
-        "metrics": {k: v for k, v in result.final.items() if k != "confusion_matrix"},
-        "params_total": result.params_total,
-        "versions": library_versions(),
-        "notes": notes,
-        **(record or {}),
-    }
-    (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return out
-
-
-def _export_graphs(model: Any, example: Any, out: Path) -> list[str]:
-    """Writes TorchScript and ONNX next to the state_dict; returns notes on what could not be written."""
-    import torch
-
-    notes = []
-    try:
-        with torch.no_grad():
-            traced = torch.jit.trace(model, example, check_trace=False)
-        traced.save(str(out / "model.torchscript"))
-    except Exception as e:  # some timm models do not trace; the state_dict still works
-        notes.append(f"torchscript: {str(e).splitlines()[0]}")
-    try:
-        torch.onnx.export(
-            model, (example,), str(out / "model.onnx"), input_names=["image"], output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
-        )
-    except Exception as e:  # ONNX export needs the onnx package on some torch versions
-        (out / "model.onnx").unlink(missing_ok=True)
-        notes.append(f"onnx: {str(e).splitlines()[0]}")
-    return notes
-
-
-def load_model(model_dir: str | Path) -> tuple[Any, dict[str, Any]]:
-    """Loads a model folder written by `save_model` (weights with `weights_only=True`).
-
-    Returns:
-        (model in eval mode, model.json contents).
-    """
-    from search.backbones import build_backbone
-    from search.config import load_trial_config
-    from search.trial import load_checkpoint
-
-    folder = Path(model_dir)
-    if not (folder / "model.pt").is_file() or not (folder / "model.json").is_file():
-        raise TLSearchError(f"{folder} is not a model folder (needs model.pt and model.json; see tlsearch train)")
-    meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
-    config = load_trial_config(folder / "config.yaml")
-    bb = build_backbone(config.backbone, len(meta["class_names"]), pretrained=False, dropout=config.dropout)
-    state = load_checkpoint(folder / "model.pt")
-    try:
-        bb.model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise TLSearchError(f"{folder / 'model.pt'} does not match {config.backbone}: {str(e).splitlines()[0]}") from None
-    return bb.model.eval(), meta
 
 
 def predict(model_dir: str | Path, images: list[str | Path], *, top: int = 1) -> list[dict[str, Any]]:

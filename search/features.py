@@ -18,7 +18,6 @@ folder is kept under a size budget by removing the least recently used files.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import importlib.metadata
@@ -32,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from search.config import TrialConfig
+from search.config import TrialConfig, atomic_save, file_lock
 
 if TYPE_CHECKING:
     from search.backbones import Backbone
@@ -185,8 +184,7 @@ def cached_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loads features from `path`, or computes and saves them (one process at a time per key)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent trial with the same key waits, then reads
+    with file_lock(path.with_suffix(".lock")):  # a concurrent trial with the same key waits, then reads
         if path.exists():
             try:
                 # weights_only: a file holding pickled objects besides tensors is refused unread
@@ -199,9 +197,7 @@ def cached_features(
         with torch.random.fork_rng(devices=[]):
             feats, labels = compute_features(body, ds, device=device, batch_size=batch_size)
         feats = feats.to(dtype)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        torch.save({"features": feats, "labels": labels}, tmp)
-        tmp.replace(path)
+        atomic_save(path, {"features": feats, "labels": labels})
         return feats, labels
 
 

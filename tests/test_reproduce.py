@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from search import trial as trial_module
+from search.trial import _train as trial_module  # `train`, and the `fine_tune` it calls
 from search.cli import main
 from search.config import TrialConfig, dump_yaml, load_trial_config, load_yaml
 from search.settings import SearchSettings

@@ -105,7 +105,7 @@ def test_pretrained_lite0_beats_random_on_hymenoptera(shared_dir: Path, tmp_path
 
 def test_value_checkpoint_and_confusion_are_the_last_epoch(tiny_dataset: Path, tmp_path: Path, monkeypatch) -> None:
     """A trial whose best epoch is not its last is described by its last epoch everywhere."""
-    import search.trial as trial_module
+    import search.trial._loop as trial_module  # where `fine_tune` looks up `evaluate`
 
     real = trial_module.evaluate
     calls = {"n": 0}

@@ -15,7 +15,6 @@ import hashlib
 import html
 import json
 import math
-import os
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -26,7 +25,7 @@ import plotly.graph_objects as go
 import plotly.offline
 from plotly.utils import PlotlyJSONEncoder
 
-from search.config import TLSearchError, check_study_name
+from search.config import TLSearchError, atomic_write_text, check_study_name
 from search.report._data import ReportData, collect
 from search.report._figures import Plot, build_figures
 from search.report._plotting import STATE_COLOURS, _fmt
@@ -87,17 +86,11 @@ def write_report(
     page = render_page(data, build_figures(data))
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / "leaderboard.csv", data.board.to_csv(index=False))
-        _write_atomic(out / "index.html", page)
+        atomic_write_text(out / "leaderboard.csv", data.board.to_csv(index=False))
+        atomic_write_text(out / "index.html", page)
     except OSError as e:
         raise TLSearchError(f"cannot write the report to {out}: {e.strerror or e}") from None
     return out / "index.html"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _script_json(obj: Any) -> str:

@@ -1,0 +1,145 @@
+"""Checkpoints and model folders on disk: the one place that saves and loads trained weights.
+
+A checkpoint is one state_dict (`save_checkpoint`, `load_checkpoint`): a trial writes its last
+epoch's after every epoch. A model folder (`save_model`, `load_model`) holds everything
+`tlsearch predict` (or a user's own code) needs:
+
+    model.pt            state_dict of the whole model (load with weights_only=True)
+    model.torchscript   TorchScript, runs without tlsearch installed
+    model.onnx          ONNX, where the export works offline
+    config.yaml         the trial config it was trained with
+    model.json          class names, preprocessing, metrics, library versions
+
+Weights are always read with `weights_only=True`: a pickled payload is refused, never run.
+torch is imported inside the functions, so `tlsearch export` (which only writes a config file)
+does not load it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from search.config import TLSearchError, atomic_save, atomic_write_text, dump_yaml
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a trained model depends on, for the record."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("tlsearch", "torch", "torchvision", "timm", "optuna", "ray"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Saves the model's state_dict atomically (a crash never leaves half a file)."""
+    atomic_save(path, model.state_dict())
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Loads a state_dict with `weights_only=True`: a pickled payload is refused, never run."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TLSearchError(f"no checkpoint at {path}") from None
+    except Exception as e:
+        # Some loader errors have no message (an empty file): name the exception instead.
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TLSearchError(f"cannot load checkpoint {path}: {why}") from None
+
+
+def save_model(result: Any, out_dir: str | Path, *, record: dict[str, Any] | None = None) -> Path:
+    """Saves a trained model as a deployable folder (see the module docstring).
+
+    Args:
+        result: a `search.trial.TrialResult` with `model` kept.
+        out_dir: the folder to write.
+        record: extra fields for model.json (e.g. dataset fingerprint).
+
+    Returns:
+        The folder.
+    """
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = result.model.cpu().eval().to(memory_format=torch.contiguous_format)
+    atomic_save(out / "model.pt", model.state_dict())
+    dump_yaml(result.config.to_dict(), out / "config.yaml")
+    size = result.config.image_size
+    example = torch.zeros(1, 3, size, size)
+    notes = []
+    with warnings.catch_warnings():  # both exporters warn about their own deprecation on every call
+        warnings.simplefilter("ignore")
+        notes += _export_graphs(model, example, out)
+    meta = {
+        "class_names": result.class_names,
+        "preprocessing": result.preprocessing,
+        "metrics": {k: v for k, v in result.final.items() if k != "confusion_matrix"},
+        "params_total": result.params_total,
+        "versions": library_versions(),
+        "notes": notes,
+        **(record or {}),
+    }
+    atomic_write_text(out / "model.json", json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _export_graphs(model: nn.Module, example: torch.Tensor, out: Path) -> list[str]:
+    """Writes TorchScript and ONNX next to the state_dict; returns notes on what could not be written."""
+    import torch
+
+    notes = []
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(model, example, check_trace=False)
+        traced.save(str(out / "model.torchscript"))
+    except Exception as e:  # some timm models do not trace; the state_dict still works
+        notes.append(f"torchscript: {str(e).splitlines()[0]}")
+    try:
+        torch.onnx.export(
+            model, (example,), str(out / "model.onnx"), input_names=["image"], output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+        )
+    except Exception as e:  # ONNX export needs the onnx package on some torch versions
+        (out / "model.onnx").unlink(missing_ok=True)
+        notes.append(f"onnx: {str(e).splitlines()[0]}")
+    return notes
+
+
+def load_model(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Loads a model folder written by `save_model` (weights with `weights_only=True`).
+
+    Returns:
+        (model in eval mode, model.json contents).
+    """
+    from search.backbones import build_backbone
+    from search.config import load_trial_config
+
+    folder = Path(model_dir)
+    if not (folder / "model.pt").is_file() or not (folder / "model.json").is_file():
+        raise TLSearchError(f"{folder} is not a model folder (needs model.pt and model.json; see tlsearch train)")
+    meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    config = load_trial_config(folder / "config.yaml")
+    bb = build_backbone(config.backbone, len(meta["class_names"]), pretrained=False, dropout=config.dropout)
+    state = load_checkpoint(folder / "model.pt")
+    try:
+        bb.model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise TLSearchError(f"{folder / 'model.pt'} does not match {config.backbone}: {str(e).splitlines()[0]}") from None
+    return bb.model.eval(), meta

@@ -1,0 +1,79 @@
+"""How the modules of `search/` import each other: no cycles, nothing platform-specific at the top."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "search"
+
+
+def _modules() -> dict[str, ast.Module]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = ast.parse(path.read_text(encoding="utf-8"))
+    return out
+
+
+def _imports(name: str, tree: ast.Module, known: set[str], *, is_package: bool) -> set[str]:
+    """The package modules `name` imports anywhere (at the top or inside functions)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".") if is_package else name.split(".")[:-1]
+                base = ".".join(anchor[: len(anchor) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{a.name}" for a in node.names] + [base]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:  # `from search.x import f` -> search.x
+                target = target.rpartition(".")[0]
+            # A package importing its own submodules is how it re-exports them, not a cycle.
+            if target and target != name and not target.startswith(name + "."):
+                found.add(target)
+    return found
+
+
+def test_no_import_cycle_among_search_modules() -> None:
+    trees = _modules()
+    graph = {
+        name: _imports(name, tree, set(trees), is_package=(PACKAGE.parent / name.replace(".", "/")).is_dir())
+        for name, tree in trees.items()
+    }
+    cycles = []
+
+    def visit(name: str, path: list[str]) -> None:
+        for nxt in sorted(graph[name]):
+            if nxt in path:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in done:
+                visit(nxt, path + [nxt])
+        done.add(name)
+
+    done: set[str] = set()
+    for name in sorted(graph):
+        if name not in done:
+            visit(name, [name])
+    assert not cycles, [" -> ".join(c) for c in cycles]
+
+
+def test_no_module_imports_a_platform_only_module_at_the_top() -> None:
+    """fcntl (POSIX) and msvcrt (Windows) are imported where a lock is taken, so every module imports everywhere."""
+    top_level = []
+    for name, tree in _modules().items():
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            top_level += [f"{name}: {n}" for n in names if n.split(".")[0] in ("fcntl", "msvcrt", "termios", "pwd")]
+    assert not top_level, top_level
