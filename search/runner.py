@@ -487,7 +487,7 @@ def _trainable(
     """
     import torch
 
-    from search.export import library_versions
+    from search.model_io import library_versions
 
     torch.set_num_threads(threads)
     if trial_fn is None:
