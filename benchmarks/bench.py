@@ -298,16 +298,16 @@ def part_d(plan: Plan, work: Path) -> dict:
         "note": "overhead = 1 - sum(trial compute) / (wall x concurrent trials), wall from run_search's call "
                 "to its return; Ray is started once per process and the driver's imports are done before "
                 "these runs (ray_start_s, driver_imports_s)"}
-    before = runner.REUSE_ACTORS
+    before = runner._run.REUSE_ACTORS
     few = min(FEW_STUB_TRIALS, plan.stub_trials // 2)
     try:
         runs = [(True, plan.stub_trials, "many"), (True, few, "few"), (False, few, "few, fresh worker per trial")]
         for reuse, n, label in runs:
-            runner.REUSE_ACTORS = reuse
+            runner._run.REUSE_ACTORS = reuse
             print(f"[d] {n} stub trials, reuse_actors={reuse} ...", file=sys.stderr, flush=True)
             out[label] = {"reuse_actors": reuse, **_stub_search(plan, work, f"bench-d-{len(out)}", trials=n)}
     finally:
-        runner.REUSE_ACTORS = before
+        runner._run.REUSE_ACTORS = before
     out.update({"default_reuse_actors": before, "overhead": out["many"]["overhead"],
                 "goal": f"overhead <= 10% of wall time over many ({plan.stub_trials}) short trials",
                 "met": out["many"]["overhead"] <= 0.10})

@@ -230,7 +230,7 @@ deadline = time.time() + 60
 while sum(n["Alive"] for n in ray.nodes()) < job["nodes"]:
     assert time.time() < deadline, "the Ray nodes did not all join"
     time.sleep(0.3)
-runner.HEARTBEAT_S = job.get("heartbeat_s", runner.HEARTBEAT_S)
+runner._run.HEARTBEAT_S = job.get("heartbeat_s", runner._run.HEARTBEAT_S)  # where the heartbeat thread reads it
 out = {{}}
 if job["do"] == "search":
     s = runner.run_search(SearchSettings(**job["settings"]), trial_fn=stub_trial, progress=False)

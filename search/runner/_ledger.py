@@ -1,0 +1,254 @@
+"""The study ledger, without Ray: how a trial ended, which trials count toward the target, which
+are taken by live drivers, and reconciling trials a stopped driver left RUNNING.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import optuna
+from optuna.trial import TrialState
+
+from search.studies import (
+    TrialRecord,
+    best_trial,
+    counts_toward_target,
+    is_finite,
+)
+
+INTERRUPTED = "interrupted (driver stopped)"
+
+
+# Several drivers may run one study at once (one per machine or terminal). Each stamps the trials
+# it runs with its id and a heartbeat; another driver counts a RUNNING trial as taken unless it
+# is stale: its driver's process is gone (same host) or its heartbeat is older than STALE_AFTER_S.
+HEARTBEAT_S = 15.0
+
+
+STALE_AFTER_S = 120.0
+
+
+SURPLUS = "not run: the study reached its trial count (another driver took the last one)"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What one `run_search` call did and where the study stands."""
+
+    study: str  # the study's name
+    storage: str  # its Optuna storage URL
+    counts: dict  # trial state name -> number of trials in the study
+    best_value: float | None  # best COMPLETE value; None: none yet
+    best_params: dict  # its params
+    best_trial: int | None  # its Optuna trial number
+    wall_seconds: float  # this call, pre-flight to the end
+    compute_seconds: float  # sum of this run's per-trial training seconds
+    trials_run: int  # Ray trials started by this call
+    interrupted: bool = False  # stopped by Ctrl-C before the count was reached
+    budget_reached: bool = False  # stopped by the time budget
+    finished: int = 0  # COMPLETE + PRUNED + real FAIL: what counts toward `trials`
+
+
+@dataclass
+class _Tally:
+    """Live counts shared by the searcher (which knows states) and the progress view."""
+
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    best: float | None = None
+    best_backbone: str | None = None
+    compute_seconds: float = 0.0
+    interrupted: int = 0
+    mode: str = "max"
+
+    def offer(self, value: float, backbone: str | None) -> None:
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if better:
+            self.best, self.best_backbone = value, backbone
+
+
+def _mean(values: list) -> float | None:
+    xs = [float(v) for v in values if is_finite(v)]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _unflatten(result: Mapping[str, Any], key: str) -> dict | None:
+    """A dict the trial reported under `key`, which Tune hands on flattened ("key/sub": value)."""
+    if isinstance(result.get(key), dict):
+        return dict(result[key])
+    prefix = key + "/"
+    found = {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}
+    return found or None
+
+
+def trial_outcome(
+    *,
+    epochs_planned: int,
+    values: list,
+    error: str | None,
+    worker_died: bool,
+    asha_stopped: bool,
+    stopped_by_driver: bool,
+    metric: str = "val_acc",
+) -> tuple[TrialState, str | None, bool]:
+    """How a trial ended, from what it reported: COMPLETE, PRUNED or FAIL (and whether interrupted).
+
+    COMPLETE: it ran every planned epoch. PRUNED: ASHA stopped it after at least one epoch. FAIL:
+    it raised, its worker died, or a reported value is not finite. A trial stopped by the driver
+    (Ctrl-C, the time budget, the end of the run) or that reported nothing is FAIL "interrupted":
+    it does not count toward the trial count and its params run again.
+
+    Args:
+        epochs_planned: the trial config's `epochs`.
+        values: the objective per reported epoch, in order.
+        error: the error the trial reported, if any.
+        worker_died: its worker process ended without a word (killed, out of memory).
+        asha_stopped: ASHA decided to stop it.
+        stopped_by_driver: the driver stopped it (the run ended under it).
+        metric: the objective's name, for the error text.
+
+    Returns:
+        (state, error text or None, interrupted).
+    """
+    if worker_died:
+        error = "trial worker died (killed, or out of memory)"
+    elif error is None and values and not all(is_finite(v) for v in values):
+        error = f"{metric} is not finite ({values[-1]})"
+    if error:
+        return TrialState.FAIL, error, False
+    if len(values) >= epochs_planned:
+        return TrialState.COMPLETE, None, False
+    if asha_stopped and not stopped_by_driver and values:
+        return TrialState.PRUNED, None, False
+    return TrialState.FAIL, INTERRUPTED, True
+
+
+def reconcile(study: optuna.Study, *, driver: str | None = None) -> int:
+    """Marks trials left RUNNING by a stopped driver FAIL ("interrupted") and enqueues their params.
+
+    Other drivers may be running on the study: their live trials are left alone; only stale
+    trials (see `is_stale`) and this driver's own are reconciled.
+
+    Args:
+        study: the study.
+        driver: this driver's id; None: only stale trials.
+
+    Returns:
+        How many trials were reconciled.
+    """
+    n = 0
+    now = time.time()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        own = driver is not None and t.user_attrs.get("driver") == driver
+        if not own and not is_stale(t, driver=driver, now=now):
+            continue
+        trial = optuna.Trial(study, t._trial_id)
+        trial.set_user_attr("error", INTERRUPTED)
+        trial.set_user_attr("interrupted", True)
+        trial.set_user_attr("epochs_run", len(t.intermediate_values))
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        if t.params:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        n += 1
+    return n
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count toward `settings.trials` (see `studies.counts_toward_target`)."""
+    return sum(counts_toward_target(t) for t in study.get_trials(deepcopy=False))
+
+
+def new_driver_id() -> str:
+    """A unique id of one search call: host:pid:token (the token tells two calls of one process apart)."""
+    return f"{_process_host()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _process_host() -> str:
+    """This host's name plus its pid namespace: containers sharing a hostname see different pids."""
+    try:
+        ns = "".join(c for c in os.readlink("/proc/self/ns/pid") if c.isdigit())
+    except OSError:
+        ns = ""
+    return f"{socket.gethostname()}/{ns}" if ns else socket.gethostname()
+
+
+def is_stale(trial: Any, *, driver: str | None, now: float | None = None) -> bool:
+    """Whether a RUNNING trial of another driver is abandoned (that driver crashed or was killed).
+
+    On this host the driver's process is checked directly, so a resume right after a crash
+    retries its trials at once; on another host, the trial is stale when its heartbeat is older
+    than `STALE_AFTER_S`.
+
+    Args:
+        trial: a frozen trial.
+        driver: the asking driver's id (its own trials are never stale); None: no driver.
+        now: the time (unix seconds); None: now.
+
+    Returns:
+        True when the trial is RUNNING and nobody runs it any more.
+    """
+    if trial.state != TrialState.RUNNING:
+        return False
+    owner = trial.user_attrs.get("driver")
+    if driver is not None and owner == driver:
+        return False
+    now = time.time() if now is None else now
+    beat = trial.user_attrs.get("heartbeat")
+    if not is_finite(beat):
+        beat = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+    if now - beat > STALE_AFTER_S:
+        return True
+    if isinstance(owner, str) and owner.count(":") >= 2:
+        host, pid, _ = owner.rsplit(":", 2)
+        if host == _process_host() and pid.isdigit():
+            # Same pid, another token: an earlier search call of this process, which has ended.
+            return int(pid) == os.getpid() or not _pid_alive(int(pid))
+    return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _claimed(trials: list, *, driver: str | None) -> int:
+    """Trials that count toward `settings.trials` plus those live drivers are running now."""
+    now = time.time()
+    return sum(
+        counts_toward_target(t) or (t.state == TrialState.RUNNING and not is_stale(t, driver=driver, now=now))
+        for t in trials
+    )
+
+
+def _other_drivers(trials: list, *, driver: str) -> bool:
+    """Whether another live driver is running trials of the study."""
+    now = time.time()
+    return any(
+        t.state == TrialState.RUNNING and t.user_attrs.get("driver") not in (None, driver)
+        and not is_stale(t, driver=driver, now=now)
+        for t in trials
+    )
+
+
+def _base_tally(study: optuna.Study, mode: str) -> dict:
+    trials = study.get_trials(deepcopy=False)
+    best = best_trial(trials, maximize=mode == "max")
+    return {
+        "complete": sum(t.state == TrialState.COMPLETE and is_finite(t.value) for t in trials),
+        "pruned": sum(t.state == TrialState.PRUNED for t in trials),
+        "failed": sum(t.state == TrialState.FAIL and counts_toward_target(t) for t in trials),
+        "best": best.value if best else None,
+        "best_backbone": TrialRecord.from_trial(best).backbone if best else None,
+    }

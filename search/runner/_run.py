@@ -1,0 +1,267 @@
+"""The search: `run_search` and `resume_search`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any, Iterator
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+
+from search import studies
+from search.config import TLSearchError, check_study_name, dump_yaml
+from search.runner._cluster import (
+    _ensure_ray,
+    check_nodes_see_data,
+    default_concurrency,
+)
+from search.runner._ledger import (
+    HEARTBEAT_S,
+    RunSummary,
+    _base_tally,
+    _claimed,
+    _Tally,
+    finished_count,
+    new_driver_id,
+    reconcile,
+)
+from search.runner._preflight import MARKER, _open_study, preflight
+from search.runner._progress import ProgressView, ReportRefresher
+from search.runner._search import HonestOptunaSearch, PruneTrackingASHA, make_sampler
+from search.runner._trainable import TrialFn, _trainable
+from search.settings import SearchSettings
+from search.space import SearchSpace
+from search.studies import (
+    best_trial,
+)
+
+# Ray keeps a trial's worker process for the next trial instead of starting a fresh one (a fresh
+# worker costs seconds: process start, torch import). Safe: `_trainable` sets the torch thread
+# count and seeds every trial itself. Measured in benchmarks/bench.py (part d).
+REUSE_ACTORS = True
+
+
+def run_search(
+    settings: SearchSettings,
+    *,
+    space: SearchSpace | None = None,
+    trial_fn: TrialFn | None = None,
+    progress: bool = True,
+) -> RunSummary:
+    """Runs (or continues) a search until the study holds `settings.trials` finished trials.
+
+    Args:
+        settings: how to search; resolved here (`SearchSettings.resolve`) before anything runs.
+        space: the search space, instead of `settings.space` (None there too: the default space).
+        trial_fn: the per-trial function, `search.trial.fine_tune`'s signature; None: fine_tune.
+            Tests swap in a fast stub.
+        progress: print a live status line to stderr.
+
+    Returns:
+        The summary. Ctrl-C once stops the run cleanly (`interrupted=True`); twice raises
+        KeyboardInterrupt after recording the study.
+    """
+    t0 = time.time()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our live view says what matters
+    if space is not None:
+        settings = settings.replace(space=space)
+    settings = settings.resolve()
+    space = settings.space
+    index = preflight(settings, space)
+    storage = studies.get_storage(settings.storage_url)
+    study, created = _open_study(settings, storage, index, space)
+    if settings.warm_start and created:
+        # A new study starts from the linear probe: seconds on cached features, a score to beat.
+        # Only the driver that created the study enqueues it, so two drivers never both do.
+        study.enqueue_trial(space.baseline(), user_attrs={"baseline": True})
+    exp = settings.experiment_dir
+    (exp / MARKER).write_text(f"tlsearch experiment folder of study {settings.study}\n", encoding="utf-8")
+    dump_yaml(settings.to_dict(), exp / "settings.yaml")
+    driver = new_driver_id()
+    reconcile(study, driver=driver)  # trials of crashed drivers; live ones of other drivers stay
+
+    remaining = settings.trials - finished_count(study)
+    tally = _Tally(mode=settings.mode)
+    interrupted = budget_reached = False
+    trials_run = 0
+    if remaining > 0:
+        try:
+            interrupted, budget_reached = _tune(
+                settings, space, index, storage, study, tally, remaining, trial_fn, progress, t0, driver=driver
+            )
+        except KeyboardInterrupt:
+            reconcile(study, driver=driver)
+            print(f"interrupted; continue with: tlsearch resume {settings.study}", file=sys.stderr)
+            raise
+        trials_run = tally.complete + tally.pruned + tally.failed + tally.interrupted
+    reconcile(study, driver=driver)  # none of this call's trials may stay RUNNING once it returns
+    return _summary(settings, study, t0, tally, trials_run, interrupted, budget_reached)
+
+
+def _tune(
+    settings: SearchSettings, space: SearchSpace, index: Any, storage: Any, study: optuna.Study,
+    tally: _Tally, remaining: int, trial_fn: TrialFn | None, progress: bool, t0: float, driver: str = "",
+) -> tuple[bool, bool]:
+    """Runs one Ray Tune experiment of `remaining` trials; returns (interrupted, budget_reached)."""
+    _ensure_ray(settings)
+    if settings.address:
+        check_nodes_see_data(index, experiment_dir=settings.experiment_dir)
+    resources = ray.cluster_resources()
+    asha_stopped: set = set()
+    sampler = make_sampler(settings.sampler, seed=settings.seed + len(study.trials))
+    searcher = HonestOptunaSearch(
+        space, metric=settings.metric, mode=settings.mode, sampler=sampler,
+        study_name=settings.study, storage=storage, asha_stopped=asha_stopped, tally=tally,
+        driver=driver, target=settings.trials,
+    )
+    concurrency = settings.max_concurrent or default_concurrency(
+        cpus=resources.get("CPU", 1), gpus=resources.get("GPU", 0),
+        cpus_per_trial=settings.cpus_per_trial, gpus_per_trial=settings.gpus_per_trial,
+    )
+    scheduler = PruneTrackingASHA(
+        time_attr="training_iteration", metric=settings.metric, mode=settings.mode,
+        max_t=space.max_epochs, grace_period=min(settings.grace_period, space.max_epochs),
+        reduction_factor=settings.reduction_factor, stopped=asha_stopped,
+    )
+    trainable = tune.with_parameters(
+        _trainable, index=index, space=space, trial_fn=trial_fn, metric=settings.metric,
+        weights_dir=settings.weights_dir, cache=settings.cache, cache_dir=settings.cache_dir,
+        checkpoint_dir=str(settings.experiment_dir / "checkpoints"),
+        threads=max(1, int(settings.cpus_per_trial)),
+    )
+    trainable = tune.with_resources(trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
+    callbacks = []
+    if progress:
+        callbacks.append(ProgressView(tally, base=_base_tally(study, settings.mode), budget_s=settings.time_budget_s))
+        callbacks.append(ReportRefresher(settings))
+    run_name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
+            scheduler=scheduler,
+            num_samples=remaining,
+            time_budget_s=settings.time_budget_s,
+            reuse_actors=REUSE_ACTORS,
+        ),
+        run_config=tune.RunConfig(
+            name=run_name,
+            storage_path=str(settings.experiment_dir),
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=callbacks,
+        ),
+    )
+    start = time.time()
+    beating = threading.Event()
+    threading.Thread(target=_heartbeats, args=(searcher, beating), daemon=True, name="tlsearch-heartbeat").start()
+    try:
+        with _quiet_tune():
+            tuner.fit()
+    finally:
+        beating.set()
+        left = searcher.finish_leftovers()
+    budget_reached = bool(settings.time_budget_s) and time.time() - start >= settings.time_budget_s * 0.98
+    # Trials other drivers still run count as done here: the study reaches its count through them.
+    claimed = _claimed(study.get_trials(deepcopy=False), driver=driver)
+    interrupted = (left > 0 or claimed < settings.trials) and not budget_reached
+    return interrupted, budget_reached
+
+
+def _heartbeats(searcher: HonestOptunaSearch, stop: threading.Event) -> None:
+    """Stamps the driver's running trials every HEARTBEAT_S until `stop` is set."""
+    while not stop.wait(HEARTBEAT_S):
+        searcher.heartbeat()
+
+
+@contextlib.contextmanager
+def _quiet_tune() -> Iterator[None]:
+    """Keeps Tune's own tables and INFO logs off the terminal: the live view says what matters."""
+    old_env = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the legacy reporter honours verbose=0
+    log = logging.getLogger("ray.tune")
+    old_level = log.level
+    # CRITICAL: also hides "Resume with Tuner.restore" (we resume from the study) and the traceback
+    # Tune logs when a worker dies; the study records that trial as FAIL with the reason.
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(old_level)
+        if old_env is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = old_env
+
+
+def _summary(
+    settings: SearchSettings, study: optuna.Study, t0: float, tally: _Tally,
+    trials_run: int, interrupted: bool, budget_reached: bool,
+) -> RunSummary:
+    trials = study.get_trials(deepcopy=False)
+    counts: dict[str, int] = {}
+    for t in trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    best = best_trial(trials, maximize=settings.mode == "max")
+    return RunSummary(
+        study=settings.study,
+        storage=settings.storage_url,
+        counts=counts,
+        best_value=best.value if best else None,
+        best_params=dict(best.params) if best else {},
+        best_trial=best.number if best else None,
+        wall_seconds=time.time() - t0,
+        compute_seconds=tally.compute_seconds,
+        trials_run=trials_run,
+        interrupted=interrupted,
+        budget_reached=budget_reached,
+        finished=finished_count(study),
+    )
+
+
+def resume_search(
+    name: str,
+    *,
+    studies_dir: str = "studies",
+    storage: str | None = None,
+    progress: bool = True,
+    trial_fn: TrialFn | None = None,
+    **overrides: Any,
+) -> RunSummary:
+    """Continues a study with the settings stored in it (after a crash, kill -9 or Ctrl-C).
+
+    Args:
+        name: the study name.
+        studies_dir: where default SQLite studies live.
+        storage: the study's storage URL; None: studies/<name>.db.
+        progress: print a live status line.
+        trial_fn: the per-trial function (tests); None: fine_tune.
+        **overrides: SearchSettings fields to change (trials, time_budget_s, ...); None values
+            are ignored.
+
+    Returns:
+        The run's summary.
+    """
+    check_study_name(name)
+    study = studies.load_study(name, storage=storage, studies_dir=studies_dir)
+    stored = study.user_attrs.get("settings")
+    if not stored:
+        raise TLSearchError(f"study {name!r} has no stored search settings (not made by tlsearch run); cannot resume it")
+    settings = SearchSettings.from_dict(stored)
+    if storage:
+        settings = settings.replace(storage=storage)
+    exp = settings.experiment_dir
+    if not (exp / MARKER).is_file():
+        raise TLSearchError(f"{exp} was not created by tlsearch (no {MARKER} file); refusing to resume into it")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if changes:
+        settings = settings.replace(**changes)
+    return run_search(settings, trial_fn=trial_fn, progress=progress)

@@ -1,0 +1,309 @@
+"""The samplers and the search adapter: `HonestOptunaSearch` tells Optuna how each trial really
+ended; `PruneTrackingASHA` remembers which trials it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from search.config import TLSearchError
+from search.runner._ledger import (
+    SURPLUS,
+    _claimed,
+    _mean,
+    _other_drivers,
+    _Tally,
+    _unflatten,
+    trial_outcome,
+)
+from search.space import SearchSpace
+from search.studies import (
+    CURVE_KEYS,
+    TrialRecord,
+    is_finite,
+)
+
+
+@dataclass(frozen=True)
+class SamplerEntry:
+    """One Optuna sampler a search can use."""
+
+    description: str  # one line for --help and errors
+    make: Callable[[int], "optuna.samplers.BaseSampler"]  # seed -> sampler
+
+
+SAMPLERS: dict[str, SamplerEntry] = {
+    "tpe": SamplerEntry("Tree-structured Parzen Estimator (default)", lambda s: optuna.samplers.TPESampler(seed=s)),
+    "random": SamplerEntry("uniform random sampling", lambda s: optuna.samplers.RandomSampler(seed=s)),
+    "cmaes": SamplerEntry("CMA-ES (numeric params; needs the cmaes package)", lambda s: optuna.samplers.CmaEsSampler(seed=s)),
+    "qmc": SamplerEntry("quasi-Monte Carlo (Sobol)", lambda s: optuna.samplers.QMCSampler(seed=s)),
+}
+
+
+def make_sampler(name: str, *, seed: int) -> "optuna.samplers.BaseSampler":
+    """Builds a seeded sampler by name.
+
+    Args:
+        name: a key of `SAMPLERS`.
+        seed: the sampler's seed.
+
+    Returns:
+        The sampler.
+    """
+    if name not in SAMPLERS:
+        raise TLSearchError(f"unknown sampler {name!r}; available: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name].make(seed)
+
+
+class PruneTrackingASHA(ASHAScheduler):
+    """ASHA that remembers which trials it stopped, so the searcher can tell PRUNED from the rest."""
+
+    def __init__(self, *args: Any, stopped: set | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stopped: set = stopped if stopped is not None else set()
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        with _nan_rungs_quiet():
+            action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP:
+            self.stopped.add(trial.trial_id)
+        return action
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        with _nan_rungs_quiet():
+            super().on_trial_complete(tune_controller, trial, result)
+
+
+@contextlib.contextmanager
+def _nan_rungs_quiet() -> Iterator[None]:
+    """A failed trial reports NaN (ASHA ignores it); numpy's warning about a rung holding only
+    NaN so far is noise in the user's terminal."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="All-NaN slice encountered", category=RuntimeWarning)
+        yield
+
+
+class HonestOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells Optuna the truth about how each trial ended.
+
+    Ray's `on_trial_complete` tells COMPLETE with the last rung's score when ASHA stops a trial.
+    Here: per-epoch values are reported with step = epoch; a trial that ran its full `epochs`
+    is COMPLETE, one ASHA stopped is PRUNED, one that raised / died / reported NaN is FAIL with
+    the reason, and one cut short by the driver (Ctrl-C, time budget) is FAIL "interrupted" and
+    enqueued again. Every user_attr is set before the state is told.
+    """
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        *,
+        metric: str,
+        mode: str,
+        sampler: "optuna.samplers.BaseSampler",
+        study_name: str,
+        storage: "optuna.storages.BaseStorage",
+        asha_stopped: set,
+        tally: _Tally,
+        driver: str = "",
+        target: int | None = None,
+    ) -> None:
+        self._search_space = space
+        self._asha_stopped = asha_stopped
+        self._tally = tally
+        self._driver = driver  # this driver's id, stamped on every trial it runs
+        self._target = target  # trials the study should reach, all drivers together; None: no check
+        self._reseeded = False
+        self._configs: dict[str, dict] = {}
+        self._curves: dict[str, dict[int, dict]] = {}
+        self._last: dict[str, dict] = {}
+        super().__init__(
+            space=space.define_by_run, metric=metric, mode=mode, sampler=sampler,
+            study_name=study_name, storage=storage,
+        )
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self._target is not None and trial_id not in self._ot_trials:
+            trials = self._ot_study.get_trials(deepcopy=False)
+            if _claimed(trials, driver=self._driver) >= self._target:
+                return self.FINISHED  # every trial is done or taken (maybe by another driver)
+            if not self._reseeded and _other_drivers(trials, driver=self._driver):
+                # Drivers seeded alike would sample the same params: diverge from here on.
+                self._ot_study.sampler.reseed_rng()
+                self._reseeded = True
+        params = super().suggest(trial_id)
+        if params is None:
+            return None
+        ot_trial = self._ot_trials[trial_id]
+        ot_trial.set_user_attr("driver", self._driver)
+        ot_trial.set_user_attr("heartbeat", time.time())
+        if self._target is not None and self._surplus(trial_id):
+            return self.FINISHED
+        params["_trial_number"] = self._ot_trials[trial_id].number
+        self._configs[trial_id] = dict(params)
+        self._curves[trial_id] = {}
+        self._tally.running += 1
+        return params
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials:
+            return
+        self._record(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        if result:
+            self._record(trial_id, result)
+        self._finish(trial_id, worker_died=error and not (self._last.get(trial_id) or {}).get("error"))
+
+    def _surplus(self, trial_id: str) -> bool:
+        """Closes a trial that another driver's trials crowded out of the count (a race of two asks).
+
+        Trial numbers order the asks of every driver, so the earlier trials win.
+        """
+        ot_trial = self._ot_trials[trial_id]
+        earlier = [t for t in self._ot_study.get_trials(deepcopy=False) if t.number < ot_trial.number]
+        if _claimed(earlier, driver=self._driver) < self._target:
+            return False
+        ot_trial.set_user_attr("error", SURPLUS)
+        ot_trial.set_user_attr("interrupted", True)  # does not count toward the trials
+        self._ot_study.tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
+        del self._ot_trials[trial_id]
+        return True
+
+    def heartbeat(self) -> None:
+        """Stamps this driver's open trials as alive (called from a timer thread)."""
+        for trial_id, ot_trial in list(self._ot_trials.items()):
+            if trial_id not in self._completed_trials:
+                with contextlib.suppress(Exception):  # finished meanwhile, or a storage hiccup
+                    ot_trial.set_user_attr("heartbeat", time.time())
+
+    def finish_leftovers(self) -> int:
+        """Tells every trial still open (the run was stopped under it) as interrupted; returns how many."""
+        n = 0
+        for trial_id in list(self._ot_trials):
+            if trial_id not in self._completed_trials:
+                self._finish(trial_id, worker_died=False, stopped_by_driver=True)
+                n += 1
+        return n
+
+    # The experiment checkpoint Ray writes is never restored (the study is the source of truth),
+    # and the storage and shared state do not pickle well: keep it empty.
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_bytes(b"")
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
+
+    # -- internals --
+
+    def _record(self, trial_id: str, result: Mapping[str, Any]) -> None:
+        """Keeps a trial's per-epoch metrics and reports val_acc at step = epoch to Optuna."""
+        self._last[trial_id] = dict(result)
+        if result.get("error") or "epoch" not in result:
+            return
+        epoch = int(result["epoch"])
+        curve = self._curves.setdefault(trial_id, {})
+        if epoch in curve:
+            return
+        curve[epoch] = dict(result)
+        value = result.get(self.metric)
+        if is_finite(value):
+            self._ot_trials[trial_id].report(float(value), step=epoch)
+
+    def _finish(self, trial_id: str, *, worker_died: bool, stopped_by_driver: bool = False) -> None:
+        ot_trial = self._ot_trials[trial_id]
+        config = self._configs.get(trial_id, {})
+        curve = [self._curves.get(trial_id, {})[e] for e in sorted(self._curves.get(trial_id, {}))]
+        last = curve[-1] if curve else {}
+        final = self._last.get(trial_id) or {}
+        value = last.get(self.metric)
+        state, error, interrupted = trial_outcome(
+            epochs_planned=int(config.get("epochs", self._search_space.max_epochs)),
+            values=[c.get(self.metric) for c in curve],
+            error=final.get("error"),
+            worker_died=worker_died,
+            asha_stopped=trial_id in self._asha_stopped,
+            stopped_by_driver=stopped_by_driver,
+            metric=self.metric,
+        )
+        self._set_attrs(ot_trial, config, curve, last, final, error, interrupted)
+        try:
+            self._ot_study.tell(ot_trial, float(value) if state == TrialState.COMPLETE else None, state=state)
+        except Exception as e:  # a storage hiccup must not end the search
+            print(f"warning: could not record trial {ot_trial.number}: {e}", file=sys.stderr)
+        if interrupted:
+            params = ot_trial.params
+            if params:
+                self._ot_study.enqueue_trial(params, user_attrs={"retry_of": ot_trial.number})
+        self._completed_trials.add(trial_id)
+        self._update_tally(state, interrupted, value, config, final)
+
+    def _set_attrs(
+        self, ot_trial: Any, config: dict, curve: list, last: dict, final: dict,
+        error: str | None, interrupted: bool,
+    ) -> None:
+        try:
+            cfg_dict: dict | None = self._search_space.to_trial_config(config).to_dict()
+        except Exception:
+            cfg_dict = {k: v for k, v in config.items() if not k.startswith("_")}
+        src = last or final
+        record = TrialRecord(
+            config=cfg_dict,
+            epochs_run=int(last.get("epoch", 0)),
+            curve=tuple({k: c.get(k) for k in CURVE_KEYS} for c in curve),
+            # One epoch for everything: the value, these metrics and the checkpoint are the last epoch's.
+            confusion_matrix=last.get("confusion_matrix"),
+            val_loss=last.get("val_loss"),
+            val_balanced_acc=last.get("val_balanced_acc"),
+            best_val_acc=last.get("best_val_acc"),
+            params_total=src.get("params_total"),
+            params_trainable=src.get("params_trainable"),
+            latency_ms=src.get("latency_ms"),
+            train_seconds=final.get("train_seconds", src.get("train_seconds")),
+            images_per_s=_mean([c.get("images_per_s") for c in curve]),
+            node_id=final.get("node_id"),
+            hostname=final.get("hostname"),
+            worker=final.get("worker"),
+            device=src.get("device"),
+            threads=final.get("threads"),
+            weights_id=src.get("weights_id"),
+            versions=_unflatten(final, "versions"),
+            started_at=final.get("started_at"),
+            finished_at=time.time(),
+            checkpoint=final.get("checkpoint"),
+            error=error[:2000] if error else None,
+            traceback=str(final["traceback"])[-4000:] if final.get("traceback") else None,
+            interrupted=interrupted,
+        )
+        attrs = record.to_user_attrs()  # retry_of, baseline, driver, heartbeat: set by the search, kept
+        for key, val in attrs.items():
+            try:
+                ot_trial.set_user_attr(key, val)
+            except Exception as e:  # one odd value must not lose the others
+                print(f"warning: trial {ot_trial.number}: user_attr {key}: {e}", file=sys.stderr)
+
+    def _update_tally(self, state: TrialState, interrupted: bool, value: Any, config: dict, final: dict) -> None:
+        t = self._tally
+        t.running = max(0, t.running - 1)
+        t.compute_seconds += float(final.get("train_seconds") or 0.0)
+        if interrupted:
+            t.interrupted += 1
+        elif state == TrialState.COMPLETE:
+            t.complete += 1
+            t.offer(float(value), config.get("backbone"))
+        elif state == TrialState.PRUNED:
+            t.pruned += 1
+        else:
+            t.failed += 1
