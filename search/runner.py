@@ -34,7 +34,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import optuna
 import ray
@@ -49,6 +49,9 @@ from search.studies import CURVE_KEYS, TrialRecord, best_trial, counts_toward_ta
 from search.config import TLSearchError, check_study_name, dump_yaml
 from search.settings import SearchSettings
 from search.space import Constant, SearchSpace, backbones_in
+
+if TYPE_CHECKING:
+    from search.data import DatasetIndex
 
 MARKER = ".tlsearch"  # marks an experiment folder this tool created (resume refuses others)
 INTERRUPTED = "interrupted (driver stopped)"
@@ -470,7 +473,7 @@ def trial_outcome(
 def _trainable(
     config: dict,
     *,
-    index: Any,
+    index: DatasetIndex,
     space: SearchSpace,
     trial_fn: TrialFn | None,
     metric: str,
@@ -635,7 +638,7 @@ def _uses_pretrained(space: SearchSpace) -> bool:
     return not (isinstance(p, Constant) and p.value is False)
 
 
-def preflight(settings: SearchSettings, space: SearchSpace) -> Any:
+def preflight(settings: SearchSettings, space: SearchSpace) -> DatasetIndex:
     """Checks everything a search needs before any trial starts (seconds, one clear line each).
 
     Args:
@@ -666,7 +669,7 @@ def preflight(settings: SearchSettings, space: SearchSpace) -> Any:
 
 
 def _open_study(
-    settings: SearchSettings, storage: Any, index: Any, space: SearchSpace
+    settings: SearchSettings, storage: Any, index: DatasetIndex, space: SearchSpace
 ) -> tuple[optuna.Study, bool]:
     """Creates the study, or checks that an existing one matches this dataset and space.
 
@@ -894,7 +897,7 @@ def _single_machine_ray() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
-def check_nodes_see_data(index: Any, *, experiment_dir: Path | None = None,
+def check_nodes_see_data(index: DatasetIndex, *, experiment_dir: Path | None = None,
                          timeout_s: float = NODE_CHECK_TIMEOUT_S) -> dict[str, dict]:
     """Checks, on every alive Ray node, that the dataset is there at the same path.
 
@@ -1030,7 +1033,7 @@ def run_search(
 
 
 def _tune(
-    settings: SearchSettings, space: SearchSpace, index: Any, storage: Any, study: optuna.Study,
+    settings: SearchSettings, space: SearchSpace, index: DatasetIndex, storage: Any, study: optuna.Study,
     tally: _Tally, remaining: int, trial_fn: TrialFn | None, progress: bool, t0: float, driver: str = "",
 ) -> tuple[bool, bool]:
     """Runs one Ray Tune experiment of `remaining` trials; returns (interrupted, budget_reached)."""
