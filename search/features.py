@@ -25,7 +25,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from search.config import TrialConfig, atomic_save, file_lock
 
 if TYPE_CHECKING:
     from search.backbones import Backbone
+    from search.data import DatasetIndex
 
 # The feature folder is trimmed to this many bytes (least recently used files go first).
 DEFAULT_BUDGET_BYTES = int(os.environ.get("TLSEARCH_FEATURE_CACHE_BYTES", 4 * 2**30))
@@ -100,7 +101,7 @@ def cached_loaders(
     train_ds: Dataset,
     val_ds: Dataset,
     *,
-    index: Any,
+    index: DatasetIndex,
     device: torch.device,
     cache_dir: str | os.PathLike | None = None,
 ) -> tuple[DataLoader | None, DataLoader, nn.Module] | None:
@@ -149,7 +150,7 @@ def _cached_loaders(
     splits: dict[str, Dataset],
     module: nn.Module,
     *,
-    index: Any,
+    index: DatasetIndex,
     device: torch.device,
     cache_dir: str | os.PathLike | None,
     val_batch: int,

@@ -1,4 +1,4 @@
-"""Tests for search/data.py: scanning, validation, splits, decoding rules and the image cache."""
+"""Tests for search/data/: scanning, validation, splits, decoding rules and the image cache."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from search import data
+from search.data import _cache, _hashes
 from search.config import TLSearchError
 from search.data import (
     BadImageError,
@@ -508,8 +508,8 @@ def test_rescan_hashes_only_changed_files(tmp_path: Path, monkeypatch: pytest.Mo
     root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=3, size=16)
     cache = tmp_path / "cache"
     hashed: list[str] = []
-    real = data._sha256_file
-    monkeypatch.setattr(data, "_sha256_file", lambda p: hashed.append(p) or real(p))
+    real = _hashes._sha256_file
+    monkeypatch.setattr(_hashes, "_sha256_file", lambda p: hashed.append(p) or real(p))
     first = scan_dataset(root, warn=Warnings(), cache_dir=cache)
     assert len(hashed) == 12 and list((cache / "hashes").iterdir())
     hashed.clear()
@@ -571,7 +571,7 @@ def test_cache_build_reuse_and_equal_to_decoding(tmp_path: Path, monkeypatch: py
     def no_decode(*a, **k):
         raise AssertionError("decoded instead of reusing the cache")
 
-    monkeypatch.setattr(data, "decode_resized", no_decode)
+    monkeypatch.setattr(_cache, "decode_resized", no_decode)
     again = ImageDataset(index.train, size=32, cache_dir=cache_dir, cache_key=f"{index.fingerprint}-train")
     assert again.cache_path == path
     cached = torch.stack([again[i][0] for i in range(len(again))])
@@ -588,13 +588,13 @@ def test_cache_build_reuse_and_equal_to_decoding(tmp_path: Path, monkeypatch: py
 def test_concurrent_builders_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     index = scan_dataset(make_image_folder(tmp_path / "d", per_class=4, size=24), warn=Warnings())
     calls = []
-    real = data.decode_resized
+    real = _cache.decode_resized
 
     def counting(path, size):
         calls.append(path)
         return real(path, size)
 
-    monkeypatch.setattr(data, "decode_resized", counting)
+    monkeypatch.setattr(_cache, "decode_resized", counting)
     sets = [ImageDataset(index.train, size=16, cache_dir=tmp_path / "c", cache_key="k") for _ in range(3)]
     threads = [threading.Thread(target=s.prepare) for s in sets]
     for t in threads:

@@ -9,12 +9,15 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import ray
 
 from search.config import TLSearchError
 from search.settings import SearchSettings
+
+if TYPE_CHECKING:
+    from search.data import DatasetIndex
 
 NODE_CHECK_FILES = 1000  # dataset files each Ray node stats before a cluster search
 
@@ -95,7 +98,7 @@ def _single_machine_ray() -> Iterator[None]:
         ray_constants.ENABLE_RAY_CLUSTER = before
 
 
-def check_nodes_see_data(index: Any, *, experiment_dir: Path | None = None,
+def check_nodes_see_data(index: DatasetIndex, *, experiment_dir: Path | None = None,
                          timeout_s: float = NODE_CHECK_TIMEOUT_S) -> dict[str, dict]:
     """Checks, on every alive Ray node, that the dataset is there at the same path.
 

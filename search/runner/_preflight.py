@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
@@ -14,6 +14,9 @@ from search.config import TLSearchError, check_study_name
 from search.runner._search import SAMPLERS
 from search.settings import SearchSettings
 from search.space import Constant, SearchSpace, backbones_in
+
+if TYPE_CHECKING:
+    from search.data import DatasetIndex
 
 MARKER = ".tlsearch"  # marks an experiment folder this tool created (resume refuses others)
 
@@ -42,7 +45,7 @@ def _uses_pretrained(space: SearchSpace) -> bool:
     return not (isinstance(p, Constant) and p.value is False)
 
 
-def preflight(settings: SearchSettings, space: SearchSpace) -> Any:
+def preflight(settings: SearchSettings, space: SearchSpace) -> DatasetIndex:
     """Checks everything a search needs before any trial starts (seconds, one clear line each).
 
     Args:
@@ -70,7 +73,7 @@ def preflight(settings: SearchSettings, space: SearchSpace) -> Any:
 
 
 def _open_study(
-    settings: SearchSettings, storage: Any, index: Any, space: SearchSpace
+    settings: SearchSettings, storage: Any, index: DatasetIndex, space: SearchSpace
 ) -> tuple[optuna.Study, bool]:
     """Creates the study, or checks that an existing one matches this dataset and space.
 

@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import optuna
 import ray
@@ -42,6 +42,9 @@ from search.space import SearchSpace
 from search.studies import (
     best_trial,
 )
+
+if TYPE_CHECKING:
+    from search.data import DatasetIndex
 
 # Ray keeps a trial's worker process for the next trial instead of starting a fresh one (a fresh
 # worker costs seconds: process start, torch import). Safe: `_trainable` sets the torch thread
@@ -107,7 +110,7 @@ def run_search(
 
 
 def _tune(
-    settings: SearchSettings, space: SearchSpace, index: Any, storage: Any, study: optuna.Study,
+    settings: SearchSettings, space: SearchSpace, index: DatasetIndex, storage: Any, study: optuna.Study,
     tally: _Tally, remaining: int, trial_fn: TrialFn | None, progress: bool, t0: float, driver: str = "",
 ) -> tuple[bool, bool]:
     """Runs one Ray Tune experiment of `remaining` trials; returns (interrupted, budget_reached)."""

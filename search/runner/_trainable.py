@@ -8,12 +8,15 @@ import socket
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ray
 from ray import tune
 
 from search.space import SearchSpace
+
+if TYPE_CHECKING:
+    from search.data import DatasetIndex
 
 TrialFn = Callable[..., Any]
 
@@ -21,7 +24,7 @@ TrialFn = Callable[..., Any]
 def _trainable(
     config: dict,
     *,
-    index: Any,
+    index: DatasetIndex,
     space: SearchSpace,
     trial_fn: TrialFn | None,
     metric: str,

@@ -25,6 +25,7 @@ from search.model_io import save_checkpoint
 
 if TYPE_CHECKING:
     from search.backbones import Backbone
+    from search.data import DatasetIndex
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -63,7 +64,7 @@ class TrialResult:
 
 def fine_tune(
     config: TrialConfig,
-    index: Any,
+    index: DatasetIndex,
     *,
     report: Report | None = None,
     weights_dir: str | None = None,
@@ -210,7 +211,7 @@ class _Plan:
 
 def load_data(
     config: TrialConfig,
-    index: Any,
+    index: DatasetIndex,
     bb: Backbone,
     *,
     device: torch.device,

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from search.config import TrialConfig
 from search.model_io import save_model
 from search.trial._loop import fine_tune
+
+if TYPE_CHECKING:
+    from search.data import DatasetIndex
 
 # The split `train` uses when a config records none (a hand-written one): `tlsearch run`'s defaults.
 DEFAULT_SPLIT_SEED = 0
@@ -29,7 +32,7 @@ def training_index(
     allow_changed_data: bool = False,
     source: str = "config",
     warn: Callable[[str], None] | None = None,
-) -> Any:
+) -> DatasetIndex:
     """Scans DATA the way the config's study did: its recorded split, checked against its dataset.
 
     A config exported from a study records the study's split (`split`) and dataset fingerprint;
@@ -72,7 +75,7 @@ def training_index(
     return _override_split(index, seed=seed, val_fraction=val_fraction, warn=warn)
 
 
-def _override_split(index: Any, *, seed: int | None, val_fraction: float | None, warn: Callable[[str], None]) -> Any:
+def _override_split(index: DatasetIndex, *, seed: int | None, val_fraction: float | None, warn: Callable[[str], None]) -> DatasetIndex:
     """The index re-split with an explicit seed and/or fraction; one warning line when it changes."""
     from search.data import resplit
 

@@ -1,0 +1,85 @@
+"""Datasets: scan an ImageFolder once, validate and split it, decode images, cache them.
+
+`scan_dataset` walks DATA a single time and returns a `DatasetIndex`: the classes, the train and
+val samples (and the test samples kept for the final evaluation), how they were split (as text and
+as a `SplitSpec` that `tlsearch train` reuses), the files it skipped (and why) and a fingerprint
+that changes whenever a file's content or the split changes, and only then (a copy of the dataset
+elsewhere, with new modification times, keeps it). `ImageDataset` serves the samples as uint8 CHW tensors of
+side `stored_size(image_size)`, from a memory-mapped array of decoded images that every trial on
+the machine shares (built once per dataset fingerprint and size), or decoded on access when the
+array would not fit the cache budget.
+
+Where things live (import them from `search.data`, not from the private modules):
+
+- `_decode`: `load_image` (the decoding rules), `decode_resized`, `stored_size`, `BadImageError`.
+- `_index`: `SplitSpec`, `DatasetIndex`, `format_summary`, `DatasetError`, the `Sample` type.
+- `_scan`: `scan_dataset`, `resplit`: the walk, the checks, the random split, the fingerprint.
+- `_hashes`: per-file content hashes and their cache, `verify`'s decode, known placeholders.
+- `_cache`: `ImageDataset` (the shared decoded-image cache) and `dataset_splits`.
+"""
+
+from __future__ import annotations
+
+# Re-exported: code elsewhere has always found the cache folder here.
+from search.config import default_cache_dir
+from search.data._cache import (
+    CACHE_FORMAT,
+    DEFAULT_MAX_CACHE_BYTES,
+    ImageDataset,
+    dataset_splits,
+)
+from search.data._decode import (
+    CROP_RATIO,
+    MAX_IMAGE_PIXELS,
+    BadImageError,
+    decode_resized,
+    load_image,
+    stored_size,
+)
+from search.data._hashes import HASH_CACHE_FORMAT, KNOWN_PLACEHOLDERS
+from search.data._index import (
+    SPLIT_LAYOUTS,
+    DatasetError,
+    DatasetIndex,
+    Sample,
+    SplitSpec,
+    WarnFn,
+    format_summary,
+)
+from search.data._scan import (
+    IGNORED_NAMES,
+    IMAGE_EXTENSIONS,
+    TEST_SPLIT_NAME,
+    VAL_SPLIT_NAMES,
+    resplit,
+    scan_dataset,
+)
+
+__all__ = [
+    "CACHE_FORMAT",
+    "CROP_RATIO",
+    "DEFAULT_MAX_CACHE_BYTES",
+    "HASH_CACHE_FORMAT",
+    "IGNORED_NAMES",
+    "IMAGE_EXTENSIONS",
+    "KNOWN_PLACEHOLDERS",
+    "MAX_IMAGE_PIXELS",
+    "SPLIT_LAYOUTS",
+    "TEST_SPLIT_NAME",
+    "VAL_SPLIT_NAMES",
+    "BadImageError",
+    "DatasetError",
+    "DatasetIndex",
+    "ImageDataset",
+    "Sample",
+    "SplitSpec",
+    "WarnFn",
+    "dataset_splits",
+    "decode_resized",
+    "default_cache_dir",
+    "format_summary",
+    "load_image",
+    "resplit",
+    "scan_dataset",
+    "stored_size",
+]
