@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap as mmap_module
 import os
 import random
 import shutil
@@ -52,6 +53,12 @@ CROP_RATIO = 0.875
 CACHE_FORMAT = 1
 # Default budget of one cached image array; larger datasets are decoded on access.
 DEFAULT_MAX_CACHE_BYTES = 8 * 1024**3
+# Default budget of the whole images/ cache folder ($TLSEARCH_IMAGE_CACHE_BYTES overrides it): the
+# least recently used arrays are removed to make room for a new one.
+DEFAULT_IMAGE_BUDGET_BYTES = 16 * 1024**3
+# Images are decoded and written this many bytes at a time, so building the cache holds one chunk
+# in memory whatever the dataset's size.
+BUILD_CHUNK_BYTES = 64 * 1024**2
 
 WarnFn = Callable[[str], None]
 Sample = tuple[str, int]
@@ -589,14 +596,26 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tlsearch"
 
 
+def image_budget_bytes() -> int:
+    """The images/ cache folder's budget: $TLSEARCH_IMAGE_CACHE_BYTES, else DEFAULT_IMAGE_BUDGET_BYTES."""
+    env = os.environ.get("TLSEARCH_IMAGE_CACHE_BYTES", "").strip()
+    try:
+        return int(float(env)) if env else DEFAULT_IMAGE_BUDGET_BYTES
+    except ValueError:
+        raise TLSearchError(f"TLSEARCH_IMAGE_CACHE_BYTES must be a number of bytes, got {env!r}") from None
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Samples as (transform(uint8 CHW tensor of side `size`), label), cached or decoded on access.
 
     With cache=True and an array that fits `max_cache_bytes` (and the free disk), the first use
     decodes every image once into `<cache_dir>/images/<cache_key>-<size>.v<N>.u8` (N x size x size
-    x 3 uint8, written under a temporary name and renamed, under a file lock so concurrent trial
-    processes build it once), then memory-maps it read-only: every process on the machine shares
-    the same pages. Otherwise each image is decoded on access (streaming).
+    x 3 uint8, decoded and written a chunk at a time under a temporary name and renamed, under a
+    file lock so concurrent trial processes build it once), then memory-maps it read-only: every
+    process on the machine shares the same pages. Otherwise each image is decoded on access
+    (streaming). The images/ folder is kept under `image_budget_bytes()` by removing the least
+    recently used arrays before a new one is built; an array removed while a trial maps it stays
+    readable by that trial, and one removed before a trial opens it is built again.
 
     A file that cannot be decoded any more (changed or broken after the scan) does not crash
     training: a warning names it once, the sample comes back as a black image, and its path and
@@ -636,10 +655,11 @@ class ImageDataset(torch.utils.data.Dataset):
         self._array: np.ndarray | None = None
         self._lock = threading.Lock()
         if cache and self.samples:
-            if self.nbytes > max_cache_bytes:
+            budget = min(max_cache_bytes, image_budget_bytes())
+            if self.nbytes > budget:
                 self.warn(
                     f"image cache of {self.nbytes / 2**30:.1f} GiB exceeds the budget of "
-                    f"{max_cache_bytes / 2**30:.1f} GiB; decoding images on access"
+                    f"{budget / 2**30:.1f} GiB; decoding images on access"
                 )
             else:
                 key = cache_key or _samples_key(self.samples)
@@ -697,40 +717,70 @@ class ImageDataset(torch.utils.data.Dataset):
             self.bad_files[path] = reason
             self.warn(f"cannot decode {path} ({reason}); using a black image")
 
+    def release_pages(self) -> None:
+        """Unmaps the cache pages this process has read so far (the page cache keeps them, so a
+        later read is cheap): a pass over a large cache then holds only what it reads next."""
+        mm = getattr(self._array, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap_module, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError, ValueError):
+                mm.madvise(mmap_module.MADV_DONTNEED)
+
     def _open_or_build(self, final: Path) -> np.ndarray:
         shape = (len(self.samples), self.size, self.size, 3)
         bad_path = final.with_suffix(".bad.json")
         final.parent.mkdir(parents=True, exist_ok=True)
-        if not _complete(final, self.nbytes):
-            with _file_lock(final.with_name(final.name + ".lock")):
-                if not _complete(final, self.nbytes):  # another process may have built it meanwhile
-                    self._build(final, bad_path, shape)
-        if bad_path.exists():
-            for path, reason in json.loads(bad_path.read_text()).items():
-                self._record_bad(path, reason)
-        return np.memmap(final, dtype=np.uint8, mode="r", shape=shape)
+        for _ in range(3):
+            if not _complete(final, self.nbytes):
+                with _file_lock(final.with_name(final.name + ".lock")):
+                    if not _complete(final, self.nbytes):  # another process may have built it meanwhile
+                        self._build(final, bad_path, shape)
+            try:
+                # Mapped through an open file: once open, another process trimming the cache
+                # cannot take the array away from this one.
+                with open(final, "rb") as f:
+                    array = np.memmap(f, dtype=np.uint8, mode="r", shape=shape)
+            except (FileNotFoundError, ValueError):  # trimmed (or cut) between the check and the open
+                continue
+            from search.disk import touch
+
+            touch(final)  # least recently used goes first when the folder is trimmed
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                for path, reason in json.loads(bad_path.read_text()).items():
+                    self._record_bad(path, reason)
+            return array
+        raise OSError(f"{final} kept disappearing while it was opened (the cache folder is being cleared)")
 
     def _build(self, final: Path, bad_path: Path, shape: tuple[int, int, int, int]) -> None:
+        from search.disk import tmp_name, trim_lru
+
+        budget = image_budget_bytes()
+        # Room for the new array first: least recently used arrays go (never one in use right now).
+        trim_lru(final.parent.glob("*.u8"), budget - self.nbytes, companions=(".bad.json",), keep=(final,))
         free = shutil.disk_usage(final.parent).free
         if free < self.nbytes + 256 * 2**20:
             raise OSError(f"only {free / 2**30:.1f} GiB free, the cache needs {self.nbytes / 2**30:.1f} GiB")
-        tmp = final.with_name(final.name + ".tmp")  # we hold the lock: any old one is stale
-        out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
+        tmp = tmp_name(final)
         bad: dict[str, str] = {}
+        per_image = self.size * self.size * 3
+        chunk = np.empty((max(1, min(shape[0], BUILD_CHUNK_BYTES // per_image)), *shape[1:]), np.uint8)
 
-        def fill(i: int) -> None:
+        def fill(i: int, start: int) -> None:
             path = self.samples[i][0]
             try:
-                out[i] = decode_resized(path, self.size)
+                chunk[i - start] = decode_resized(path, self.size)
             except BadImageError as e:
-                bad[path] = str(e)  # the slot stays zero: a black image
+                bad[path] = str(e)
+                chunk[i - start] = 0  # a black image
 
         try:
-            with ThreadPoolExecutor(max_workers=_workers()) as pool:
-                for _ in pool.map(fill, range(shape[0])):
-                    pass
-            out.flush()
-            del out
+            with open(tmp, "wb") as out, ThreadPoolExecutor(max_workers=_workers()) as pool:
+                # One chunk decoded at a time and written in order: memory stays at one chunk
+                # whatever the dataset's size (the written pages are the page cache's).
+                for start in range(0, shape[0], len(chunk)):
+                    n = min(len(chunk), shape[0] - start)
+                    for _ in pool.map(fill, range(start, start + n), [start] * n):
+                        pass
+                    out.write(memoryview(chunk[:n]))
             # The bad-file list goes first so a reader that sees the array also sees it.
             _atomic_write(bad_path, json.dumps(dict(sorted(bad.items()))) if bad else None)
             os.replace(tmp, final)
@@ -763,7 +813,9 @@ def _atomic_write(path: Path, text: str | None) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         return
-    tmp = path.with_name(path.name + ".tmp")
+    from search.disk import tmp_name
+
+    tmp = tmp_name(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 

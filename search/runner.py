@@ -215,6 +215,7 @@ class HonestOptunaSearch(OptunaSearch):
         pretrained: bool = True,
         driver: str = "",
         target: int | None = None,
+        keep_checkpoints: int | None = None,
     ) -> None:
         self._search_space = space
         self._asha_stopped = asha_stopped
@@ -222,6 +223,7 @@ class HonestOptunaSearch(OptunaSearch):
         self._pretrained = pretrained
         self._driver = driver  # this driver's id, stamped on every trial it runs
         self._target = target  # trials the study should reach, all drivers together; None: no check
+        self._keep_checkpoints = keep_checkpoints  # best COMPLETE checkpoints kept per backbone; None: keep all
         self._reseeded = False
         self._configs: dict[str, dict] = {}
         self._curves: dict[str, dict[int, dict]] = {}
@@ -347,6 +349,7 @@ class HonestOptunaSearch(OptunaSearch):
             state, interrupted, error = TrialState.FAIL, True, INTERRUPTED
 
         self._set_attrs(ot_trial, config, curve, last, final, epochs_run, error, interrupted)
+        self._bound_checkpoints(ot_trial, state, value, config, interrupted, final)
         try:
             self._ot_study.tell(ot_trial, float(value) if state == TrialState.COMPLETE else None, state=state)
         except Exception as e:  # a storage hiccup must not end the search
@@ -405,6 +408,34 @@ class HonestOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr(key, val)
             except Exception as e:  # one odd value must not lose the others
                 print(f"warning: trial {ot_trial.number}: user_attr {key}: {e}", file=sys.stderr)
+
+    def _bound_checkpoints(self, ot_trial: Any, state: TrialState, value: Any, config: dict,
+                           interrupted: bool, final: dict) -> None:
+        """Removes the checkpoints the study no longer keeps, this ending trial's among them
+        (`disk.checkpoints_to_remove`); this trial's attributes say so before its state is told."""
+        if self._keep_checkpoints is None:
+            return
+        from search import disk
+
+        try:
+            backbone = self._search_space.to_trial_config(config).backbone
+        except Exception:
+            backbone = config.get("backbone")
+        retry_of = ot_trial.user_attrs.get("retry_of")
+        ending = disk.CheckpointTrial(
+            number=ot_trial.number, state=state.name,
+            value=float(value) if state == TrialState.COMPLETE and _finite(value) else None,
+            backbone=backbone, interrupted=interrupted, retry_of=retry_of if isinstance(retry_of, int) else None,
+            has_checkpoint=bool(final.get("checkpoint")),
+        )
+        try:
+            _, own = disk.prune_study_checkpoints(self._ot_study, keep=self._keep_checkpoints, ending=ending)
+            if own:
+                disk.remove_file(final.get("checkpoint"))
+                ot_trial.set_user_attr("checkpoint", None)
+                ot_trial.set_user_attr("checkpoint_removed", True)
+        except Exception as e:  # disk space is not worth a trial: the next trial's end tries again
+            print(f"warning: trial {ot_trial.number}: checkpoints not cleaned up: {e}", file=sys.stderr)
 
     def _update_tally(self, state: TrialState, interrupted: bool, value: Any, config: dict, final: dict) -> None:
         t = self._tally
@@ -955,6 +986,7 @@ def run_search(
     dump_yaml(settings.to_dict(), exp / "settings.yaml")
     driver = new_driver_id()
     reconcile(study, driver=driver)  # trials of crashed drivers; live ones of other drivers stay
+    _bound_disk(settings, study)
 
     remaining = settings.trials - finished_count(study)
     tally = _Tally(mode=settings.mode)
@@ -974,6 +1006,20 @@ def run_search(
     return _summary(settings, study, t0, tally, trials_run, interrupted, budget_reached)
 
 
+def _bound_disk(settings: SearchSettings, study: optuna.Study) -> None:
+    """Frees what earlier runs left behind: temporary files of killed processes, and checkpoints
+    the study no longer keeps (e.g. after `--keep-checkpoints` was lowered)."""
+    from search import disk
+    from search.data import default_cache_dir
+
+    cache = default_cache_dir()
+    disk.clean_stale_tmp([cache / "images", cache / "features", settings.experiment_dir / "checkpoints"])
+    try:
+        disk.prune_study_checkpoints(study, keep=settings.keep_checkpoints)
+    except Exception as e:  # a storage hiccup: trials' ends try again
+        print(f"warning: checkpoints not cleaned up: {e}", file=sys.stderr)
+
+
 def _tune(
     settings: SearchSettings, space: SearchSpace, index: Any, storage: Any, study: optuna.Study,
     tally: _Tally, remaining: int, trial_fn: TrialFn | None, progress: bool, t0: float, driver: str = "",
@@ -989,6 +1035,7 @@ def _tune(
         space, metric=settings.metric, mode=settings.mode, sampler=sampler,
         study_name=settings.study, storage=storage, asha_stopped=asha_stopped, tally=tally,
         pretrained=settings.pretrained, driver=driver, target=settings.trials,
+        keep_checkpoints=settings.keep_checkpoints,
     )
     concurrency = settings.max_concurrent or default_concurrency(
         cpus=resources.get("CPU", 1), gpus=resources.get("GPU", 0),

@@ -368,9 +368,11 @@ def measure_latency(model: nn.Module, image_size: int, device: torch.device, *, 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """Saves the model's state_dict atomically (a crash never leaves half a file)."""
+    from search.disk import tmp_name
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
+    tmp = tmp_name(p)  # the writer's pid in the name: a kill -9 leaves a file known to be stale
     torch.save(model.state_dict(), tmp)
     tmp.replace(p)
 
