@@ -243,7 +243,8 @@ def checkpoints_to_remove(trials: Sequence[CheckpointTrial], *, maximize: bool, 
     return sorted(out)
 
 
-def checkpoint_trials(trials: Sequence["optuna.trial.FrozenTrial"], removed: Iterable[int] = ()) -> list[CheckpointTrial]:
+def checkpoint_trials(trials: Sequence["optuna.trial.FrozenTrial"],
+                      removed: Iterable[int] = ()) -> list[CheckpointTrial]:
     """The study's trials as the checkpoint rule sees them.
 
     Args:
@@ -266,7 +267,8 @@ def checkpoint_trials(trials: Sequence["optuna.trial.FrozenTrial"], removed: Ite
             backbone=t.params.get("backbone", config.get("backbone")),
             interrupted=bool(attrs.get("interrupted")),
             retry_of=retry_of if isinstance(retry_of, int) else None,
-            has_checkpoint=bool(attrs.get("checkpoint")) and not attrs.get("checkpoint_removed") and t.number not in gone,
+            has_checkpoint=(bool(attrs.get("checkpoint")) and not attrs.get("checkpoint_removed")
+                            and t.number not in gone),
         ))
     return out
 
@@ -293,7 +295,8 @@ def remove_file(path: str | os.PathLike[str] | None) -> int:
     return size
 
 
-def prune_study_checkpoints(study: "optuna.Study", *, keep: int, ending: CheckpointTrial | None = None) -> tuple[list[int], bool]:
+def prune_study_checkpoints(study: "optuna.Study", *, keep: int,
+                            ending: CheckpointTrial | None = None) -> tuple[list[int], bool]:
     """Removes the checkpoints of the study's finished trials that the rule no longer keeps.
 
     The study (its storage) is the source of truth, so several drivers on one study agree: each

@@ -21,7 +21,6 @@ import fcntl
 import hashlib
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 

@@ -530,7 +530,8 @@ def _age(path: Path, seconds: float) -> None:
     os.utime(path, (t, t))
 
 
-def test_image_cache_keeps_to_its_budget_least_recently_used_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_image_cache_keeps_to_its_budget_least_recently_used_first(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     index = scan_dataset(make_image_folder(tmp_path / "d", per_class=2, size=16), warn=Warnings())
     nbytes = len(index.train) * 16 * 16 * 3
     monkeypatch.setenv("TLSEARCH_IMAGE_CACHE_BYTES", str(int(2.5 * nbytes)))

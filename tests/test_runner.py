@@ -310,17 +310,20 @@ def test_checkpoints_kept_only_for_the_best_per_backbone(tmp_path: Path, ray_ses
         if t.number in keep:
             assert t.user_attrs["checkpoint"] == str(_checkpoint_file(s, t))
         else:  # recorded as removed: on the trial when it went at the trial's end, else on the study
-            assert (t.user_attrs.get("checkpoint") is None and t.user_attrs.get("checkpoint_removed")) or t.number in on_study
+            own = t.user_attrs.get("checkpoint") is None and t.user_attrs.get("checkpoint_removed")
+            assert own or t.number in on_study
     assert not stale.exists() and live.exists()
 
 
 
-def test_driver_removes_ended_trials_checkpoints_and_keeps_an_interrupted_one_until_its_retry_ends(tmp_path: Path) -> None:
+def test_driver_removes_ended_trials_checkpoints_and_keeps_an_interrupted_one_until_its_retry_ends(
+        tmp_path: Path) -> None:
     """The searcher's decisions at each trial's end, driven by hand (no Ray session needed)."""
     from search import disk
     from search.runner import HonestOptunaSearch, _Tally
 
-    space = SearchSpace.from_dict({"backbone": "resnet18", "lr": {"low": 1e-4, "high": 1e-2, "log": True}, "max_epochs": 3})
+    space = SearchSpace.from_dict({"backbone": "resnet18", "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+                                   "max_epochs": 3})
     storage = get_storage(f"sqlite:///{tmp_path / 's.db'}")
     stopped: set = set()
     searcher = HonestOptunaSearch(space, metric="val_acc", mode="max", sampler=optuna.samplers.RandomSampler(seed=0),
@@ -332,9 +335,11 @@ def test_driver_removes_ended_trials_checkpoints_and_keeps_an_interrupted_one_un
         path = tmp_path / f"trial-{number}.pt"
         path.write_bytes(b"ckpt")
         for epoch in range(1, epochs + 1):
-            searcher.on_trial_result(trial_id, {**epoch_metrics(epoch, acc, seconds=0.1, lr=1e-3), "checkpoint": str(path)})
+            metrics = epoch_metrics(epoch, acc, seconds=0.1, lr=1e-3)
+            searcher.on_trial_result(trial_id, {**metrics, "checkpoint": str(path)})
         if error:
-            searcher.on_trial_result(trial_id, {"val_acc": float("nan"), "epoch": epochs, "error": error, "checkpoint": str(path)})
+            searcher.on_trial_result(trial_id, {"val_acc": float("nan"), "epoch": epochs, "error": error,
+                                                "checkpoint": str(path)})
         return path
 
     good = run("good", 3, 0.9)
