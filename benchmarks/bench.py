@@ -12,7 +12,10 @@ Parts (each on ../shared/data/hymenoptera with ../shared/weights/tf_efficientnet
   c. images/s of the decoded-image cache vs decoding every JPEG with PIL;
   d. orchestration overhead of `run_search` over many short trials, and over a few (the one-off
      start-up's share), with and without Ray reusing trial workers;
-  e. on this machine: 1 trial x all CPUs vs one trial per CPU (the default concurrency).
+  e. on this machine: 1 trial x all CPUs vs one trial per CPU (the default concurrency);
+  f. peak memory of a first (cold) head-only trial, which builds the caches, on generated datasets of
+     5k, 10k and 20k 400x300 JPEG photos (benchmarks/_memory.py): it must stay flat as the dataset
+     grows, apart from the cached features it holds.
 
 Every cache starts empty (a fresh TLSEARCH_CACHE), so one-off builds are paid inside the
 benchmark. Writes benchmarks/results/latest.json and latest.md, and the README's Performance table.
@@ -56,13 +59,18 @@ class Plan:
     stub_trials: int  # part d: trials per run
     stub_epoch_s: float  # part d: seconds of work per stub epoch
     conc_trials: int  # part e: identical real trials per setting
+    memory_sizes: tuple[int, ...]  # part f: dataset sizes (images) measured
 
 
 PARTIAL_FREEZE_DEPTH = 5  # part b: a partially frozen Lite0 (stem + 4 of its 7 block stages frozen)
 FEW_STUB_TRIALS = 12  # part d: also measured with this many trials (the one-off start-up's share)
 
-FULL = Plan(budget_s=240, target=0.93, epochs=5, image_size=160, stub_trials=60, stub_epoch_s=2.0, conc_trials=2)
-QUICK = Plan(budget_s=45, target=0.90, epochs=2, image_size=128, stub_trials=8, stub_epoch_s=0.5, conc_trials=2)
+FULL = Plan(budget_s=240, target=0.93, epochs=5, image_size=160, stub_trials=60, stub_epoch_s=2.0, conc_trials=2,
+            memory_sizes=(5000, 10000, 20000))
+QUICK = Plan(budget_s=45, target=0.90, epochs=2, image_size=128, stub_trials=8, stub_epoch_s=0.5, conc_trials=2,
+             memory_sizes=(500, 1000))
+MEMORY_IMAGE_SIZE = 128  # part f: the backbone's input side
+MEMORY_THREADS = 1  # part f: torch threads of the trial (a trial's default: one CPU)
 
 
 def space(plan: Plan) -> dict:
@@ -341,12 +349,48 @@ def part_e(plan: Plan, work: Path) -> dict:
     return out
 
 
+# ----- f: memory as the dataset grows -----------------------------------------------------------------
+
+
+def part_f(plan: Plan, work: Path) -> dict:
+    from benchmarks import _memory
+
+    runs = []
+    for n in plan.memory_sizes:
+        data, cache = work / f"photos-{n}", work / f"cache-f-{n}"
+        print(f"[f] {n} photos: generating, then a first and a second head-only trial ...", file=sys.stderr, flush=True)
+        t = time.time()
+        _memory.make_photos(data, n)
+        made_s = time.time() - t
+        cold = _memory.measure(data, cache_dir=cache, threads=MEMORY_THREADS, image_size=MEMORY_IMAGE_SIZE)
+        warm = _memory.measure(data, cache_dir=cache, threads=MEMORY_THREADS, image_size=MEMORY_IMAGE_SIZE)
+        sizes = {name: sum(f.stat().st_size for f in (cache / name).glob(pattern))
+                 for name, pattern in (("images", "*.u8"), ("features", "*.pt"))}
+        runs.append({"images": n, "generate_s": round(made_s, 1), "first_trial": cold, "warm_trial": warm,
+                     "image_cache_mb": round(sizes["images"] / 2**20, 1), "features_mb": round(sizes["features"] / 2**20, 1)})
+        shutil.rmtree(data, ignore_errors=True)  # mind the disk: 20k photos and their cache are ~2 GB
+        shutil.rmtree(cache, ignore_errors=True)
+    small, large = runs[0], runs[-1]
+    allowed = 1.2 * small["first_trial"]["peak_rss_mb"] + large["features_mb"]
+    return {
+        "backbone": BACKBONE, "image_size": MEMORY_IMAGE_SIZE, "threads": MEMORY_THREADS, "runs": runs,
+        "allowed_mb": round(allowed, 1),
+        "note": "peak_rss_mb: the kernel's peak resident set (ru_maxrss: anonymous and file-backed pages); "
+                "peak_anon_mb: anonymous memory alone, sampled every 20 ms. One epoch, freeze_depth all, "
+                "augmentation none; a fresh cache for the first trial, the same cache for the warm one.",
+        "goal": f"first-trial peak at {large['images']} images <= 1.2 x the peak at {small['images']} "
+                f"+ the cached features at {large['images']}",
+        "met": large["first_trial"]["peak_rss_mb"] <= allowed,
+    }
+
+
 PARTS: dict[str, tuple[str, Callable[[Plan, Path], dict]]] = {
     "c": ("decoded-image cache vs PIL decoding", part_c),
     "b": ("head-only trial: cached features vs no cache", part_b),
     "d": ("orchestration overhead over short trials", part_d),
     "e": ("concurrency: 1 trial x all CPUs vs 1 trial per CPU", part_e),
     "a": ("tlsearch vs hand-written Optuna loop", part_a),
+    "f": ("peak memory of a first head-only trial as the dataset grows", part_f),
 }
 
 
@@ -431,6 +475,16 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| e. {e['trials']} identical trials, wall | {keys[1]}: {e[keys[1]]['wall_s']:.1f} s "
             f"| {keys[0]}: {e[keys[0]]['wall_s']:.1f} s | {e['speedup_per_cpu_trials']:.2f}× | (sets the default) | — |")
+    if "f" in p:
+        f = p["f"]
+        cells = "; ".join(f"{r['images'] // 1000 if r['images'] >= 1000 else r['images']}{'k' if r['images'] >= 1000 else ''}: "
+                          f"{r['first_trial']['peak_rss_mb'] / 1024:.2f} GB (anon {r['first_trial']['peak_anon_mb'] / 1024:.2f})"
+                          for r in f["runs"])
+        warm = f["runs"][-1]["warm_trial"]["peak_rss_mb"] / 1024
+        lines.append(
+            f"| f. peak memory, first head-only trial (builds the caches), {f['image_size']} px | {cells} "
+            f"| warm trial at {f['runs'][-1]['images']}: {warm:.2f} GB | — | ≤ 1.2 × smallest + features "
+            f"({f['allowed_mb'] / 1024:.2f} GB) | {_met(f['met'])} |")
     lines.append("")
     lines.append("Ratios: a = tlsearch / hand-written time; b, c = baseline / tlsearch; "
                  "e = (1 trial x all CPUs) / (1 trial per CPU) wall time. Raw figures: "

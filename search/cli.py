@@ -36,6 +36,8 @@ def _add_search_options(p: argparse.ArgumentParser, *, resume: bool = False) -> 
     p.add_argument("--max-concurrent", type=int, default=d, help="trials at once (default: fits the machine)")
     p.add_argument("--address", default=d, help="join an existing Ray cluster (HOST:PORT or auto)")
     p.add_argument("--weights-dir", default=d, help="folder of <model name>.pth state dicts")
+    p.add_argument("--keep-checkpoints", type=int, default=d, metavar="K",
+                   help="checkpoints of the best K COMPLETE trials kept per backbone (default 3); others are removed")
     p.add_argument("--no-progress", action="store_true", help="no live view")
 
 
@@ -122,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", action="store_true")
 
+    c = sub.add_parser("cache", help="what the image/feature caches and kept checkpoints hold; frees them")
+    c.add_argument("--clear", action="store_true",
+                   help="remove cached images and features (rebuilt when needed) and stale temporary files")
+    c.add_argument("--checkpoints", action="store_true",
+                   help="with --clear: also remove trial checkpoints (never those of a running search)")
+    c.add_argument("--study", default=None, help="with --checkpoints: only this study's checkpoints")
+    c.add_argument("--json", action="store_true")
+
     c = sub.add_parser("backbones", help="list backbones, their stages, sizes and weights")
     c.add_argument("pattern", nargs="?", default="*")
     c.add_argument("--weights-dir", default=None)
@@ -157,6 +167,43 @@ def cmd_backbones(a: argparse.Namespace) -> int:
         weights = str(r.get("weights", "?")).split(" ", 1)[0]  # "file <path>": the path is in --json
         print(f"{r['name']:<26} {params:>8}  {weights:<10} {len(r['stages'])}: {', '.join(r['stages'])}")
     print("\nAny timm model works too, as timm/<name> (e.g. timm/tf_efficientnet_lite0).")
+    return EXIT_OK
+
+
+def cmd_cache(a: argparse.Namespace) -> int:
+    from search import disk
+    from search.config import check_study_name
+    from search.data import default_cache_dir
+
+    if (a.checkpoints or a.study) and not a.clear:
+        raise TLSearchError("--checkpoints and --study only go with --clear (tlsearch cache --clear --checkpoints)")
+    if a.study is not None:
+        check_study_name(a.study)
+    cache_dir, studies_dir = default_cache_dir(), Path("studies")
+    cleared = None
+    if a.clear:
+        cleared = disk.clear(cache_dir, studies_dir, checkpoints=a.checkpoints, study=a.study)
+    usage = disk.cache_usage(cache_dir, studies_dir)
+    if a.json:
+        _print_json({**usage, "cleared": cleared} if cleared is not None else usage)
+        return EXIT_OK
+    size = disk.format_bytes
+    source = " ($TLSEARCH_CACHE)" if os.environ.get("TLSEARCH_CACHE") else ""
+    rows = [("images", usage["images"], "arrays", f"budget {size(usage['images']['budget_bytes'])}"),
+            ("features", usage["features"], "files", f"budget {size(usage['features']['budget_bytes'])}"),
+            ("temporary", usage["temporary"], "files", "left by stopped processes; --clear removes them")]
+    print(f"cache folder {usage['cache_dir']}{source}")
+    for name, u, unit, note in rows:
+        print(f"  {name:<12} {u['files']:>6} {unit:<7} {size(u['bytes']):>10}  ({note})")
+    print(f"checkpoints under {studies_dir.resolve()}" + ("" if usage["checkpoints"] else ": none"))
+    for c in usage["checkpoints"]:
+        print(f"  {c['study']:<12} {c['files']:>6} {'files':<7} {size(c['bytes']):>10}")
+    print(f"total {size(usage['total_bytes'])}")
+    if cleared is not None:
+        print(f"cleared {cleared['files']} files, freed {size(cleared['bytes'])}")
+        kept = sum(c["files"] for c in usage["checkpoints"])
+        if kept and not a.checkpoints:
+            print(f"checkpoints kept ({kept} files); add --checkpoints to remove them too")
     return EXIT_OK
 
 
@@ -219,7 +266,8 @@ def _search_options(a: argparse.Namespace) -> dict[str, Any]:
     """The options `run` and `resume` share, as SearchSettings fields (None or absent: not given)."""
     from search.config import parse_duration
 
-    keys = ("trials", "max_epochs", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "address", "weights_dir")
+    keys = ("trials", "max_epochs", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "address", "weights_dir",
+            "keep_checkpoints")
     out = {k: getattr(a, k) for k in keys if hasattr(a, k)}
     if getattr(a, "time_budget", None) is not None:
         out["time_budget_s"] = parse_duration(a.time_budget)
@@ -259,7 +307,12 @@ def cmd_studies(a: argparse.Namespace) -> int:
 
 
 def cmd_show(a: argparse.Namespace) -> int:
-    from search.studies import format_leaderboard, leaderboard, load_study, study_summary
+    from search.studies import (
+        format_leaderboard,
+        leaderboard,
+        load_study,
+        study_summary,
+    )
 
     study = load_study(a.name, storage=a.storage)
     if a.json:
@@ -299,6 +352,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "predict": cmd_predict,
     "check": cmd_check,
     "backbones": cmd_backbones,
+    "cache": cmd_cache,
 }
 
 

@@ -23,7 +23,6 @@ import hashlib
 import importlib.metadata
 import math
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -183,55 +182,81 @@ def cached_features(
     path: Path, body: torch.nn.Module, ds: Dataset, *, device: torch.device, batch_size: int = 64,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loads features from `path`, or computes and saves them (one process at a time per key)."""
+    """Loads features from `path`, or computes and saves them (one process at a time per key).
+
+    A file another trial's trim removes between the check and the read is computed again.
+    """
+    from search.disk import touch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path.with_suffix(".lock")):  # a concurrent trial with the same key waits, then reads
         if path.exists():
             try:
                 # weights_only: a file holding pickled objects besides tensors is refused unread
                 blob = torch.load(path, map_location="cpu", weights_only=True)
-                os.utime(path)  # mark as recently used
+                touch(path)  # mark as recently used
                 return blob["features"], blob["labels"]
-            except Exception:  # a damaged or foreign file is recomputed, never trusted
+            except Exception:  # a damaged, foreign or just removed file is recomputed, never trusted
                 path.unlink(missing_ok=True)
         # The trial's random stream must not depend on whether the cache was warm.
         with torch.random.fork_rng(devices=[]):
-            feats, labels = compute_features(body, ds, device=device, batch_size=batch_size)
-        feats = feats.to(dtype)
+            feats, labels = compute_features(body, ds, device=device, batch_size=batch_size, dtype=dtype)
         atomic_save(path, {"features": feats, "labels": labels})
         return feats, labels
 
 
+# Every this many images, a pass over a memory-mapped image cache gives back the pages it has read.
+RELEASE_EVERY = 2048
+
+
 @torch.no_grad()
 def compute_features(
-    body: torch.nn.Module, ds: Dataset, *, device: torch.device, batch_size: int = 64
+    body: torch.nn.Module, ds: Dataset, *, device: torch.device, batch_size: int = 64,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs the body (in eval mode) over a dataset; returns (features float32, labels int64)."""
+    """Runs the body (in eval mode) over a dataset; returns (features in `dtype`, labels int64).
+
+    Memory stays flat as the dataset grows, apart from the result: each batch is written into
+    one tensor allocated for all the features (in `dtype`, so float16 boundary features never
+    exist in float32 all at once), and the image cache's pages are given back as the pass goes.
+    """
     was_training = body.training
     body.eval()
-    feats, labels = [], []
+    feats: torch.Tensor | None = None
+    labels = torch.empty(len(ds), dtype=torch.long)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
+    release = getattr(ds, "release_pages", None)
     use_amp = device.type == "cuda"
+    n = since_release = 0
     for x, y in loader:
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             f = body(x.to(device))
-        feats.append(f.float().cpu())
-        labels.append(torch.as_tensor(y))
+        if feats is None:
+            feats = torch.empty((len(ds), *f.shape[1:]), dtype=dtype)
+        feats[n:n + len(f)] = f.to("cpu", dtype)
+        labels[n:n + len(f)] = torch.as_tensor(y)
+        n += len(f)
+        since_release += len(f)
+        if release is not None and since_release >= RELEASE_EVERY:
+            release()
+            since_release = 0
+    if release is not None:
+        release()
     body.train(was_training)
-    return torch.cat(feats), torch.cat(labels).long()
+    if feats is None:
+        return torch.empty(0), labels
+    return feats, labels
 
 
 def trim(folder: Path, budget_bytes: int) -> None:
-    """Removes the least recently used feature files until the folder fits the budget."""
-    files = sorted(folder.glob("*.pt"), key=lambda p: p.stat().st_mtime)
-    total = sum(p.stat().st_size for p in files)
-    for p in files:
-        if total <= budget_bytes:
-            break
-        if time.time() - p.stat().st_mtime < 60:  # just written or read: in use by a trial
-            continue
-        total -= p.stat().st_size
-        p.unlink(missing_ok=True)
+    """Removes the least recently used feature files until the folder fits the budget.
+
+    Files used in the last minute are in use by a trial and stay; a file another process removes
+    meanwhile is skipped, never an error.
+    """
+    from search.disk import trim_lru
+
+    trim_lru(folder.glob("*.pt"), budget_bytes)
 
 
 # ----- partial freezing: cache at the freeze boundary ---------------------------------------------

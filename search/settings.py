@@ -54,6 +54,7 @@ class SearchSettings:
     mode: str = "max"  # max | min
     val_fraction: float = 0.2  # validation share when DATA has no val/ folder
     warm_start: bool = True  # a new study's first trial is the space's linear probe (SearchSpace.baseline)
+    keep_checkpoints: int = 3  # COMPLETE trials' checkpoints kept per backbone (the best ones); others are removed
     studies_dir: str = "studies"
     reports_dir: str = "reports"
 
@@ -69,6 +70,7 @@ class SearchSettings:
         _check_range("cpus_per_trial", self.cpus_per_trial, 0.0, 4096)
         _check_range("gpus_per_trial", self.gpus_per_trial, 0.0, 64)
         _check_range("val_fraction", self.val_fraction, 0.01, 0.9)
+        _check_range("keep_checkpoints", self.keep_checkpoints, 0, 1_000_000)
         if self.mode not in ("max", "min"):
             raise ConfigError(f"mode must be 'max' or 'min', got {self.mode!r}")
         if self.max_concurrent is not None:

@@ -638,6 +638,81 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert default_cache_dir() == Path.home() / ".cache" / "tlsearch"
 
 
+def _dataset_of(index: DatasetIndex, cache_dir: Path, key: str, **kw) -> ImageDataset:
+    ds = ImageDataset(index.train, size=16, cache_dir=cache_dir, cache_key=key, **kw)
+    ds.prepare()
+    return ds
+
+
+def _age(path: Path, seconds: float) -> None:
+    t = path.stat().st_mtime - seconds
+    os.utime(path, (t, t))
+
+
+def test_image_cache_keeps_to_its_budget_least_recently_used_first(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    index = scan_dataset(make_image_folder(tmp_path / "d", per_class=2, size=16), warn=Warnings())
+    nbytes = len(index.train) * 16 * 16 * 3
+    monkeypatch.setenv("TLSEARCH_IMAGE_CACHE_BYTES", str(int(2.5 * nbytes)))
+    one, two = (_dataset_of(index, tmp_path / "c", k).cache_path for k in ("one", "two"))
+    _age(one, 300)
+    _age(two, 600)
+    # Using "two" again makes "one" the least recently used.
+    assert _dataset_of(index, tmp_path / "c", "two").cache_path == two
+    assert two.stat().st_mtime > one.stat().st_mtime
+    three = _dataset_of(index, tmp_path / "c", "three").cache_path
+    assert not one.exists() and two.exists() and three.exists()
+    assert sum(p.stat().st_size for p in (tmp_path / "c" / "images").glob("*.u8")) <= 2.5 * nbytes
+
+
+def test_array_larger_than_the_cache_budget_streams(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    index = scan_dataset(make_image_folder(tmp_path / "d", per_class=2, size=16), warn=Warnings())
+    monkeypatch.setenv("TLSEARCH_IMAGE_CACHE_BYTES", "1000")
+    w = Warnings()
+    ds = ImageDataset(index.train, size=16, cache_dir=tmp_path / "c", warn=w)
+    assert not ds.cached and w.naming("exceeds the budget")
+    monkeypatch.setenv("TLSEARCH_IMAGE_CACHE_BYTES", "lots")
+    with pytest.raises(TLSearchError, match="TLSEARCH_IMAGE_CACHE_BYTES must be a number of bytes, got 'lots'"):
+        ImageDataset(index.train, size=16, cache_dir=tmp_path / "c")
+
+
+def test_cache_file_removed_before_it_is_opened_is_built_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    index = scan_dataset(make_image_folder(tmp_path / "d", per_class=2, size=16), warn=Warnings())
+    first = _dataset_of(index, tmp_path / "c", "k")
+    expected = torch.stack([first[i][0] for i in range(len(first))])
+    real, raced = _cache._complete, []
+
+    def trimmed_right_after_the_check(path: Path, nbytes: int) -> bool:
+        ok = real(path, nbytes)
+        if ok and not raced:  # another trial's trim removes it between the check and the open
+            raced.append(path)
+            path.unlink()
+        return ok
+
+    monkeypatch.setattr(_cache, "_complete", trimmed_right_after_the_check)
+    w = Warnings()
+    again = _dataset_of(index, tmp_path / "c", "k", warn=w)
+    assert raced and again.cached and not w, w
+    assert torch.equal(torch.stack([again[i][0] for i in range(len(again))]), expected)
+    # Removed while mapped: the trial reading it goes on reading it.
+    again.cache_path.unlink()
+    assert torch.equal(torch.stack([again[i][0] for i in range(len(again))]), expected)
+
+
+def test_cache_built_chunk_by_chunk_equals_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    index = scan_dataset(make_image_folder(tmp_path / "d", per_class=5, size=20), warn=Warnings())
+    broken = index.train[4][0]
+    Path(broken).write_bytes(b"gone bad")
+    monkeypatch.setattr(_cache, "BUILD_CHUNK_BYTES", 2 * 16 * 16 * 3 + 1)  # chunks of 2 images, 1 left over
+    cached = _dataset_of(index, tmp_path / "c", "k", warn=Warnings())
+    streamed = ImageDataset(index.train, size=16, cache=False, warn=Warnings())
+    assert len(cached) % 2 == 1 and list(cached.bad_files) == [broken]
+    assert torch.equal(torch.stack([cached[i][0] for i in range(len(cached))]),
+                       torch.stack([streamed[i][0] for i in range(len(streamed))]))
+    cached.release_pages()  # pages given back are read again from the page cache
+    assert torch.equal(cached[3][0], streamed[3][0])
+
+
 # --- real data ----------------------------------------------------------------------------------
 
 

@@ -104,7 +104,7 @@ def test_asha_prunes_honestly(tmp_path: Path, ray_session) -> None:
         n = t.user_attrs["epochs_run"]
         assert 1 <= n < 4 and sorted(t.intermediate_values) == list(range(1, n + 1))
         assert [c["epoch"] for c in t.user_attrs["curve"]] == list(range(1, n + 1))
-    t = complete[0]
+    t = max(complete, key=lambda t: t.value)  # the best: its checkpoint is always kept
     for key in ("config", "params_total", "params_trainable", "train_seconds", "images_per_s", "latency_ms",
                 "node_id", "hostname", "worker", "started_at", "finished_at", "checkpoint", "curve",
                 "confusion_matrix", "val_loss", "val_balanced_acc", "threads", "versions"):
@@ -247,7 +247,11 @@ def test_real_fine_tune(tmp_path: Path, ray_session) -> None:
     assert summary.finished == 2, [t.user_attrs.get("error") for t in trials]
     for t in trials:
         assert t.state in FIN, t.user_attrs.get("error")
-        assert t.user_attrs["params_total"] > 0 and Path(t.user_attrs["checkpoint"]).is_file()
+        assert t.user_attrs["params_total"] > 0
+        if t.state == optuna.trial.TrialState.COMPLETE:  # one of the best 3 of its backbone
+            assert Path(t.user_attrs["checkpoint"]).is_file()
+        else:  # stopped by ASHA: its checkpoint went when it ended
+            assert t.user_attrs["checkpoint"] is None and t.user_attrs["checkpoint_removed"]
         assert len(t.user_attrs["confusion_matrix"]) == 3
 
 
@@ -319,3 +323,103 @@ def test_relative_weights_dir_then_resume_from_another_folder(tmp_path: Path, ra
     assert expected.startswith("sha256:05796415d9bca55f")
     assert {t.user_attrs["weights_id"] for t in trials} == {expected}
     assert not (elsewhere / "w").exists() and not (elsewhere / "studies").exists()
+
+
+def _checkpoint_file(s: SearchSettings, t: optuna.trial.FrozenTrial) -> Path:
+    return s.experiment_dir / "checkpoints" / f"trial-{t.number}.pt"
+
+
+def test_checkpoints_kept_only_for_the_best_per_backbone(tmp_path: Path, ray_session) -> None:
+    from search import disk
+
+    data = make_image_folder(tmp_path / "data")
+    space = {**SPACE, "backbone": ["resnet18", "resnet50", "efficientnet_b0"]}
+    s = _settings(tmp_path, data, "bounded", trials=10, space=space, seed=3, keep_checkpoints=1)
+    # Temporary files a kill -9 left: one of a dead writer, one being written by a live process.
+    folder = s.experiment_dir / "checkpoints"
+    folder.mkdir(parents=True)
+    (s.experiment_dir / MARKER).write_text("")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live = folder / f"trial-90.pt.{dead.pid}.tmp", folder / f"trial-91.pt.{os.getpid()}.tmp"
+    for p in (stale, live):
+        p.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 300,) * 2)
+
+    run_search(s, trial_fn=stub_trial, progress=False)
+    st = _study(s)
+    trials = st.get_trials()
+    states = {t.number: t.state for t in trials}
+    assert optuna.trial.TrialState.PRUNED in states.values() and optuna.trial.TrialState.FAIL in states.values()
+    on_study = disk.removed_on_study(st.user_attrs)
+    best: dict[str, tuple[float, int]] = {}
+    for t in trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            b = t.params["backbone"]
+            best[b] = min(best.get(b, (math.inf, 0)), (-t.value, t.number))
+    keep = {number for _, number in best.values()}
+    for t in trials:
+        kept = _checkpoint_file(s, t).exists()
+        assert kept == (t.number in keep), (t.number, t.state, t.value, t.params)
+        if t.number in keep:
+            assert t.user_attrs["checkpoint"] == str(_checkpoint_file(s, t))
+        else:  # recorded as removed: on the trial when it went at the trial's end, else on the study
+            own = t.user_attrs.get("checkpoint") is None and t.user_attrs.get("checkpoint_removed")
+            assert own or t.number in on_study
+    assert not stale.exists() and live.exists()
+
+
+
+def test_driver_removes_ended_trials_checkpoints_and_keeps_an_interrupted_one_until_its_retry_ends(
+        tmp_path: Path) -> None:
+    """The searcher's decisions at each trial's end, driven by hand (no Ray session needed)."""
+    from search import disk
+    from search.runner import HonestOptunaSearch, _Tally
+
+    space = SearchSpace.from_dict({"backbone": "resnet18", "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+                                   "max_epochs": 3})
+    storage = get_storage(f"sqlite:///{tmp_path / 's.db'}")
+    stopped: set = set()
+    searcher = HonestOptunaSearch(space, metric="val_acc", mode="max", sampler=optuna.samplers.RandomSampler(seed=0),
+                                  study_name="s", storage=storage, asha_stopped=stopped, tally=_Tally(),
+                                  keep_checkpoints=1)
+
+    def run(trial_id: str, epochs: int, acc: float, *, error: str | None = None) -> Path:
+        number = searcher.suggest(trial_id)["_trial_number"]
+        path = tmp_path / f"trial-{number}.pt"
+        path.write_bytes(b"ckpt")
+        for epoch in range(1, epochs + 1):
+            metrics = epoch_metrics(epoch, acc, seconds=0.1, lr=1e-3)
+            searcher.on_trial_result(trial_id, {**metrics, "checkpoint": str(path)})
+        if error:
+            searcher.on_trial_result(trial_id, {"val_acc": float("nan"), "epoch": epochs, "error": error,
+                                                "checkpoint": str(path)})
+        return path
+
+    good = run("good", 3, 0.9)
+    searcher.on_trial_complete("good")
+    worse = run("worse", 3, 0.5)
+    searcher.on_trial_complete("worse")
+    pruned = run("pruned", 1, 0.2)
+    stopped.add("pruned")
+    searcher.on_trial_complete("pruned")
+    failed = run("failed", 1, 0.2, error="RuntimeError: boom")
+    searcher.on_trial_complete("failed")
+    cut = run("cut", 2, 0.8)
+    assert searcher.finish_leftovers() == 1  # the time budget ran out under it
+
+    study = optuna.load_study(study_name="s", storage=storage)
+    by_number = {t.number: t for t in study.get_trials()}
+    states = [by_number[n].state.name for n in range(5)]
+    assert states == ["COMPLETE", "COMPLETE", "PRUNED", "FAIL", "FAIL"] and by_number[4].user_attrs["interrupted"]
+    assert good.exists() and cut.exists()
+    assert not any(p.exists() for p in (worse, pruned, failed))
+    for n in (1, 2, 3):  # each went at its own end: its record says so
+        assert by_number[n].user_attrs["checkpoint"] is None and by_number[n].user_attrs["checkpoint_removed"]
+    assert by_number[4].user_attrs["checkpoint"] == str(cut)
+
+    retry = run("retry", 3, 0.7)  # the enqueued retry of the interrupted trial
+    assert optuna.load_study(study_name="s", storage=storage).trials[5].user_attrs["retry_of"] == 4
+    searcher.on_trial_complete("retry")
+    assert not cut.exists() and not retry.exists() and good.exists()
+    assert disk.removed_on_study(optuna.load_study(study_name="s", storage=storage).user_attrs) == {4}

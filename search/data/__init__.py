@@ -23,10 +23,13 @@ from __future__ import annotations
 # Re-exported: code elsewhere has always found the cache folder here.
 from search.config import default_cache_dir
 from search.data._cache import (
+    BUILD_CHUNK_BYTES,
     CACHE_FORMAT,
+    DEFAULT_IMAGE_BUDGET_BYTES,
     DEFAULT_MAX_CACHE_BYTES,
     ImageDataset,
     dataset_splits,
+    image_budget_bytes,
 )
 from search.data._decode import (
     CROP_RATIO,
@@ -56,9 +59,12 @@ from search.data._scan import (
 )
 
 __all__ = [
+    "BUILD_CHUNK_BYTES",
     "CACHE_FORMAT",
+    "DEFAULT_IMAGE_BUDGET_BYTES",
     "CROP_RATIO",
     "DEFAULT_MAX_CACHE_BYTES",
+    "image_budget_bytes",
     "HASH_CACHE_FORMAT",
     "IGNORED_NAMES",
     "IMAGE_EXTENSIONS",

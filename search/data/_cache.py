@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap as mmap_module
 import os
 import shutil
 import threading
@@ -18,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from search.config import atomic_write_text, default_cache_dir, file_lock
+from search.config import TLSearchError, atomic_write_text, default_cache_dir, file_lock
 from search.data._decode import BadImageError, _workers, decode_resized, stored_size
 from search.data._index import DatasetIndex, Sample, WarnFn, _default_warn
 
@@ -26,6 +27,21 @@ from search.data._index import DatasetIndex, Sample, WarnFn, _default_warn
 CACHE_FORMAT = 1
 # Default budget of one cached image array; larger datasets are decoded on access.
 DEFAULT_MAX_CACHE_BYTES = 8 * 1024**3
+# Default budget of the whole images/ cache folder ($TLSEARCH_IMAGE_CACHE_BYTES overrides it): the
+# least recently used arrays are removed to make room for a new one.
+DEFAULT_IMAGE_BUDGET_BYTES = 16 * 1024**3
+# Images are decoded and written this many bytes at a time, so building the cache holds one chunk
+# in memory whatever the dataset's size.
+BUILD_CHUNK_BYTES = 64 * 1024**2
+
+
+def image_budget_bytes() -> int:
+    """The images/ cache folder's budget: $TLSEARCH_IMAGE_CACHE_BYTES, else DEFAULT_IMAGE_BUDGET_BYTES."""
+    env = os.environ.get("TLSEARCH_IMAGE_CACHE_BYTES", "").strip()
+    try:
+        return int(float(env)) if env else DEFAULT_IMAGE_BUDGET_BYTES
+    except ValueError:
+        raise TLSearchError(f"TLSEARCH_IMAGE_CACHE_BYTES must be a number of bytes, got {env!r}") from None
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -75,10 +91,11 @@ class ImageDataset(torch.utils.data.Dataset):
         self._array: np.ndarray | None = None
         self._lock = threading.Lock()
         if cache and self.samples:
-            if self.nbytes > max_cache_bytes:
+            budget = min(max_cache_bytes, image_budget_bytes())
+            if self.nbytes > budget:
                 self.warn(
                     f"image cache of {self.nbytes / 2**30:.1f} GiB exceeds the budget of "
-                    f"{max_cache_bytes / 2**30:.1f} GiB; decoding images on access"
+                    f"{budget / 2**30:.1f} GiB; decoding images on access"
                 )
             else:
                 key = cache_key or _samples_key(self.samples)
@@ -136,40 +153,70 @@ class ImageDataset(torch.utils.data.Dataset):
             self.bad_files[path] = reason
             self.warn(f"cannot decode {path} ({reason}); using a black image")
 
+    def release_pages(self) -> None:
+        """Unmaps the cache pages this process has read so far (the page cache keeps them, so a
+        later read is cheap): a pass over a large cache then holds only what it reads next."""
+        mm = getattr(self._array, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise") and hasattr(mmap_module, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError, ValueError):
+                mm.madvise(mmap_module.MADV_DONTNEED)
+
     def _open_or_build(self, final: Path) -> np.ndarray:
         shape = (len(self.samples), self.size, self.size, 3)
         bad_path = final.with_suffix(".bad.json")
         final.parent.mkdir(parents=True, exist_ok=True)
-        if not _complete(final, self.nbytes):
-            with file_lock(final.with_name(final.name + ".lock")):
-                if not _complete(final, self.nbytes):  # another process may have built it meanwhile
-                    self._build(final, bad_path, shape)
-        if bad_path.exists():
-            for path, reason in json.loads(bad_path.read_text()).items():
-                self._record_bad(path, reason)
-        return np.memmap(final, dtype=np.uint8, mode="r", shape=shape)
+        for _ in range(3):
+            if not _complete(final, self.nbytes):
+                with file_lock(final.with_name(final.name + ".lock")):
+                    if not _complete(final, self.nbytes):  # another process may have built it meanwhile
+                        self._build(final, bad_path, shape)
+            try:
+                # Mapped through an open file: once open, another process trimming the cache
+                # cannot take the array away from this one.
+                with open(final, "rb") as f:
+                    array = np.memmap(f, dtype=np.uint8, mode="r", shape=shape)
+            except (FileNotFoundError, ValueError):  # trimmed (or cut) between the check and the open
+                continue
+            from search.disk import touch
+
+            touch(final)  # least recently used goes first when the folder is trimmed
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                for path, reason in json.loads(bad_path.read_text()).items():
+                    self._record_bad(path, reason)
+            return array
+        raise OSError(f"{final} kept disappearing while it was opened (the cache folder is being cleared)")
 
     def _build(self, final: Path, bad_path: Path, shape: tuple[int, int, int, int]) -> None:
+        from search.disk import tmp_name, trim_lru
+
+        budget = image_budget_bytes()
+        # Room for the new array first: least recently used arrays go (never one in use right now).
+        trim_lru(final.parent.glob("*.u8"), budget - self.nbytes, companions=(".bad.json",), keep=(final,))
         free = shutil.disk_usage(final.parent).free
         if free < self.nbytes + 256 * 2**20:
             raise OSError(f"only {free / 2**30:.1f} GiB free, the cache needs {self.nbytes / 2**30:.1f} GiB")
-        tmp = final.with_name(final.name + ".tmp")  # we hold the lock: any old one is stale
-        out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
+        tmp = tmp_name(final)
         bad: dict[str, str] = {}
+        per_image = self.size * self.size * 3
+        chunk = np.empty((max(1, min(shape[0], BUILD_CHUNK_BYTES // per_image)), *shape[1:]), np.uint8)
 
-        def fill(i: int) -> None:
+        def fill(i: int, start: int) -> None:
             path = self.samples[i][0]
             try:
-                out[i] = decode_resized(path, self.size)
+                chunk[i - start] = decode_resized(path, self.size)
             except BadImageError as e:
-                bad[path] = str(e)  # the slot stays zero: a black image
+                bad[path] = str(e)
+                chunk[i - start] = 0  # a black image
 
         try:
-            with ThreadPoolExecutor(max_workers=_workers()) as pool:
-                for _ in pool.map(fill, range(shape[0])):
-                    pass
-            out.flush()
-            del out
+            with open(tmp, "wb") as out, ThreadPoolExecutor(max_workers=_workers()) as pool:
+                # One chunk decoded at a time and written in order: memory stays at one chunk
+                # whatever the dataset's size (the written pages are the page cache's).
+                for start in range(0, shape[0], len(chunk)):
+                    n = min(len(chunk), shape[0] - start)
+                    for _ in pool.map(fill, range(start, start + n), [start] * n):
+                        pass
+                    out.write(memoryview(chunk[:n]))
             # The bad-file list goes first so a reader that sees the array also sees it.
             _atomic_write(bad_path, json.dumps(dict(sorted(bad.items()))) if bad else None)
             os.replace(tmp, final)

@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import optuna
@@ -17,7 +18,7 @@ from ray import tune
 from ray.tune.search import ConcurrencyLimiter
 
 from search import studies
-from search.config import TLSearchError, check_study_name, dump_yaml
+from search.config import TLSearchError, check_study_name, default_cache_dir, dump_yaml
 from search.runner._cluster import (
     _ensure_ray,
     check_nodes_see_data,
@@ -90,6 +91,7 @@ def run_search(
     dump_yaml(settings.to_dict(), exp / "settings.yaml")
     driver = new_driver_id()
     reconcile(study, driver=driver)  # trials of crashed drivers; live ones of other drivers stay
+    _bound_disk(settings, study)
 
     remaining = settings.trials - finished_count(study)
     tally = _Tally(mode=settings.mode)
@@ -109,6 +111,19 @@ def run_search(
     return _summary(settings, study, t0, tally, trials_run, interrupted, budget_reached)
 
 
+def _bound_disk(settings: SearchSettings, study: optuna.Study) -> None:
+    """Frees what earlier runs left behind: temporary files of killed processes, and checkpoints
+    the study no longer keeps (e.g. after `--keep-checkpoints` was lowered)."""
+    from search import disk
+
+    cache = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+    disk.clean_stale_tmp([cache / "images", cache / "features", settings.experiment_dir / "checkpoints"])
+    try:
+        disk.prune_study_checkpoints(study, keep=settings.keep_checkpoints)
+    except Exception as e:  # a storage hiccup: trials' ends try again
+        print(f"warning: checkpoints not cleaned up: {e}", file=sys.stderr)
+
+
 def _tune(
     settings: SearchSettings, space: SearchSpace, index: DatasetIndex, storage: Any, study: optuna.Study,
     tally: _Tally, remaining: int, trial_fn: TrialFn | None, progress: bool, t0: float, driver: str = "",
@@ -123,7 +138,7 @@ def _tune(
     searcher = HonestOptunaSearch(
         space, metric=settings.metric, mode=settings.mode, sampler=sampler,
         study_name=settings.study, storage=storage, asha_stopped=asha_stopped, tally=tally,
-        driver=driver, target=settings.trials,
+        driver=driver, target=settings.trials, keep_checkpoints=settings.keep_checkpoints,
     )
     concurrency = settings.max_concurrent or default_concurrency(
         cpus=resources.get("CPU", 1), gpus=resources.get("GPU", 0),

@@ -117,12 +117,14 @@ class HonestOptunaSearch(OptunaSearch):
         tally: _Tally,
         driver: str = "",
         target: int | None = None,
+        keep_checkpoints: int | None = None,
     ) -> None:
         self._search_space = space
         self._asha_stopped = asha_stopped
         self._tally = tally
         self._driver = driver  # this driver's id, stamped on every trial it runs
         self._target = target  # trials the study should reach, all drivers together; None: no check
+        self._keep_checkpoints = keep_checkpoints  # best COMPLETE checkpoints kept per backbone; None: keep all
         self._reseeded = False
         self._configs: dict[str, dict] = {}
         self._curves: dict[str, dict[int, dict]] = {}
@@ -239,6 +241,7 @@ class HonestOptunaSearch(OptunaSearch):
             metric=self.metric,
         )
         self._set_attrs(ot_trial, config, curve, last, final, error, interrupted)
+        self._bound_checkpoints(ot_trial, state, value, config, interrupted, final)
         try:
             self._ot_study.tell(ot_trial, float(value) if state == TrialState.COMPLETE else None, state=state)
         except Exception as e:  # a storage hiccup must not end the search
@@ -293,6 +296,34 @@ class HonestOptunaSearch(OptunaSearch):
                 ot_trial.set_user_attr(key, val)
             except Exception as e:  # one odd value must not lose the others
                 print(f"warning: trial {ot_trial.number}: user_attr {key}: {e}", file=sys.stderr)
+
+    def _bound_checkpoints(self, ot_trial: Any, state: TrialState, value: Any, config: dict,
+                           interrupted: bool, final: dict) -> None:
+        """Removes the checkpoints the study no longer keeps, this ending trial's among them
+        (`disk.checkpoints_to_remove`); this trial's attributes say so before its state is told."""
+        if self._keep_checkpoints is None:
+            return
+        from search import disk
+
+        try:
+            backbone = self._search_space.to_trial_config(config).backbone
+        except Exception:
+            backbone = config.get("backbone")
+        retry_of = ot_trial.user_attrs.get("retry_of")
+        ending = disk.CheckpointTrial(
+            number=ot_trial.number, state=state.name,
+            value=float(value) if state == TrialState.COMPLETE and is_finite(value) else None,
+            backbone=backbone, interrupted=interrupted, retry_of=retry_of if isinstance(retry_of, int) else None,
+            has_checkpoint=bool(final.get("checkpoint")),
+        )
+        try:
+            _, own = disk.prune_study_checkpoints(self._ot_study, keep=self._keep_checkpoints, ending=ending)
+            if own:
+                disk.remove_file(final.get("checkpoint"))
+                ot_trial.set_user_attr("checkpoint", None)
+                ot_trial.set_user_attr("checkpoint_removed", True)
+        except Exception as e:  # disk space is not worth a trial: the next trial's end tries again
+            print(f"warning: trial {ot_trial.number}: checkpoints not cleaned up: {e}", file=sys.stderr)
 
     def _update_tally(self, state: TrialState, interrupted: bool, value: Any, config: dict, final: dict) -> None:
         t = self._tally
