@@ -60,10 +60,19 @@ def atomic_save(path: str | os.PathLike[str], obj: Any) -> Path:
     return _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+def tmp_path(path: str | os.PathLike[str]) -> Path:
+    """The temporary name a writer of `path` uses before renaming it: `<name>.<pid>.<thread>.tmp`.
+
+    The pid tells a later clean-up (`search.disk.clean_stale_tmp`) whether the writer still runs.
+    """
+    p = Path(path)
+    return p.with_name(f"{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
 def _atomic(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f"{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = tmp_path(p)
     try:
         write(tmp)
         os.replace(tmp, p)

@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any, Mapping, Union
 
 # The package's one atomic write and one file lock (in _files.py); other modules import them from here.
-from search._files import atomic_save, atomic_write_bytes, atomic_write_text, file_lock  # noqa: F401
+from search._files import (  # noqa: F401
+    atomic_save,
+    atomic_write_bytes,
+    atomic_write_text,
+    file_lock,
+    tmp_path,
+)
 
 
 class TLSearchError(Exception):

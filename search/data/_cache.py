@@ -19,7 +19,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from search.config import TLSearchError, atomic_write_text, default_cache_dir, file_lock
+from search.config import (
+    TLSearchError,
+    atomic_write_text,
+    default_cache_dir,
+    file_lock,
+    tmp_path,
+)
 from search.data._decode import BadImageError, _workers, decode_resized, stored_size
 from search.data._index import DatasetIndex, Sample, WarnFn, _default_warn
 
@@ -187,7 +193,7 @@ class ImageDataset(torch.utils.data.Dataset):
         raise OSError(f"{final} kept disappearing while it was opened (the cache folder is being cleared)")
 
     def _build(self, final: Path, bad_path: Path, shape: tuple[int, int, int, int]) -> None:
-        from search.disk import tmp_name, trim_lru
+        from search.disk import trim_lru
 
         budget = image_budget_bytes()
         # Room for the new array first: least recently used arrays go (never one in use right now).
@@ -195,7 +201,7 @@ class ImageDataset(torch.utils.data.Dataset):
         free = shutil.disk_usage(final.parent).free
         if free < self.nbytes + 256 * 2**20:
             raise OSError(f"only {free / 2**30:.1f} GiB free, the cache needs {self.nbytes / 2**30:.1f} GiB")
-        tmp = tmp_name(final)
+        tmp = tmp_path(final)
         bad: dict[str, str] = {}
         per_image = self.size * self.size * 3
         chunk = np.empty((max(1, min(shape[0], BUILD_CHUNK_BYTES // per_image)), *shape[1:]), np.uint8)

@@ -49,7 +49,6 @@ from search.runner._ledger import (  # noqa: F401
     _claimed,
     _mean,
     _other_drivers,
-    _pid_alive,
     _process_host,
     _Tally,
     _unflatten,

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import optuna
 from optuna.trial import TrialState
 
+from search.disk import pid_alive
 from search.studies import (
     TrialRecord,
     best_trial,
@@ -209,18 +210,8 @@ def is_stale(trial: Any, *, driver: str | None, now: float | None = None) -> boo
         host, pid, _ = owner.rsplit(":", 2)
         if host == _process_host() and pid.isdigit():
             # Same pid, another token: an earlier search call of this process, which has ended.
-            return int(pid) == os.getpid() or not _pid_alive(int(pid))
+            return int(pid) == os.getpid() or not pid_alive(int(pid))
     return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 def _claimed(trials: list, *, driver: str | None) -> int:
