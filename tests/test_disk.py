@@ -141,8 +141,17 @@ def test_save_checkpoint_writes_under_a_pid_named_tmp(tmp_path: Path, monkeypatc
     real = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, f: (seen.append(Path(f).name), real(obj, f)))
     save_checkpoint(torch.nn.Linear(2, 2), tmp_path / "trial-1.pt")
-    assert seen == [f"trial-1.pt.{os.getpid()}.tmp"] and (tmp_path / "trial-1.pt").exists()
+    # <name>.<pid>.<thread>.tmp: the clean-up reads the writer's pid from the name.
+    assert len(seen) == 1 and seen[0].startswith(f"trial-1.pt.{os.getpid()}.") and seen[0].endswith(".tmp")
+    assert disk.stale_tmp_files.__module__ and _writer_pid(seen[0]) == os.getpid()
+    assert (tmp_path / "trial-1.pt").exists()
     assert list(tmp_path.iterdir()) == [tmp_path / "trial-1.pt"]
+
+
+def _writer_pid(name: str) -> int:
+    from search.disk._tmp import _TMP_PID
+
+    return int(_TMP_PID.search(name).group(1))
 
 
 # ----- LRU trimming ---------------------------------------------------------------------------------

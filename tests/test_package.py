@@ -77,3 +77,17 @@ def test_no_module_imports_a_platform_only_module_at_the_top() -> None:
                 continue
             top_level += [f"{name}: {n}" for n in names if n.split(".")[0] in ("fcntl", "msvcrt", "termios", "pwd")]
     assert not top_level, top_level
+
+
+def test_ray_only_under_the_runner_and_plotly_only_under_the_report() -> None:
+    owners = {"ray": "search.runner", "plotly": "search.report"}
+    wrong = []
+    for name, tree in _modules().items():
+        for node in ast.walk(tree):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for mod in mods:
+                top = mod.split(".")[0]
+                if top in owners and not (name == owners[top] or name.startswith(owners[top] + ".")):
+                    wrong.append(f"{name} imports {mod}")
+    assert not wrong, wrong
