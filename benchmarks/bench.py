@@ -367,7 +367,8 @@ def part_f(plan: Plan, work: Path) -> dict:
         sizes = {name: sum(f.stat().st_size for f in (cache / name).glob(pattern))
                  for name, pattern in (("images", "*.u8"), ("features", "*.pt"))}
         runs.append({"images": n, "generate_s": round(made_s, 1), "first_trial": cold, "warm_trial": warm,
-                     "image_cache_mb": round(sizes["images"] / 2**20, 1), "features_mb": round(sizes["features"] / 2**20, 1)})
+                     "image_cache_mb": round(sizes["images"] / 2**20, 1),
+                     "features_mb": round(sizes["features"] / 2**20, 1)})
         shutil.rmtree(data, ignore_errors=True)  # mind the disk: 20k photos and their cache are ~2 GB
         shutil.rmtree(cache, ignore_errors=True)
     small, large = runs[0], runs[-1]
@@ -477,9 +478,8 @@ def markdown(results: dict) -> str:
             f"| {keys[0]}: {e[keys[0]]['wall_s']:.1f} s | {e['speedup_per_cpu_trials']:.2f}× | (sets the default) | — |")
     if "f" in p:
         f = p["f"]
-        cells = "; ".join(f"{r['images'] // 1000 if r['images'] >= 1000 else r['images']}{'k' if r['images'] >= 1000 else ''}: "
-                          f"{r['first_trial']['peak_rss_mb'] / 1024:.2f} GB (anon {r['first_trial']['peak_anon_mb'] / 1024:.2f})"
-                          for r in f["runs"])
+        cells = "; ".join(f"{r['images']:,} images: {r['first_trial']['peak_rss_mb'] / 1024:.2f} GB "
+                          f"(anon {r['first_trial']['peak_anon_mb'] / 1024:.2f})" for r in f["runs"])
         warm = f["runs"][-1]["warm_trial"]["peak_rss_mb"] / 1024
         lines.append(
             f"| f. peak memory, first head-only trial (builds the caches), {f['image_size']} px | {cells} "
