@@ -256,3 +256,13 @@ def test_cache_usage_errors_are_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--clear" in r.stderr
     r = _cli("--clear", "--checkpoints", "--study", "../x", cwd=tmp_path)
     assert r.returncode == 2 and "study name" in r.stderr
+
+
+def test_keep_checkpoints_is_validated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from search.cli import main
+    from search.settings import SearchSettings
+
+    assert SearchSettings(study="s", data=str(tmp_path)).keep_checkpoints == 3
+    assert main(["run", str(tmp_path), "--study", "s", "--keep-checkpoints", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "keep_checkpoints must be between 0 and 1000000, got -1" in err and err.count("\n") == 1
