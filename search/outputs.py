@@ -9,7 +9,8 @@ from typing import Any
 
 from search.config import TLSearchError
 
-EXIT_OK, EXIT_INTERRUPTED = 0, 130
+# Exit codes of the `tlsearch` command (DESIGN.md): success, the work failed, bad input, interrupted.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def after_search(summary: Any, study: str, storage: str | None) -> int:
