@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -100,7 +101,8 @@ def run_search(
     if remaining > 0:
         try:
             interrupted, budget_reached = _tune(
-                settings, space, index, storage, study, tally, remaining, trial_fn, progress, t0, driver=driver
+                settings, space, index, storage, study, tally, remaining, trial_fn, progress, t0, driver=driver,
+                joined=not created,
             )
         except KeyboardInterrupt:
             reconcile(study, driver=driver)
@@ -127,6 +129,7 @@ def _bound_disk(settings: SearchSettings, study: optuna.Study) -> None:
 def _tune(
     settings: SearchSettings, space: SearchSpace, index: DatasetIndex, storage: Any, study: optuna.Study,
     tally: _Tally, remaining: int, trial_fn: TrialFn | None, progress: bool, t0: float, driver: str = "",
+    joined: bool = False,
 ) -> tuple[bool, bool]:
     """Runs one Ray Tune experiment of `remaining` trials; returns (interrupted, budget_reached)."""
     _ensure_ray(settings)
@@ -134,7 +137,13 @@ def _tune(
         check_nodes_see_data(index, experiment_dir=settings.experiment_dir)
     resources = ray.cluster_resources()
     asha_stopped: set = set()
-    sampler = make_sampler(settings.sampler, seed=settings.seed + len(study.trials))
+    seed = settings.seed + len(study.trials)
+    if joined:
+        # A driver joining a study another may be sampling at this moment (same seed, same trial
+        # count) would draw the same params: its own id makes its seed differ. The driver that
+        # created the study keeps the plain seed, so a one-driver search stays reproducible.
+        seed = zlib.crc32(f"{seed}:{driver}".encode())
+    sampler = make_sampler(settings.sampler, seed=seed)
     searcher = HonestOptunaSearch(
         space, metric=settings.metric, mode=settings.mode, sampler=sampler,
         study_name=settings.study, storage=storage, asha_stopped=asha_stopped, tally=tally,

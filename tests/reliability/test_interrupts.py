@@ -15,11 +15,13 @@ headless chromium to check that no element was injected.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -58,6 +60,7 @@ class Chain:
             "backbone: resnet18\nlr: {low: 1.0e-4, high: 1.0e-2, log: true}\nimage_size: 32\nmax_epochs: 3\n"
         )
         self.url = f"sqlite:///{work / 'studies' / (STUDY + '.db')}"
+        self.ray_tmp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")  # short: Ray's socket paths live under it
         self.steps: dict[str, dict] = {}
         self.orphans: dict[str, list[str]] = {}
 
@@ -68,8 +71,7 @@ class Chain:
             return []
 
     def start(self, args: list[str], tag: str) -> subprocess.Popen:
-        e = env(self.work, TLREL_TAG=tag, STUB_EPOCH_S="0.7", RAY_TMPDIR=str(self.work / "rt"))
-        (self.work / "rt").mkdir(exist_ok=True)
+        e = env(self.work, TLREL_TAG=tag, STUB_EPOCH_S="0.7", RAY_TMPDIR=self.ray_tmp)
         return subprocess.Popen([sys.executable, "-m", "reliability.stubcli", *args, "--no-progress"],
                                 cwd=self.work, env=e, start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -122,7 +124,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
         before = _finished(c.trials())
         running = sum(t.state == optuna.trial.TrialState.RUNNING for t in c.trials())
         killed = kill_tagged(tag)
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # gone already if the run ended early (see `went`)
+            os.killpg(proc.pid, signal.SIGKILL)
     finally:
         if proc.poll() is None:
             proc.kill()
