@@ -149,7 +149,7 @@ def test_split_spec_round_trip_and_errors() -> None:
     assert SplitSpec("folders", train="train", val="val").scan_args() == {}
     with pytest.raises(DatasetError, match="best.yaml: split: val_fraction must be between 0 and 1.*1.5"):
         SplitSpec.from_dict({"layout": "random", "val_fraction": 1.5, "seed": 0}, source="best.yaml: split")
-    with pytest.raises(DatasetError, match="layout must be one of folders, random, got 'magic'"):
+    with pytest.raises(DatasetError, match="layout must be one of folders, random, csv, got 'magic'"):
         SplitSpec.from_dict({"layout": "magic"})
     with pytest.raises(DatasetError, match="unknown key.*colour"):
         SplitSpec.from_dict({"layout": "folders", "val": "val", "colour": 1})

@@ -1,6 +1,6 @@
-"""Datasets: scan an ImageFolder once, validate and split it, decode images, cache them.
+"""Datasets: scan an ImageFolder or a label file once, validate and split it, decode images, cache them.
 
-`scan_dataset` walks DATA a single time and returns a `DatasetIndex`: the classes, the train and
+`scan_dataset` walks DATA (class folders, or a CSV/TSV of path, label[, split]) a single time and returns a `DatasetIndex`: the classes, the train and
 val samples (and the test samples kept for the final evaluation), how they were split (as text and
 as a `SplitSpec` that `tlsearch train` reuses), the files it skipped (and why) and a fingerprint
 that changes whenever a file's content or the split changes, and only then (a copy of the dataset
@@ -12,9 +12,11 @@ array would not fit the cache budget.
 Where things live (import them from `search.data`, not from the private modules):
 
 - `_decode`: `load_image` (the decoding rules), `decode_resized`, `stored_size`, `BadImageError`.
-- `_index`: `SplitSpec`, `DatasetIndex`, `format_summary`, `DatasetError`, the `Sample` type.
+- `_index`: `SplitSpec`, `DatasetIndex`, `ImageStats`, `format_summary`, `DatasetError`, the `Sample` type.
+- `_labels`: label files (CSV/TSV): which file DATA stands for, its header and rows.
 - `_scan`: `scan_dataset`, `resplit`: the walk, the checks, the random split, the fingerprint.
-- `_hashes`: per-file content hashes and their cache, `verify`'s decode, known placeholders.
+- `_hashes`: per-file content hashes and their cache, `verify`'s decode (and each file's size and
+  mode), known placeholders, identical files.
 - `_cache`: `ImageDataset` (the shared decoded-image cache) and `dataset_splits`.
 """
 
@@ -44,11 +46,13 @@ from search.data._index import (
     SPLIT_LAYOUTS,
     DatasetError,
     DatasetIndex,
+    ImageStats,
     Sample,
     SplitSpec,
     WarnFn,
     format_summary,
 )
+from search.data._labels import LABEL_FILE_EXTENSIONS, SPLIT_VALUES
 from search.data._scan import (
     IGNORED_NAMES,
     IMAGE_EXTENSIONS,
@@ -69,14 +73,17 @@ __all__ = [
     "IGNORED_NAMES",
     "IMAGE_EXTENSIONS",
     "KNOWN_PLACEHOLDERS",
+    "LABEL_FILE_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
     "SPLIT_LAYOUTS",
+    "SPLIT_VALUES",
     "TEST_SPLIT_NAME",
     "VAL_SPLIT_NAMES",
     "BadImageError",
     "DatasetError",
     "DatasetIndex",
     "ImageDataset",
+    "ImageStats",
     "Sample",
     "SplitSpec",
     "WarnFn",

@@ -12,9 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from search.config import atomic_write_text, default_cache_dir
 from search.data._decode import BadImageError, _workers, load_image
 from search.data._index import Sample, _relative
+
+# (width, height, mode, has transparency) of one image file, read from its header.
+Header = tuple[int, int, str, bool]
 
 # Bump when the per-file hash cache's layout changes, so old files are not read.
 HASH_CACHE_FORMAT = 1
@@ -38,17 +43,17 @@ def _inspect(
     *,
     verify: bool,
     cache_dir: str | os.PathLike[str] | None,
-) -> tuple[dict[str, str], dict[str, str]]:
+) -> tuple[dict[str, str], dict[str, str], dict[str, Header]]:
     """Hashes every file (sha256 of its bytes) and, with verify, decodes it (JPEGs in draft mode).
 
     Returns:
         ({path: hex digest}, {path: reason} for the files to skip: unreadable, undecodable, or a
-        known placeholder).
+        known placeholder, {path: (width, height, mode, has transparency)} of the decoded files).
     """
     cache_file = _hash_cache_file(root, cache_dir)
     cached = _load_hashes(cache_file)
 
-    def inspect(path: str) -> tuple[str | None, str | None]:
+    def inspect(path: str) -> tuple[str | None, str | None, Header | None]:
         size, mtime_ns, ctime_ns = stats[path]
         entry = cached.get(_rel_key(path, root))
         # A file rewritten in place changes its ctime even when size and mtime are put back.
@@ -57,25 +62,47 @@ def _inspect(
             try:
                 digest = _sha256_file(path)
             except OSError as e:
-                return None, f"cannot read: {e.strerror or e}"
+                return None, f"cannot read: {e.strerror or e}", None
         if not verify:
-            return digest, None
+            return digest, None, None
         try:
             load_image(path, draft=1)  # draft 1: smallest JPEG scale, still reads every byte
         except BadImageError as e:
-            return digest, str(e)
-        return digest, KNOWN_PLACEHOLDERS.get(size, {}).get(digest)
+            return digest, str(e), None
+        placeholder = KNOWN_PLACEHOLDERS.get(size, {}).get(digest)
+        return digest, placeholder, (_header(path) if placeholder is None else None)
 
     if not paths:
-        return {}, {}
+        return {}, {}, {}
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         results = list(pool.map(inspect, paths))
-    digests = {p: d for p, (d, _) in zip(paths, results) if d is not None}
-    bad = {p: r for p, (_, r) in zip(paths, results) if r is not None}
+    digests = {p: d for p, (d, _, _) in zip(paths, results) if d is not None}
+    bad = {p: r for p, (_, r, _) in zip(paths, results) if r is not None}
+    headers = {p: h for p, (_, _, h) in zip(paths, results) if h is not None}
     fresh = {_rel_key(p, root): [*stats[p], d] for p, d in digests.items()}
     if fresh != cached:
         _save_hashes(cache_file, root, fresh)
-    return digests, bad
+    return digests, bad, headers
+
+
+def _header(path: str) -> Header | None:
+    """(width, height, mode, has transparency) as the file stores them: its header alone, which
+    the decode just read, so this costs one small read of a cached page."""
+    try:
+        with Image.open(path) as im:
+            alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+            return im.width, im.height, im.mode, alpha
+    except (OSError, ValueError, SyntaxError, EOFError):
+        return None
+
+
+def _duplicate_groups(digests: dict[str, str], keep: set[str]) -> tuple[tuple[str, ...], ...]:
+    """Groups (sorted, >= 2 paths) of the files in `keep` whose contents are identical."""
+    by_digest: dict[str, list[str]] = {}
+    for path in sorted(keep):
+        if path in digests:
+            by_digest.setdefault(digests[path], []).append(path)
+    return tuple(sorted(tuple(g) for g in by_digest.values() if len(g) > 1))
 
 
 def _sha256_file(path: str) -> str:
@@ -120,4 +147,17 @@ def _content_fingerprint(
     h = hashlib.sha256()
     for key, path, label in sorted((_rel_key(p, root), p, y) for p, y in samples):
         h.update(f"{label}\t{key}\t{stats[path][0]}\t{digests[path]}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _label_file_fingerprint(
+    root: str, rows: list[tuple[str, str, str]], stats: dict[str, tuple[int, int, int]], digests: dict[str, str]
+) -> str:
+    """sha256[:16] over a label file's usable rows: split as the file gives it ("" without a split
+    column), class name, relative path, size and content digest, in path order. The labels and
+    splits live in the file, not in the paths, so they are hashed as such."""
+    h = hashlib.sha256()
+    h.update(b"label-file\n")
+    for key, path, label, split in sorted((_rel_key(p, root), p, y, s) for p, y, s in rows):
+        h.update(f"{split}\t{label}\t{key}\t{stats[path][0]}\t{digests[path]}\n".encode())
     return h.hexdigest()[:16]

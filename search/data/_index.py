@@ -10,7 +10,9 @@ from typing import Any, Callable
 from search.config import TLSearchError
 
 # Split layouts a `SplitSpec` may record.
-SPLIT_LAYOUTS = ("folders", "random")
+SPLIT_LAYOUTS = ("folders", "random", "csv")
+# The fields of a `SplitSpec`, in the order its record lists them.
+_SPEC_FIELDS = ("layout", "train", "val", "val_fraction", "seed", "test", "labels")
 
 WarnFn = Callable[[str], None]
 Sample = tuple[str, int]
@@ -31,6 +33,10 @@ class SplitSpec:
     `folders`: validation is the folder `val` beside train/. `random`: a seeded, stratified draw of
     `val_fraction` of each class, from train/ when DATA has one (`train: train`), else from the
     class folders. A `test` folder is recorded, and kept for the final evaluation, in both.
+    `csv`: a label file (`labels`, its name beside the images) lists path and label, and maybe
+    split, per row; its val rows are validation, or, when it names none, a seeded stratified draw
+    of `val_fraction` of its train rows (`val_fraction` and `seed` set); `test: test` when some
+    rows are test rows.
     """
 
     layout: str  # "folders" | "random"
@@ -39,13 +45,16 @@ class SplitSpec:
     val_fraction: float | None = None  # random: each class's share drawn for validation
     seed: int | None = None  # random: the draw's seed (the search's --seed, not a trial's training seed)
     test: str | None = None  # the folder kept for the final evaluation ("test"), when DATA has one
+    labels: str | None = None  # csv: the label file's name, relative to the dataset folder
 
     def __post_init__(self) -> None:
         if self.layout not in SPLIT_LAYOUTS:
             raise DatasetError(f"split layout must be one of {', '.join(SPLIT_LAYOUTS)}, got {self.layout!r}")
         if self.layout == "folders" and not self.val:
             raise DatasetError("a 'folders' split needs the name of its val folder (val: val)")
-        if self.layout == "random":
+        if self.layout == "csv" and not self.labels:
+            raise DatasetError("a 'csv' split needs the name of its label file (labels: labels.csv)")
+        if self.layout == "random" or (self.layout == "csv" and self.val_fraction is not None):
             fraction = self.val_fraction
             if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
                 raise DatasetError(f"val_fraction must be between 0 and 1 (exclusive), got {fraction!r}")
@@ -54,8 +63,7 @@ class SplitSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields that are set, as a plain dict (what export and model.json record)."""
-        return {f: getattr(self, f) for f in ("layout", "train", "val", "val_fraction", "seed", "test")
-                if getattr(self, f) is not None}
+        return {f: getattr(self, f) for f in _SPEC_FIELDS if getattr(self, f) is not None}
 
     @classmethod
     def from_dict(cls, d: Any, *, source: str = "split") -> "SplitSpec":
@@ -72,7 +80,7 @@ class SplitSpec:
             raise DatasetError(
                 f"{source}: expected a mapping such as {{layout: random, val_fraction: 0.2, seed: 0}}, got {d!r}"
             )
-        known = ("layout", "train", "val", "val_fraction", "seed", "test")
+        known = _SPEC_FIELDS
         unknown = sorted(str(k) for k in d if k not in known)
         if unknown:
             raise DatasetError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}")
@@ -81,9 +89,14 @@ class SplitSpec:
         except DatasetError as e:
             raise DatasetError(f"{source}: {e}") from None
 
+    @property
+    def drawn(self) -> bool:
+        """True when validation is a seeded random draw (`val_fraction` and `seed` decide it)."""
+        return self.val_fraction is not None
+
     def scan_args(self) -> dict[str, Any]:
-        """The `scan_dataset` keywords that make this split again ({} for folders: they decide)."""
-        if self.layout == "random":
+        """The `scan_dataset` keywords that make this split again ({} when folders or the file decide)."""
+        if self.drawn:
             return {"val_fraction": float(self.val_fraction), "seed": int(self.seed)}  # type: ignore[arg-type]
         return {}
 
@@ -91,6 +104,12 @@ class SplitSpec:
         """One line for people, e.g. "random from train/: fraction=0.2 seed=0 (test/ held out)"."""
         if self.layout == "folders":
             text = f"folders: {self.train or 'train'}/{self.val}"
+        elif self.layout == "csv":
+            text = f"csv {self.labels}: " + (
+                f"val drawn from the train rows, fraction={self.val_fraction:g} seed={self.seed}" if self.drawn
+                else "val rows from its split column"
+            )
+            return text + (" (test rows held out for the final evaluation)" if self.test else "")
         else:
             where = f" from {self.train}/" if self.train else ""
             text = f"random{where}: fraction={self.val_fraction:g} seed={self.seed}"
@@ -98,10 +117,54 @@ class SplitSpec:
 
 
 @dataclass(frozen=True)
-class DatasetIndex:
-    """What `scan_dataset` found: classes, the splits, skipped files, fingerprints."""
+class ImageStats:
+    """What the decode check saw of the images' files: sizes as stored and colour modes."""
 
-    root: str  # the dataset folder, absolute
+    images: int  # files looked at (every usable one)
+    min_width: int
+    max_width: int
+    min_height: int
+    max_height: int
+    grey: int = 0  # grey or black-and-white files (modes 1, L, LA, I, I;16, F), turned into RGB
+    alpha: int = 0  # files with transparency (RGBA, LA, PA, or a transparent colour), put on white
+    cmyk: int = 0  # CMYK files, converted to RGB
+
+    @classmethod
+    def of(cls, headers: list[tuple[int, int, str, bool]]) -> "ImageStats | None":
+        """Sums (width, height, mode, has transparency) per file; None when there is none."""
+        if not headers:
+            return None
+        widths = [w for w, _, _, _ in headers]
+        heights = [h for _, h, _, _ in headers]
+        return cls(
+            images=len(headers),
+            min_width=min(widths), max_width=max(widths), min_height=min(heights), max_height=max(heights),
+            grey=sum(m in GREY_MODES or m.startswith("I;16") for _, _, m, _ in headers),
+            alpha=sum(bool(a) for _, _, _, a in headers),
+            cmyk=sum(m == "CMYK" for _, _, m, _ in headers),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: images, width and height as [min, max], and the grey/alpha/cmyk counts."""
+        return {
+            "images": self.images,
+            "width": [self.min_width, self.max_width],
+            "height": [self.min_height, self.max_height],
+            "grey": self.grey,
+            "alpha": self.alpha,
+            "cmyk": self.cmyk,
+        }
+
+
+# Image modes counted as grey in `ImageStats`.
+GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """What `scan_dataset` found: classes, the splits, skipped files, fingerprints, dataset health."""
+
+    root: str  # the dataset folder, absolute (for a label file: the folder holding it)
     classes: tuple[str, ...]  # class names, sorted; a sample's label indexes this
     train: tuple[Sample, ...]  # (absolute path, label), sorted by path
     val: tuple[Sample, ...]  # (absolute path, label), sorted by path
@@ -111,6 +174,16 @@ class DatasetIndex:
     test: tuple[Sample, ...] = ()  # (absolute path, label) of test/, for the final evaluation only
     split_spec: SplitSpec | None = None  # the split as data (what export records and train reuses)
     content_fingerprint: str = ""  # sha256[:16] over the files alone, whatever the split
+    label_file: str | None = None  # the CSV/TSV listing path and label per row, absolute; None: folders
+    # Usable files with the same content (sha256), each group sorted, >= 2 paths: found from the
+    # fingerprint's digests, so `check` can name copies that leak between splits.
+    duplicate_groups: tuple[tuple[str, ...], ...] = ()
+    image_stats: ImageStats | None = None  # sizes and colour modes, when the scan decoded the files
+
+    @property
+    def source(self) -> str:
+        """What the user pointed at: the label file, else the dataset folder."""
+        return self.label_file or self.root
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Returns {class: {"train": n, "val": n}}, and "test": n when DATA has a test/ folder."""
@@ -127,21 +200,49 @@ class DatasetIndex:
             splits.append(("test", self.test))
         return splits
 
+    def imbalance_ratio(self) -> float:
+        """Images in the largest training class over those in the smallest (1.0: balanced)."""
+        per_class = [c["train"] for c in self.counts().values()]
+        smallest = min(per_class, default=0)
+        return max(per_class) / smallest if smallest else float("inf")
+
+    def duplicates_across_splits(self) -> list[list[tuple[str, str]]]:
+        """Groups of identical files that sit in more than one split, as (split, path) lists.
+
+        They leak: a validation (or test) image the model also trained on inflates its score.
+        """
+        where = {path: name for name, samples in self._splits() for path, _ in samples}
+        out = []
+        for group in self.duplicate_groups:
+            members = [(where[p], p) for p in group if p in where]
+            if len({split for split, _ in members}) > 1:
+                out.append(members)
+        return out
+
     def summary(self) -> dict[str, Any]:
         """A JSON-ready description (what `tlsearch check --json` prints).
 
         Returns:
-            A dict with root, split (text and split_spec), fingerprint, classes, counts per class
-            and split, totals and the skipped files with their reasons.
+            A dict with root, label_file, split (text and split_spec), fingerprint, classes, counts
+            per class and split, totals, the imbalance ratio of train, duplicates across splits
+            (identical content), duplicate files within one split, image sizes and colour modes,
+            and the skipped files with their reasons.
         """
+        ratio = self.imbalance_ratio()
+        across = self.duplicates_across_splits()
         return {
             "root": self.root,
+            "label_file": self.label_file,
             "split": self.split,
             "split_spec": self.split_spec.to_dict() if self.split_spec is not None else None,
             "fingerprint": self.fingerprint,
             "classes": list(self.classes),
             "counts": self.counts(),
             "totals": {name: len(samples) for name, samples in self._splits()},
+            "imbalance_ratio": round(ratio, 4) if ratio != float("inf") else None,
+            "duplicates_across_splits": [[{"split": s, "path": p} for s, p in g] for g in across],
+            "duplicate_groups_within_splits": len(self.duplicate_groups) - len(across),
+            "images": self.image_stats.to_dict() if self.image_stats is not None else None,
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
         }
 
@@ -160,7 +261,7 @@ def format_summary(index: DatasetIndex) -> str:
     width = max([len("class"), len("total"), *(len(c) for c in index.classes)])
     images = " / ".join(f"{len(samples)} {name}" for name, samples in splits)
     lines = [
-        f"dataset: {index.root}",
+        f"dataset: {index.source}",
         f"split: {index.split}",
         f"fingerprint: {index.fingerprint}",
         f"{len(index.classes)} classes, {images} images",
@@ -170,11 +271,39 @@ def format_summary(index: DatasetIndex) -> str:
     for c in index.classes:
         lines.append(f"{c:<{width}}" + "".join(f"  {counts[c][name]:>7}" for name, _ in splits))
     lines.append(f"{'total':<{width}}" + "".join(f"  {len(samples):>7}" for _, samples in splits))
+    lines += ["", *_health_lines(index)]
     if index.skipped:
         lines += ["", f"skipped {len(index.skipped)} file(s):"]
         for p, reason in index.skipped:
             lines.append(f"  {_relative(p, index.root)}: {reason}")
     return "\n".join(lines)
+
+
+def _health_lines(index: DatasetIndex) -> list[str]:
+    """Imbalance, image sizes and modes, and duplicate files, as `format_summary` prints them."""
+    train = {c: n["train"] for c, n in index.counts().items()}
+    big, small = max(train, key=train.__getitem__), min(train, key=train.__getitem__)
+    extremes = f"{big} {train[big]}, {small} {train[small]}" if train[big] != train[small] else f"{train[big]} each"
+    lines = [f"imbalance (train, largest/smallest class): {index.imbalance_ratio():.2f} ({extremes})"]
+    st = index.image_stats
+    if st is not None:
+        lines.append(f"images: {st.images} decoded, width {st.min_width}-{st.max_width}, "
+                     f"height {st.min_height}-{st.max_height}; grey {st.grey}, alpha {st.alpha}, CMYK {st.cmyk}")
+    across = index.duplicates_across_splits()
+    within = len(index.duplicate_groups) - len(across)
+    if not across:
+        lines.append("duplicates across splits: none (identical content)")
+    else:
+        lines.append(f"duplicates across splits: {len(across)} group(s) of identical files "
+                     "(they inflate validation scores; remove one of each):")
+        for group in across:
+            # A label file's paths do not say their split: name it.
+            lines.append("  " + " == ".join(
+                f"{_relative(p, index.root)}" + (f" ({split})" if index.label_file else "") for split, p in group
+            ))
+    if within:
+        lines.append(f"duplicates within one split: {within} group(s) of identical files")
+    return lines
 
 
 def _relative(path: str, root: str) -> str:

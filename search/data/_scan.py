@@ -13,15 +13,25 @@ import random
 import stat
 from dataclasses import dataclass, field
 
-from search.data._hashes import _content_fingerprint, _inspect, _rel_key
+from search.data._hashes import (
+    Header,
+    _content_fingerprint,
+    _duplicate_groups,
+    _inspect,
+    _label_file_fingerprint,
+    _rel_key,
+)
 from search.data._index import (
     DatasetError,
     DatasetIndex,
+    ImageStats,
     Sample,
     SplitSpec,
     WarnFn,
     _default_warn,
+    _relative,
 )
+from search.data._labels import LabelRow, find_label_file, is_label_file, read_label_file
 
 # File name endings accepted as images (compared in lower case).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
@@ -48,6 +58,12 @@ class _Walk:
     def skip(self, path: str, reason: str) -> None:
         self.skipped.append((path, reason))
         self.warn(f"skipping {path}: {reason}")
+
+    def skip_row(self, label_file: str, row: int, path: str, reason: str) -> None:
+        where = f"{os.path.basename(label_file)} row {row}"
+        self.skipped.append((path or label_file, f"{where}: {reason}"))
+        image = f" ({_relative(path, os.path.dirname(label_file))})" if path else ""
+        self.warn(f"skipping {where}{image}: {reason}")
 
 
 def _subdirs(folder: str, walk: _Walk) -> list[str]:
@@ -121,10 +137,17 @@ def scan_dataset(
     warn: WarnFn | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> DatasetIndex:
-    """Scans an ImageFolder once: finds classes and images, checks them, splits train/val.
+    """Scans a dataset once: finds classes and images, checks them, splits train/val.
 
     Layouts: DATA/train/<class>/... beside DATA/val (or valid); DATA/train alone (val is split off
-    it at random); or DATA/<class>/... (split at random). A test/ folder beside train/ is never
+    it at random); or DATA/<class>/... (split at random). Or a label file: DATA is a .csv/.tsv
+    with a header row naming `path` and `label` (and optionally `split`: train, val, test), paths
+    relative to it; or a folder without train/ holding such a file at its top (see
+    `search.data._labels.find_label_file` for the rule). Its val rows are validation; without any,
+    val is drawn from its train rows as for folders; test rows are kept apart as test/ is. A bad
+    row (no path or label, a missing or undecodable image, the same image listed again) is skipped
+    with a warning naming the file and the row; a bad file (no header, a missing column, an
+    unknown split, no usable row, a class left empty) is a `DatasetError`. A test/ folder beside train/ is never
     validation: it is kept in `DatasetIndex.test` for the final evaluation. A random split is
     stratified (every class keeps >= 1 image on each side), deterministic for a seed, and recorded
     in `DatasetIndex.split` and `split_spec`. Hidden files and folders are ignored; image names are
@@ -135,7 +158,7 @@ def scan_dataset(
     `<cache_dir>/hashes/`, keyed by relative path, size and times, so a re-scan reads no file twice.
 
     Args:
-        root: the dataset folder.
+        root: the dataset folder, or its label file.
         val_fraction: share of each class that goes to val in a random split.
         seed: seed of the random split.
         verify: fully decode every image and skip those that fail (with a warning).
@@ -149,11 +172,18 @@ def scan_dataset(
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
     root_abs = os.path.abspath(os.path.expanduser(os.fspath(root)))
+    if os.path.isfile(root_abs) and is_label_file(root_abs):
+        return _scan_label_file(root_abs, val_fraction=val_fraction, seed=seed, verify=verify, warn=warn,
+                                cache_dir=cache_dir)
     if not os.path.isdir(root_abs):
-        what = "not a folder" if os.path.exists(root_abs) else "no such folder"
+        what = "not a folder nor a .csv/.tsv label file" if os.path.exists(root_abs) else "no such folder"
         raise DatasetError(f"dataset {what}: {root_abs}")
     walk = _Walk(warn=warn)
     top = _subdirs(root_abs, walk)
+    label_file = find_label_file(root_abs, top) if "train" not in top else None
+    if label_file is not None:
+        return _scan_label_file(label_file, val_fraction=val_fraction, seed=seed, verify=verify, warn=warn,
+                                cache_dir=cache_dir)
     val_name = next((n for n in VAL_SPLIT_NAMES if n in top), None)
     test_files: dict[str, list[str]] | None = None
 
@@ -190,7 +220,7 @@ def scan_dataset(
 
     groups = [files for files in (train_files, val_files, test_files) if files is not None]
     all_files = [p for files in groups for fs in files.values() for p in fs]
-    digests, bad = _inspect(all_files, walk.stats, root_abs, verify=verify, cache_dir=cache_dir)
+    digests, bad, headers = _inspect(all_files, walk.stats, root_abs, verify=verify, cache_dir=cache_dir)
     for p in all_files:  # report in path order, whatever order the threads finished in
         if p in bad:
             walk.skip(p, bad[p])
@@ -210,16 +240,89 @@ def scan_dataset(
     groups = [train_files, val_files, test_files or {}]
     everything = [(p, label[c]) for files in groups for c, fs in files.items() for p in fs]
     content = _content_fingerprint(root_abs, everything, walk.stats, digests)
-    return _make_index(root_abs, classes, train_files, val_files, test_files or {}, spec, tuple(walk.skipped), content)
+    return _make_index(
+        root_abs, classes, train_files, val_files, test_files or {}, spec, tuple(walk.skipped), content,
+        health=_health([p for p, _ in everything], digests, headers),
+    )
+
+
+def _scan_label_file(
+    path: str, *, val_fraction: float, seed: int, verify: bool, warn: WarnFn, cache_dir: str | os.PathLike[str] | None
+) -> DatasetIndex:
+    """`scan_dataset` for a label file: its rows, their images checked, split as the file says."""
+    walk = _Walk(warn=warn)
+    folder = os.path.dirname(path)
+    labels = read_label_file(path, lambda row, image, reason: walk.skip_row(path, row, image, reason))
+    rows = [r for r in labels.rows if _row_file_ok(r, path, walk)]
+    digests, bad, headers = _inspect([r.path for r in rows], walk.stats, folder, verify=verify, cache_dir=cache_dir)
+    for r in rows:
+        if r.path in bad:
+            walk.skip_row(path, r.row, r.path, bad[r.path])
+    rows = [r for r in rows if r.path not in bad]
+    if not rows:
+        raise DatasetError(f"no usable row in {path}: all {labels.n_rows} row(s) were skipped (see the warnings)")
+    classes = list(labels.classes)
+    if len(classes) < 2:
+        named = f"only the label {classes[0]!r}" if classes else "no label"
+        raise DatasetError(f"{path} names {named}; classification needs at least 2 classes")
+    files: dict[str, dict[str, list[str]]] = {name: {c: [] for c in classes} for name in ("train", "val", "test")}
+    for r in rows:
+        files[r.split or "train"][r.label].append(r.path)
+    has_test = any(files["test"].values())
+    for c in classes:
+        if not files["train"][c]:
+            where = "train rows" if labels.has_split else "rows"
+            raise DatasetError(f"class {c!r} has no usable image among the {where} of {path}")
+    name = os.path.basename(path)
+    if any(files["val"].values()):
+        for c in classes:
+            if not files["val"][c]:
+                raise DatasetError(f"class {c!r} has no usable image among the val rows of {path}")
+        spec = SplitSpec("csv", labels=name, test="test" if has_test else None)
+        train_files, val_files = files["train"], files["val"]
+    else:
+        spec = SplitSpec("csv", labels=name, val_fraction=val_fraction, seed=seed, test="test" if has_test else None)
+        train_files, val_files = _random_split(files["train"], val_fraction=val_fraction, seed=seed)
+    test_files = {c: fs for c, fs in files["test"].items() if fs}
+    content = _label_file_fingerprint(folder, [(r.path, r.label, r.split or "") for r in rows], walk.stats, digests)
+    return _make_index(
+        folder, classes, train_files, val_files, test_files, spec, tuple(walk.skipped), content,
+        label_file=path, health=_health([r.path for r in rows], digests, headers),
+    )
+
+
+def _row_file_ok(row: LabelRow, label_file: str, walk: _Walk) -> bool:
+    """Stats a row's image (recording it for the hashing pass); a missing one skips the row."""
+    try:
+        st = os.stat(row.path)
+    except FileNotFoundError:
+        walk.skip_row(label_file, row.row, row.path, "image not found")
+        return False
+    except OSError as err:
+        walk.skip_row(label_file, row.row, row.path, f"cannot read: {err.strerror or err}")
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        walk.skip_row(label_file, row.row, row.path, "not a file")
+        return False
+    walk.stats[row.path] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return True
+
+
+def _health(
+    paths: list[str], digests: dict[str, str], headers: dict[str, Header]
+) -> tuple[tuple[tuple[str, ...], ...], ImageStats | None]:
+    """(groups of identical files, image sizes and modes) of the usable files, from the hashing pass."""
+    return _duplicate_groups(digests, set(paths)), ImageStats.of([headers[p] for p in paths if p in headers])
 
 
 def resplit(index: DatasetIndex, *, val_fraction: float, seed: int) -> DatasetIndex:
     """The same scan with another random train/val split; no file is read again.
 
-    Equal to `scan_dataset(index.root, val_fraction=val_fraction, seed=seed)` on unchanged files.
+    Equal to `scan_dataset(index.source, val_fraction=val_fraction, seed=seed)` on unchanged files.
 
     Args:
-        index: a scan whose split is random (`split_spec.layout == "random"`).
+        index: a scan whose val is a random draw (`split_spec.drawn`: layout random, or a label
+            file without val rows).
         val_fraction: share of each class that goes to val.
         seed: seed of the split.
 
@@ -227,10 +330,10 @@ def resplit(index: DatasetIndex, *, val_fraction: float, seed: int) -> DatasetIn
         The re-split index (test/ and the skipped files unchanged).
     """
     spec = index.split_spec
-    if spec is None or spec.layout != "random":
+    if spec is None or not spec.drawn:
         raise DatasetError(
-            f"{index.root} is split by its folders ({index.split}); a val_fraction and seed apply only "
-            "to a random split"
+            f"{index.source} is split by its {'val rows' if index.label_file else 'folders'} ({index.split}); "
+            "a val_fraction and seed apply only to a random split"
         )
     new_spec = dataclasses.replace(spec, val_fraction=val_fraction, seed=seed)  # validates them
     pool: dict[str, list[str]] = {c: [] for c in index.classes}
@@ -242,7 +345,7 @@ def resplit(index: DatasetIndex, *, val_fraction: float, seed: int) -> DatasetIn
         test_files.setdefault(index.classes[label], []).append(path)
     return _make_index(
         index.root, list(index.classes), train_files, val_files, test_files, new_spec, index.skipped,
-        index.content_fingerprint,
+        index.content_fingerprint, label_file=index.label_file, health=(index.duplicate_groups, index.image_stats),
     )
 
 
@@ -255,6 +358,9 @@ def _make_index(
     spec: SplitSpec,
     skipped: tuple[tuple[str, str], ...],
     content: str,
+    *,
+    label_file: str | None = None,
+    health: tuple[tuple[tuple[str, ...], ...], ImageStats | None] = ((), None),
 ) -> DatasetIndex:
     label = {c: i for i, c in enumerate(classes)}
 
@@ -274,6 +380,9 @@ def _make_index(
         test=test,
         split_spec=spec,
         content_fingerprint=content,
+        label_file=label_file,
+        duplicate_groups=health[0],
+        image_stats=health[1],
     )
 
 

@@ -92,7 +92,7 @@ def _open_study(
     if attrs.get("dataset_fingerprint") and attrs["dataset_fingerprint"] != index.fingerprint:
         raise TLSearchError(
             f"study {settings.study!r} was searched on a different dataset (fingerprint "
-            f"{attrs['dataset_fingerprint']}, now {index.fingerprint} for {index.root}); "
+            f"{attrs['dataset_fingerprint']}, now {index.fingerprint} for {index.source}); "
             "use a new --study name"
         )
     if attrs.get("class_names") is not None and list(attrs["class_names"]) != list(index.classes):
@@ -109,7 +109,7 @@ def _open_study(
     with warnings.catch_warnings():  # experimental in Optuna, but what optuna-dashboard reads
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([settings.metric])
-    study.set_user_attr("dataset", index.root)
+    study.set_user_attr("dataset", index.source)  # the folder, or the label file
     study.set_user_attr("dataset_fingerprint", index.fingerprint)
     study.set_user_attr("class_names", list(index.classes))
     study.set_user_attr("split", index.split)

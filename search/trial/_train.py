@@ -66,7 +66,7 @@ def training_index(
     expected = record.get("dataset_fingerprint")
     if expected and index.fingerprint != expected:
         whose = f"study {record['study']!r}" if record.get("study") else source
-        what = f"{index.root} is not the dataset of {whose} (fingerprint {index.fingerprint}, recorded {expected})"
+        what = f"{index.source} is not the dataset of {whose} (fingerprint {index.fingerprint}, recorded {expected})"
         if not allow_changed_data:
             raise DatasetError(f"{what}; its val_acc would not compare; --allow-changed-data trains on it anyway")
         warn(f"{what}: training on it as asked; val_acc does not compare with the study's")
@@ -80,8 +80,9 @@ def _override_split(index: DatasetIndex, *, seed: int | None, val_fraction: floa
     from search.data import resplit
 
     spec = index.split_spec
-    if spec.layout != "random":
-        warn(f"--seed and --val-fraction ignored: {index.root} is split by its folders ({index.split})")
+    if not spec.drawn:
+        how = "its val rows" if index.label_file else "its folders"
+        warn(f"--seed and --val-fraction ignored: {index.source} is split by {how} ({index.split})")
         return index
     new_seed = spec.seed if seed is None else seed
     new_fraction = spec.val_fraction if val_fraction is None else val_fraction
@@ -193,7 +194,7 @@ def train(
     }
     if out is not None:
         summary["model_dir"] = str(Path(
-            save_model(result, out, record={"dataset": index.root, "dataset_fingerprint": index.fingerprint,
+            save_model(result, out, record={"dataset": index.source, "dataset_fingerprint": index.fingerprint,
                                             "split": index.split_spec.to_dict(), "full_fit": full})
         ).resolve())
     return summary
