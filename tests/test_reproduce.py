@@ -222,3 +222,51 @@ def test_bad_split_record_is_one_line_exit_2(
     assert main(["train", str(bad), str(flat_data), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.yaml: split: val_fraction must be between 0 and 1" in err
+
+
+@pytest.mark.ray
+def test_run_export_train_predict_on_a_label_file(tmp_path: Path) -> None:
+    """`run` on a CSV (no split column, --seed 3), export, then `train` validates on the very same draw."""
+    import subprocess
+    import sys
+
+    data = make_image_folder(tmp_path / "ds" / "images", per_class=8, size=32, splits=())
+    names = {"circle": "round", "square": "box", "triangle": "tri"}  # the file's labels, not the folders'
+    rows = [f"images/{c}/{p.name},{n}" for c, n in names.items() for p in sorted((data / c).iterdir())]
+    labels = tmp_path / "ds" / "labels.csv"
+    labels.write_text("\n".join(["path,label", *rows]) + "\n")
+    (tmp_path / "space.yaml").write_text(
+        "backbone: resnet18\nlr: {low: 1.0e-3, high: 1.0e-2, log: true}\nimage_size: 32\nbatch_size: 8\nmax_epochs: 2\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TLSEARCH_CACHE": str(tmp_path / "cache")}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "search", *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    r = cli("run", "ds", "--study", "csv", "--trials", "2", "--no-pretrained", "--space", "space.yaml", "--seed", "3",
+            "--cpus-per-trial", "1", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = optuna.load_study(study_name="csv", storage=f"sqlite:///{tmp_path / 'studies' / 'csv.db'}")
+    expected = scan_dataset(labels, val_fraction=0.2, seed=3, warn=Warnings(), cache_dir=tmp_path / "cache")
+    assert study.user_attrs["split_spec"] == {"layout": "csv", "val_fraction": 0.2, "seed": 3, "labels": "labels.csv"}
+    assert study.user_attrs["dataset_fingerprint"] == expected.fingerprint
+    assert study.user_attrs["dataset"] == str(labels) and study.user_attrs["class_names"] == ["box", "round", "tri"]
+
+    r = cli("export", "csv")
+    assert r.returncode == 0, r.stderr
+    record = load_yaml(tmp_path / "reports" / "csv" / "best.yaml")
+    assert record["split"] == study.user_attrs["split_spec"]
+    # train re-draws val from the record (seed 3), not from its own default (seed 0)
+    index = training_index(labels, record, warn=Warnings())
+    assert index.val == expected.val and index.train == expected.train
+    assert scan_dataset(labels, seed=0, warn=Warnings(), cache_dir=tmp_path / "cache").val != expected.val
+
+    r = cli("train", "reports/csv/best.yaml", "ds/labels.csv", "--out", "model", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "warning" not in r.stderr, r.stderr
+    meta = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert meta["dataset_fingerprint"] == expected.fingerprint and meta["split"] == record["split"]
+    r = cli("predict", "model", str(data / "circle" / "circle_0.png"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\t")[1].split()[0] in names.values()
