@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--trials", type=int, default=None, help="trials to run (default 10)")
 
     c = sub.add_parser("run", help="search backbones and hyperparameters on a dataset")
-    c.add_argument("data", metavar="DATA", help="ImageFolder: DATA/train + DATA/val, or class folders")
+    c.add_argument("data", metavar="DATA",
+                   help="ImageFolder: DATA/train + DATA/val, or class folders; or a CSV/TSV of path,label[,split]")
     c.add_argument("--study", required=True, help="study name (an existing study is continued)")
     c.add_argument("--space", default=None, help="search space YAML (default: built-in for this hardware)")
     _add_search_options(c)
@@ -118,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top", type=int, default=1)
     c.add_argument("--json", action="store_true")
 
-    c = sub.add_parser("check", help="validate a dataset and print what was found")
-    c.add_argument("data", metavar="DATA")
+    c = sub.add_parser("check", help="validate a dataset and print what was found: counts, imbalance, "
+                                     "image sizes and modes, duplicates across splits, bad files")
+    c.add_argument("data", metavar="DATA", help="dataset folder, or a CSV/TSV of path,label[,split]")
     c.add_argument("--val-fraction", type=float, default=0.2)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", action="store_true")

@@ -24,6 +24,10 @@ MAX_IMAGE_PIXELS = 64_000_000
 CROP_RATIO = 0.875
 
 
+# Image modes that carry an alpha channel.
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
 class BadImageError(TLSearchError):
     """One image file that cannot be fully decoded; the message is the reason."""
 
@@ -49,11 +53,20 @@ def load_image(path: str | os.PathLike[str], *, draft: int | None = None) -> Ima
     Returns:
         A loaded PIL image in mode RGB.
     """
+    return _load_with_header(path, draft=draft)[0]
+
+
+def _load_with_header(
+    path: str | os.PathLike[str], *, draft: int | None = None
+) -> tuple[Image.Image, tuple[int, int, str, bool]]:
+    """`load_image`, and the file's (width, height, mode, has transparency) as stored, read from
+    the same open (the scan counts grey, alpha and CMYK files without opening them twice)."""
     # A truncated file must fail here, not come back half grey: Pillow only guarantees that
     # while LOAD_TRUNCATED_IMAGES is False, which is its default and which this module never sets.
     try:
         with Image.open(path) as im:
             w, h = im.size
+            header = (w, h, im.mode, im.mode in _ALPHA_MODES or "transparency" in im.info)
             if w * h > MAX_IMAGE_PIXELS:
                 raise BadImageError(
                     f"decompression bomb guard: {w}x{h} = {w * h} pixels is more than "
@@ -77,7 +90,7 @@ def load_image(path: str | os.PathLike[str], *, draft: int | None = None) -> Ima
         # OSError covers "image file is truncated" and decoder errors; the others are what
         # plugins raise on malformed headers.
         raise BadImageError(f"cannot decode: {e}".rstrip(": ")) from None
-    return rgb
+    return rgb, header
 
 
 def _file_size(path: str | os.PathLike[str]) -> int:
@@ -99,7 +112,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     if mode == "F":
         a = np.nan_to_num(np.asarray(im, dtype=np.float32))
         return Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8)).convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    has_alpha = mode in _ALPHA_MODES or "transparency" in im.info
     if has_alpha:
         rgba = im.convert("RGBA")
         out = Image.new("RGB", rgba.size, (255, 255, 255))

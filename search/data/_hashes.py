@@ -12,10 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from search.config import atomic_write_text, default_cache_dir
-from search.data._decode import BadImageError, _workers, load_image
+from search.data._decode import BadImageError, _load_with_header, _workers
 from search.data._index import Sample, _relative
 
 # (width, height, mode, has transparency) of one image file, read from its header.
@@ -66,11 +64,11 @@ def _inspect(
         if not verify:
             return digest, None, None
         try:
-            load_image(path, draft=1)  # draft 1: smallest JPEG scale, still reads every byte
+            _, header = _load_with_header(path, draft=1)  # draft 1: smallest JPEG scale, still reads every byte
         except BadImageError as e:
             return digest, str(e), None
         placeholder = KNOWN_PLACEHOLDERS.get(size, {}).get(digest)
-        return digest, placeholder, (_header(path) if placeholder is None else None)
+        return digest, placeholder, (header if placeholder is None else None)
 
     if not paths:
         return {}, {}, {}
@@ -83,17 +81,6 @@ def _inspect(
     if fresh != cached:
         _save_hashes(cache_file, root, fresh)
     return digests, bad, headers
-
-
-def _header(path: str) -> Header | None:
-    """(width, height, mode, has transparency) as the file stores them: its header alone, which
-    the decode just read, so this costs one small read of a cached page."""
-    try:
-        with Image.open(path) as im:
-            alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-            return im.width, im.height, im.mode, alpha
-    except (OSError, ValueError, SyntaxError, EOFError):
-        return None
 
 
 def _duplicate_groups(digests: dict[str, str], keep: set[str]) -> tuple[tuple[str, ...], ...]:

@@ -170,11 +170,15 @@ def _csv_delimiter(text: str) -> str:
 
 
 def _has_required_columns(path: str) -> bool:
+    """Whether the file's first line names path and label (read alone: a label file may be long)."""
     try:
-        lines = _read_rows(path)
-    except DatasetError:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            first = f.readline()
+    except (OSError, UnicodeDecodeError):
         return False
-    return bool(lines) and set(REQUIRED_COLUMNS) <= {c.strip().lower() for c in lines[0][1]}
+    delimiter = "\t" if path.lower().endswith(".tsv") else _csv_delimiter(first)
+    names = {c.strip().lower() for c in next(csv.reader([first], delimiter=delimiter), [])}
+    return set(REQUIRED_COLUMNS) <= names
 
 
 def _columns(path: str, header: list[str]) -> dict[str, int]:
