@@ -266,3 +266,15 @@ def test_check_on_a_label_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["check", str(labels)]) == 0
     text = capsys.readouterr().out
     assert f"dataset: {labels}" in text and "images/circle/circle_0.png (train) == images/dup.png (val)" in text
+
+
+def test_check_on_real_data_names_both_pairs(tmp_path: Path, shared_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's check: hymenoptera with two train photos copied into val under other names."""
+    root = shutil.copytree(shared_dir / "data" / "hymenoptera", tmp_path / "hym")
+    ants, bees = sorted((root / "train" / "ants").glob("*.jpg"))[0], sorted((root / "train" / "bees").glob("*.jpg"))[0]
+    shutil.copy(ants, root / "val" / "ants" / "copy_of_ant.jpg")
+    shutil.copy(bees, root / "val" / "bees" / "renamed_bee.jpg")
+    assert main(["check", str(root), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    found = sorted(sorted((f["split"], Path(f["path"]).name) for f in g) for g in summary["duplicates_across_splits"])
+    assert found == [[("train", ants.name), ("val", "copy_of_ant.jpg")], [("train", bees.name), ("val", "renamed_bee.jpg")]]
