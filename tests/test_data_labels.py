@@ -271,7 +271,7 @@ def test_check_on_a_label_file(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_check_on_real_data_names_both_pairs(tmp_path: Path, shared_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The issue's check: hymenoptera with two train photos copied into val under other names."""
     root = shutil.copytree(shared_dir / "data" / "hymenoptera", tmp_path / "hym")
-    ants, bees = sorted((root / "train" / "ants").glob("*.jpg"))[0], sorted((root / "train" / "bees").glob("*.jpg"))[0]
+    ants, bees = min((root / "train" / "ants").glob("*.jpg")), min((root / "train" / "bees").glob("*.jpg"))
     shutil.copy(ants, root / "val" / "ants" / "copy_of_ant.jpg")
     shutil.copy(bees, root / "val" / "bees" / "renamed_bee.jpg")
     assert main(["check", str(root), "--json"]) == 0

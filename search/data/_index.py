@@ -130,7 +130,7 @@ class ImageStats:
     cmyk: int = 0  # CMYK files, converted to RGB
 
     @classmethod
-    def of(cls, headers: list[tuple[int, int, str, bool]]) -> "ImageStats | None":
+    def of(cls, headers: list[tuple[int, int, str, bool]]) -> ImageStats | None:
         """Sums (width, height, mode, has transparency) per file; None when there is none."""
         if not headers:
             return None

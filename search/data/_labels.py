@@ -13,7 +13,7 @@ import csv
 import io
 import os
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from search.data._index import DatasetError
 
