@@ -17,6 +17,16 @@ Parts (each on ../shared/data/hymenoptera with ../shared/weights/tf_efficientnet
      5k, 10k and 20k 400x300 JPEG photos (benchmarks/_memory.py): it must stay flat as the dataset
      grows, apart from the cached features it holds.
 
+    python -m benchmarks.bench --defaults      # the search's defaults, old vs new (part g, on its own)
+
+  g. the same search with the defaults as they were (benchmarks/spaces/old_default.yaml, the
+     linear probe alone as warm start, no budget-aware scheduling, one ASHA grace for all) and
+     with the new ones (the default space at hand, fine-tuning priors, the recipe portfolio,
+     budget-aware scheduling, a longer grace for fine-tuning trials), same data, same time budget,
+     several seeds, the arms interleaved, every run from cold caches: best value reached, time to
+     95% / 99% of the best either arm reached in that seed, and fine-tuning trials started /
+     finished / pruned. Writes benchmarks/results/defaults.json and .md (defaults-quick.* with --quick).
+
 Every cache starts empty (a fresh TLSEARCH_CACHE), so one-off builds are paid inside the
 benchmark. Writes benchmarks/results/latest.json and latest.md, and the README's Performance table.
 Without ../shared it prints why and exits 0 (nothing to measure on).
@@ -385,6 +395,147 @@ def part_f(plan: Plan, work: Path) -> dict:
     }
 
 
+# ----- g: the search's defaults, old vs new ---------------------------------------------------------
+
+OLD_DEFAULT_SPACE = REPO / "benchmarks" / "spaces" / "old_default.yaml"
+
+
+@dataclass(frozen=True)
+class DefaultsPlan:
+    """Sizes of the defaults comparison (part g)."""
+
+    budget_s: float  # time budget of every search
+    seeds: tuple[int, ...]  # one old and one new search per seed, interleaved
+    trials: int  # --trials of every search (the budget ends them first)
+
+
+DEFAULTS_FULL = DefaultsPlan(budget_s=480, seeds=(0, 1, 2), trials=60)
+DEFAULTS_QUICK = DefaultsPlan(budget_s=60, seeds=(0,), trials=12)
+
+
+def defaults_arm(arm: str, seed: int, plan: DefaultsPlan, work: Path, data: Path) -> dict:
+    """One search of part g, from cold caches: the old defaults or the new ones."""
+    from benchmarks import _trials
+    from search.runner import run_search
+    from search.space import load_space
+
+    run_dir = work / f"{arm}-{seed}"
+    os.environ["TLSEARCH_CACHE"] = str(run_dir / "cache")  # cold: every cache starts empty
+    log_path = run_dir / "epochs.jsonl"
+    run_dir.mkdir(parents=True)
+    common = dict(data=str(data), trials=plan.trials, time_budget_s=plan.budget_s, seed=seed,
+                  cache_dir=str(run_dir / "cache"))
+    if arm == "old":
+        s = settings(run_dir, f"g-old-{seed}", space=load_space(OLD_DEFAULT_SPACE), portfolio=False,
+                     budget_aware=False, finetune_grace=1, **common)
+    else:
+        s = settings(run_dir, f"g-new-{seed}", **common)  # no space: the default space at hand
+    print(f"[g] {arm} defaults, seed {seed}, {plan.budget_s:.0f} s ...", file=sys.stderr, flush=True)
+    t0 = time.time()
+    summary = run_search(s, trial_fn=partial(_trials.timed_fine_tune, log_path=str(log_path)), progress=False)
+    records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    log = [{**r, "t": r["t"] - t0} for r in records]
+    return {"arm": arm, "seed": seed, "log": log, "best_value": summary.best_value, "counts": summary.counts,
+            "fine_tuning": fine_tuning_counts(s), "wall_s": round(summary.wall_seconds, 1)}
+
+
+def fine_tuning_counts(s: Any) -> dict:
+    """Trials that trained backbone stages: started, finished (COMPLETE), pruned by ASHA / by the budget."""
+    import optuna
+
+    from search.backbones import num_stages, resolve_depth
+    from search.studies import TrialRecord
+
+    study = optuna.load_study(study_name=s.study, storage=s.storage_url)
+    out = {"started": 0, "finished": 0, "pruned": 0, "pruned_by_budget": 0, "failed": 0}
+    for t in study.get_trials(deepcopy=False):
+        rec = TrialRecord.from_trial(t)
+        cfg = rec.config or {}
+        if not cfg or t.user_attrs.get("not_started") or not rec.curve:
+            continue
+        if resolve_depth(cfg["backbone"], cfg["freeze_depth"]) >= num_stages(cfg["backbone"]):
+            continue
+        out["started"] += 1
+        out["finished"] += rec.state == "COMPLETE"
+        out["pruned"] += rec.state == "PRUNED"
+        out["pruned_by_budget"] += rec.state == "PRUNED" and rec.stopped_by == "time budget"
+        out["failed"] += rec.state == "FAIL"
+    return out
+
+
+def time_to(log: list[dict], target: float | None) -> float | None:
+    """Seconds until a per-epoch val_acc first reached `target` (None: never)."""
+    if target is None:
+        return None
+    hits = [r["t"] for r in log if (r.get("val_acc") or 0.0) >= target]
+    return round(min(hits), 1) if hits else None
+
+
+def part_g(plan: DefaultsPlan, work: Path, data: Path) -> dict:
+    """Old vs new defaults, interleaved per seed (the order alternates so that neither arm always
+    runs on a machine warmed by the other)."""
+    runs = []
+    for i, seed in enumerate(plan.seeds):
+        for arm in (("old", "new") if i % 2 == 0 else ("new", "old")):
+            runs.append(defaults_arm(arm, seed, plan, work, data))
+    rows = []
+    for seed in plan.seeds:
+        pair = {r["arm"]: r for r in runs if r["seed"] == seed}
+        best = max((e.get("val_acc") or 0.0 for r in pair.values() for e in r["log"]), default=None)
+        for arm in ("old", "new"):
+            r = pair[arm]
+            rows.append({
+                "seed": seed, "arm": arm, "best_value": r["best_value"],
+                "best_epoch_val_acc": max((e.get("val_acc") or 0.0 for e in r["log"]), default=None),
+                "reference": best,
+                "time_to_95_s": time_to(r["log"], 0.95 * best if best else None),
+                "time_to_99_s": time_to(r["log"], 0.99 * best if best else None),
+                "fine_tuning": r["fine_tuning"], "counts": r["counts"], "wall_s": r["wall_s"],
+            })
+    return {"budget_s": plan.budget_s, "seeds": list(plan.seeds), "data": str(data), "rows": rows}
+
+
+def defaults_markdown(result: dict) -> str:
+    """Part g's side-by-side table."""
+    lines = [
+        f"Same search, old vs new defaults: {result['data']}, {result['budget_s']:.0f} s budget per search, "
+        f"seeds {', '.join(map(str, result['seeds']))}, cold caches, arms interleaved. "
+        "Times are to 95% / 99% of the best per-epoch val_acc either arm reached in that seed.",
+        "",
+        "| seed | defaults | best COMPLETE value | best epoch val_acc | to 95% (s) | to 99% (s) "
+        "| fine-tuning started | finished | pruned (ASHA) | pruned (budget) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        ft = r["fine_tuning"]
+        lines.append(
+            f"| {r['seed']} | {r['arm']} | {_fmt(r['best_value'], 4)} | {_fmt(r['best_epoch_val_acc'], 4)} "
+            f"| {_fmt(r['time_to_95_s'], 1)} | {_fmt(r['time_to_99_s'], 1)} | {ft['started']} | {ft['finished']} "
+            f"| {ft['pruned'] - ft['pruned_by_budget']} | {ft['pruned_by_budget']} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_defaults(quick: bool, out: Path, data: Path) -> int:
+    """Runs part g alone and writes benchmarks/results/defaults(.quick).json and .md."""
+    plan = DEFAULTS_QUICK if quick else DEFAULTS_FULL
+    work = Path(tempfile.mkdtemp(prefix="tlsearch-bench-g-"))
+    t0 = time.time()
+    try:
+        result = part_g(plan, work, data)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result.update(quick=quick, total_s=round(time.time() - t0, 1), finished=time.strftime("%Y-%m-%d %H:%M"),
+                  machine={"cpus": os.cpu_count(), "load_end": load_avg()})
+    stem = "defaults-quick" if quick else "defaults"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    table = defaults_markdown(result)
+    (out / f"{stem}.md").write_text("# tlsearch defaults, old vs new\n\n" + table
+                                    + f"\nTotal {result['total_s']:.0f} s.\n", encoding="utf-8")
+    print(table)
+    return 0
+
+
 PARTS: dict[str, tuple[str, Callable[[Plan, Path], dict]]] = {
     "c": ("decoded-image cache vs PIL decoding", part_c),
     "b": ("head-only trial: cached features vs no cache", part_b),
@@ -515,7 +666,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS),
                     help="results folder: latest.json/.md (full run), quick.* (--quick), partial.* (--only)")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README's Performance table")
+    ap.add_argument("--defaults", action="store_true", help="part g alone: the search's old vs new defaults")
+    ap.add_argument("--data", default=str(DATA), help="part g's dataset (default: ../shared/data/hymenoptera)")
     args = ap.parse_args(argv)
+    if args.defaults:
+        if not Path(args.data).exists() or not (WEIGHTS_DIR / "tf_efficientnet_lite1.pth").exists():
+            print(f"skipped: {args.data} or {WEIGHTS_DIR} is absent (part g needs ../shared)", file=sys.stderr)
+            return 0
+        return run_defaults(args.quick, Path(args.out), Path(args.data))
     parts = [p.strip() for p in args.only.split(",") if p.strip()] or list(PARTS)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:

@@ -86,6 +86,9 @@ class TrialConfig:
     warmup_epochs: float = 0.0  # linear warmup before the cosine decay, in epochs
     dropout: float = 0.0  # dropout before the new classifier
     lr_decay: float = 1.0  # discriminative lr: stage i from the head gets lr * lr_decay**i
+    # The backbone's stages train at lr * backbone_lr_mult (times lr_decay**i): the new head needs a
+    # larger rate than pretrained features can take. 1.0: one rate for all, as before it existed.
+    backbone_lr_mult: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -111,6 +114,7 @@ class TrialConfig:
         _check_range("label_smoothing", self.label_smoothing, 0.0, 0.999)
         _check_range("dropout", self.dropout, 0.0, 0.999)
         _check_range("lr_decay", self.lr_decay, 1e-6, 1.0)
+        _check_range("backbone_lr_mult", self.backbone_lr_mult, 1e-6, 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as a plain dict, in field order (what YAML files hold)."""

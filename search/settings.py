@@ -20,7 +20,7 @@ from search.config import (
     default_cache_dir,
     default_storage_url,
 )
-from search.space import SearchSpace, default_space
+from search.space import SearchSpace, default_space, with_finetune_priors
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,15 @@ class SearchSettings:
     mode: str = "max"  # max | min
     val_fraction: float = 0.2  # validation share when DATA has no val/ folder
     warm_start: bool = True  # a new study's first trial is the space's linear probe (SearchSpace.baseline)
+    # With a time budget: no trial starts that cannot reach its last epoch in the time left, and one
+    # the budget cuts is PRUNED with its epochs and checkpoint (resume continues it). False: the
+    # scheduling before this existed (every trial starts; a cut one is FAIL and runs again).
+    budget_aware: bool = True
+    portfolio: bool = True  # warm start with the space's recipe portfolio; False: the linear probe alone
+    # ASHA does not stop a trial that trains backbone stages before this many epochs: fine-tuning
+    # starts lower and ends higher than a head alone, which is near its best after one epoch.
+    # None: max(grace_period, 2), at most max_epochs; 1 or grace_period: no difference (as before).
+    finetune_grace: int | None = None
     keep_checkpoints: int = 3  # COMPLETE trials' checkpoints kept per backbone (the best ones); others are removed
     studies_dir: str = "studies"
     reports_dir: str = "reports"
@@ -67,6 +76,8 @@ class SearchSettings:
         _check_range("trials", self.trials, 1, 1_000_000)
         _check_range("grace_period", self.grace_period, 1, 10_000)
         _check_range("reduction_factor", self.reduction_factor, 2, 100)
+        if self.finetune_grace is not None:
+            _check_range("finetune_grace", self.finetune_grace, 1, 10_000)
         _check_range("cpus_per_trial", self.cpus_per_trial, 0.0, 4096)
         _check_range("gpus_per_trial", self.gpus_per_trial, 0.0, 64)
         _check_range("val_fraction", self.val_fraction, 0.01, 0.9)
@@ -90,6 +101,8 @@ class SearchSettings:
         - the space: the default space for the hardware when none was given; `max_epochs`
           (--max-epochs) and `pretrained: false` (--no-pretrained) become part of it, so every
           trial, the study and every later resume see the same space;
+        - the fine-tuning priors the space does not state (`space.with_finetune_priors`): the
+          backbone's rate as a fraction of the head's, layer-wise decay, warm-up;
         - paths: absolute with `~` expanded (data, weights, caches, studies, reports), so every
           trial, on any node, and every later `resume`, from any folder, means the same files.
 
@@ -101,6 +114,7 @@ class SearchSettings:
             space = space.with_max_epochs(self.max_epochs)
         if not self.pretrained:
             space = space.fixed(pretrained=False)
+        space = with_finetune_priors(space)
         return self.replace(
             space=space,
             data=absolute_path(self.data),

@@ -36,6 +36,9 @@ POLICY_CHILDREN = {
     "randaugment_magnitude": "randaugment",
     "augmix_severity": "augmix",
 }
+# Parameters that only mean something when backbone stages train (freeze depth below the
+# backbone's stage count); a linear probe keeps their defaults, so TPE is not fed noise.
+FINETUNE_CHILDREN = ("backbone_lr_mult", "lr_decay")
 # Suggestion order: the parents come before the parameters that depend on them.
 _ORDER = ("backbone", "freeze_depth", "augmentation", *POLICY_CHILDREN)
 _RANGE_KEYS = {"low", "high", "log", "step"}
@@ -155,6 +158,8 @@ class SearchSpace:
             policy = POLICY_CHILDREN.get(name)
             if policy is not None and _current("augmentation", params, values) != policy:
                 continue  # a child of a policy this trial does not use
+            if name in FINETUNE_CHILDREN and not isinstance(p, Constant) and not _trains_stages(params, values):
+                continue  # a linear probe has no backbone rate
             if isinstance(p, Constant):
                 constants[name] = p.value
                 continue
@@ -200,6 +205,63 @@ class SearchSpace:
                 if p.step:
                     mid = p.low + round((mid - p.low) / p.step) * p.step
                 values[name] = int(round(mid)) if p.is_int else mid
+        return values
+
+    def portfolio(self, max_trials: int) -> list[tuple[str, dict[str, Any]]]:
+        """A warm start: proven fine-tuning recipes (`RECIPES`) per backbone, within the space.
+
+        Every backbone's linear probe comes first (seconds on cached features, a score to beat
+        from the first minute), then the first backbone's last-stages and full fine-tunes, then
+        the next backbone's, cut at `max_trials` and run cheapest first. Each recipe's values are
+        moved into the space's bounds (a range clips them, a choice gives its nearest value);
+        recipes that collapse into the same params (a space without fine-tuning depths) run once.
+
+        Args:
+            max_trials: at most this many recipes (about a third of the requested trials).
+
+        Returns:
+            (recipe name, params for `optuna.Study.enqueue_trial`) pairs, in the order to run them.
+        """
+        chosen: list[tuple[int, int, str, dict[str, Any]]] = []
+        seen: list[dict[str, Any]] = []
+        names = backbones_in(self)
+        wanted = [(0, b) for b in range(len(names))] + [
+            (r, b) for b in range(len(names)) for r in range(1, len(RECIPES))
+        ]
+        for r, b in wanted:
+            if len(chosen) >= max(0, max_trials):
+                break
+            params = self._recipe_params(RECIPES[r], names[b])
+            if params is None or params in seen:
+                continue
+            seen.append(params)
+            chosen.append((r, b, RECIPES[r].name, params))
+        chosen.sort(key=lambda c: (c[0], c[1]))  # cheapest first: probes, then partial, then full
+        return [(name, params) for _, _, name, params in chosen]
+
+    def _recipe_params(self, recipe: Recipe, backbone: str) -> dict[str, Any] | None:
+        """One recipe's params for one backbone, moved into this space's bounds."""
+        params = self.param_dict
+        targets = {**recipe.values, "backbone": backbone}
+        values: dict[str, Any] = {}
+        depth = params.get("freeze_depth", Constant(TrialConfig.freeze_depth))
+        b = _current("backbone", params, {"backbone": backbone} if "backbone" in params else {})
+        if _nearest_depth(depth, recipe.freeze_from_head, b) is None:
+            return None  # the space has no freeze depth of this recipe's kind
+        for name, p in self.params:
+            policy = POLICY_CHILDREN.get(name)
+            if policy is not None and _current("augmentation", params, values) != policy:
+                continue
+            if name in FINETUNE_CHILDREN and not _trains_stages(params, values):
+                continue
+            if isinstance(p, Constant):
+                continue
+            if name == "freeze_depth":
+                values[name] = _nearest_depth(p, recipe.freeze_from_head, _current("backbone", params, values))
+            elif name in targets:
+                values[name] = _nearest(p, targets[name])
+            else:
+                values[name] = _middle(p)
         return values
 
     def to_trial_config(self, config: Mapping[str, Any]) -> TrialConfig:
@@ -284,13 +346,169 @@ def default_space(*, gpu: bool) -> SearchSpace:
     else:
         d = {
             "backbone": ["resnet18", "mobilenet_v3_large", "efficientnet_b0"],
-            "freeze_depth": [0, 2, "all"],
+            # 4: the last stages only (resnet18's layer4; the last blocks of the others).
+            "freeze_depth": [0, 2, 4, "all"],
             **common,
             "batch_size": [16, 32],
             "image_size": 128,
             "max_epochs": 6,
         }
     return SearchSpace.from_dict(d, source="default space")
+
+
+def default_space_at_hand(*, gpu: bool, weights_dir: str | None) -> tuple[SearchSpace, str | None]:
+    """The default space over the backbones whose pretrained weights are at hand.
+
+    At hand: a default backbone found in `weights_dir` or the torch/timm caches, and every
+    `weights_dir/<name>.pth` that names a registered backbone or a timm model (as `timm/<name>`).
+    Offline, a default backbone without weights would stop the search at its pre-flight check;
+    with nothing at hand at all, the defaults stay (an online machine downloads them).
+
+    Args:
+        gpu: whether trials get GPUs (`default_space`).
+        weights_dir: the --weights-dir folder, or None.
+
+    Returns:
+        (the space, one line naming the defaults left out, or None when none were).
+    """
+    from search import backbones
+
+    space = default_space(gpu=gpu)
+    defaults = backbones_in(space)
+    at_hand = [n for n in defaults if backbones.weights_status(n, weights_dir) != "missing"]
+    extra = [n for n in _backbones_in_dir(weights_dir) if n not in at_hand]
+    chosen = at_hand + extra
+    left_out = [n for n in defaults if n not in at_hand]
+    if not chosen or chosen == defaults:
+        return space, None
+    most = max(_stages(n) for n in chosen)
+    depths = [v for v in space.param_dict["freeze_depth"].values if v == "all" or int(v) <= most]
+    space = space.fixed(backbone=chosen, freeze_depth=depths)
+    note = None
+    if left_out:
+        where = f"{weights_dir} nor the torch/timm caches" if weights_dir else "the torch/timm caches"
+        note = (f"default space: left out {', '.join(left_out)} (no pretrained weights in {where}); "
+                f"searching {', '.join(chosen)}")
+    return space, note
+
+
+def _backbones_in_dir(weights_dir: str | None) -> list[str]:
+    """Backbone names of the `<name>.pth` files in a weights folder (registered or timm), sorted."""
+    from search import backbones
+
+    if not weights_dir or not Path(weights_dir).is_dir():
+        return []
+    names = []
+    for f in sorted(Path(weights_dir).glob("*.pth")):
+        for name in (f.stem, f"{backbones.TIMM_PREFIX}{f.stem}"):
+            try:
+                backbones.get_spec(name)
+            except Exception:  # not a model either library knows
+                continue
+            names.append(name)
+            break
+    return names
+
+
+# ----- fine-tuning priors -----------------------------------------------------------------------
+#
+# Where they come from (read in the sources, values adapted to a search over a few epochs):
+# - AutoGluon AutoMM's fine-tuning defaults (docs "Customize AutoMM", optimization.*): AdamW,
+#   learning_rate 1e-4 for the backbone, lr_choice "layerwise_decay" with lr_decay 0.9 per layer,
+#   or "two_stages" with the head at lr_mult x the backbone's rate; cosine_decay schedule,
+#   warmup over the first 10% of steps (warmup_steps 0.1), weight_decay 1e-3.
+# - the torchvision references (references/classification/train.py): linear warm-up
+#   (--lr-warmup-epochs) then cosine annealing; the transfer-learning tutorial fine-tunes a
+#   pretrained ResNet at lr 1e-3 (SGD, momentum 0.9), far below the 0.1 used from scratch.
+# - timm's fine-tuning practice (train.py --layer-decay, warm-up epochs, cosine schedule;
+#   pretrained weights fine-tuned with AdamW at 1e-4..5e-4, heads at a larger rate).
+# Our stages are groups of layers (5 to 12 per backbone), so the per-stage decay range reaches
+# lower than AutoGluon's per-layer 0.9.
+
+# What a space that does not mention them gets: the head's rate is `lr`; the backbone's is a
+# fraction of it (two_stages: head = 10 x backbone sits in the middle), decayed per stage.
+FINETUNE_PRIORS: dict[str, Any] = {
+    "backbone_lr_mult": {"low": 0.01, "high": 0.3, "log": True},
+    "lr_decay": {"low": 0.6, "high": 1.0},
+}
+WARMUP_FRACTION = 0.1  # of the trial's epochs (AutoGluon's warmup_steps 0.1)
+# Above these, pretrained stages are wrecked in the first steps (seen: AdamW at 3e-3 and more
+# fine-tuning EfficientNet-Lite stages ends at chance); the head alone takes far more.
+FINETUNE_LR_LIMIT = {"adamw": 3e-3, "adam": 3e-3, "rmsprop": 3e-3, "sgd": 0.1}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A fine-tuning recipe known to work, for the warm-start portfolio (`SearchSpace.portfolio`)."""
+
+    name: str  # shown in the study (user_attr `recipe`)
+    trainable_stages: Union[int, None]  # stages trained from the head: 0 = linear probe, None = all
+    values: Mapping[str, Any]  # target values; each is moved into the space's bounds
+
+    @property
+    def freeze_from_head(self) -> Union[int, None]:
+        """Stages left trainable (None: all), what `_nearest_depth` turns into a freeze depth."""
+        return self.trainable_stages
+
+
+RECIPES = (
+    # Head only on un-augmented images: cached frozen features, seconds per epoch.
+    Recipe("linear probe", 0, {"augmentation": "none", "lr": 3e-3}),
+    # The last two stages and the head, the backbone at a tenth of the head's rate (AutoGluon's
+    # two_stages with lr_mult 10; the torchvision tutorial's 1e-3 at the head).
+    Recipe("last stages", 2, {"augmentation": "flip", "lr": 1e-3, "backbone_lr_mult": 0.1, "lr_decay": 1.0}),
+    # Every stage, with layer-wise decay (AutoGluon's default lr_choice) from 1e-4 next to the head.
+    Recipe("full fine-tune", None, {"augmentation": "flip", "lr": 1e-3, "backbone_lr_mult": 0.1, "lr_decay": 0.8}),
+)
+
+
+def with_finetune_priors(space: SearchSpace) -> SearchSpace:
+    """The space with the fine-tuning priors it does not mention (what it states is kept).
+
+    `lr` is then the head's rate, and backbone stages train at `lr * backbone_lr_mult *
+    lr_decay**d` (d = 1 next to the head); warm-up over the first tenth of the epochs, then cosine
+    decay. A space that fixes them (e.g. `backbone_lr_mult: 1.0`, `warmup_epochs: 0`) keeps its values.
+
+    Args:
+        space: a validated space.
+
+    Returns:
+        The space with `backbone_lr_mult`, `lr_decay` and `warmup_epochs` filled in.
+    """
+    stated = space.to_dict()
+    added = {k: v for k, v in FINETUNE_PRIORS.items() if k not in stated}
+    if "warmup_epochs" not in stated:
+        added["warmup_epochs"] = round(WARMUP_FRACTION * space.max_epochs, 3)
+    return SearchSpace.from_dict({**stated, **added}) if added else space
+
+
+def lr_warnings(space: SearchSpace, *, source: str = "search space") -> list[str]:
+    """One line when the space's learning rates cannot fine-tune backbone stages.
+
+    The lowest rate a fine-tuning trial can give the stage next to the head (`lr *
+    backbone_lr_mult * lr_decay`) is compared with `FINETUNE_LR_LIMIT` for each optimizer the
+    space can use; a space whose every draw is above it would only ever diverge.
+
+    Args:
+        space: the space (after `with_finetune_priors`, or as the user wrote it).
+        source: what to call it in the message.
+
+    Returns:
+        Zero or one warning line.
+    """
+    params = space.param_dict
+    if not _can_fine_tune(space):
+        return []
+    lowest = _lowest("lr", params) * _lowest("backbone_lr_mult", params) * _lowest("lr_decay", params)
+    bad = [o for o in _values("optimizer", params) if lowest > FINETUNE_LR_LIMIT.get(str(o), math.inf)]
+    if not bad:
+        return []
+    opt = bad[0]
+    return [
+        f"{source}: lr {_describe(params.get('lr'))} with backbone_lr_mult {_describe(params.get('backbone_lr_mult'))} trains "
+        f"backbone stages at {lowest:.2g} or more with {opt}; fine-tuning diverges above about "
+        f"{FINETUNE_LR_LIMIT[opt]:g}: lower lr, or leave backbone_lr_mult out (its default scales the backbone's rate down)"
+    ]
 
 
 def backbones_in(space: SearchSpace) -> list[str]:
@@ -302,6 +520,105 @@ def backbones_in(space: SearchSpace) -> list[str]:
 
 
 # ----- helpers ----------------------------------------------------------------------------------
+
+
+def _trains_stages(params: Mapping[str, Param], values: Mapping[str, Any]) -> bool:
+    """Whether this trial's freeze depth leaves backbone stages to train."""
+    depth = _current("freeze_depth", params, values)
+    if depth == "all":
+        return False
+    return int(depth) < _stages(_current("backbone", params, values))
+
+
+def _nearest_depth(p: Param, trainable: Union[int, None], backbone: str) -> Any:
+    """The space's freeze depth nearest to leaving `trainable` stages (None: all) on `backbone`.
+
+    The depth stays in the recipe's kind: a probe freezes every stage, a full fine-tune none, a
+    partial one some; None when the space offers no depth of that kind.
+    """
+    n = _stages(backbone)
+    target = 0 if trainable is None else max(0, n - trainable)
+
+    def same_kind(d: int) -> bool:
+        return d == target if target in (0, n) else 0 < d < n
+
+    if isinstance(p, Range):
+        low, high = min(int(p.low), n), n if p.high == "all" else min(int(p.high), n)
+        d = max(low, min(target, high))
+        if not same_kind(d) and 0 < target < n:
+            d = max(low, 1) if max(low, 1) < min(high, n - 1) + 1 else d
+        return d if same_kind(d) else None
+    values = list(p.values) if isinstance(p, Choice) else [p.value]
+    resolved = [n if v == "all" else min(int(v), n) for v in values]
+    kind = [i for i in range(len(values)) if same_kind(resolved[i])]
+    if not kind:
+        return None
+    return values[min(kind, key=lambda i: (abs(resolved[i] - target), i))]
+
+
+def _nearest(p: Param, target: Any) -> Any:
+    """`target` moved into a parameter's bounds: clipped into a range, the nearest choice."""
+    if isinstance(p, Range):
+        high = float(p.high)
+        v = min(max(float(target), p.low), high)
+        return int(round(v)) if p.is_int else v
+    if isinstance(p, Choice):
+        if target in p.values:
+            return target
+        numeric = [v for v in p.values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if numeric and isinstance(target, (int, float)):
+            return min(numeric, key=lambda v: abs(math.log(v / target)) if v > 0 and target > 0 else abs(v - target))
+        return p.values[0]
+    return p.value
+
+
+def _middle(p: Param) -> Any:
+    """A range's (geometric, when log) midpoint; a choice's first value."""
+    if isinstance(p, Choice):
+        return p.values[0]
+    if isinstance(p, Constant):
+        return p.value
+    high = float(p.high)
+    mid = math.sqrt(p.low * high) if p.log else (p.low + high) / 2
+    if p.step:
+        mid = p.low + round((mid - p.low) / p.step) * p.step
+    return int(round(mid)) if p.is_int else mid
+
+
+def _values(name: str, params: Mapping[str, Param]) -> list:
+    p = params.get(name)
+    if isinstance(p, Choice):
+        return list(p.values)
+    if isinstance(p, Constant):
+        return [p.value]
+    if isinstance(p, Range):
+        return [p.low, p.high]
+    return [getattr(TrialConfig, name)]
+
+
+def _lowest(name: str, params: Mapping[str, Param]) -> float:
+    return min(float(v) for v in _values(name, params) if v != "all")
+
+
+def _describe(p: Param | None) -> str:
+    if isinstance(p, Range):
+        return f"{p.low:g}..{float(p.high):g}"
+    if isinstance(p, Choice):
+        return "/".join(f"{v:g}" if isinstance(v, float) else str(v) for v in p.values)
+    if isinstance(p, Constant):
+        return f"{p.value:g}" if isinstance(p.value, float) else str(p.value)
+    return "1 (the default)"
+
+
+def _can_fine_tune(space: SearchSpace) -> bool:
+    """Whether some trial of the space trains backbone stages."""
+    params = space.param_dict
+    depths = _values("freeze_depth", params)
+    for b in backbones_in(space):
+        n = _stages(b)
+        if any(d != "all" and int(d) < n for d in depths):
+            return True
+    return False
 
 
 def _kind(p: Param) -> str:

@@ -188,6 +188,9 @@ def test_param_groups_hold_trainable_params_and_decay_lr() -> None:
         assert all((p.ndim <= 1) == g["name"].endswith("no_decay") for p in g["params"])
     flat = B.param_groups(bb, lr=0.1, weight_decay=0.0)
     assert {g["lr"] for g in flat} == {0.1}
+    # The backbone at a fraction of the head's rate, then decayed per stage.
+    two = {g["name"]: g["lr"] for g in B.param_groups(bb, lr=1.0, weight_decay=0.0, lr_decay=0.5, backbone_lr_mult=0.1)}
+    assert two["head"] == 1.0 and two["layer4"] == pytest.approx(0.05) and two["layer3"] == pytest.approx(0.025)
 
 
 def test_param_groups_vit_stages_with_parameter_paths() -> None:

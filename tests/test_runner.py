@@ -112,7 +112,7 @@ def test_asha_prunes_honestly(tmp_path: Path, ray_session) -> None:
     assert t.user_attrs["threads"] == 1 and "torch" in t.user_attrs["versions"]
     assert t.user_attrs["config"]["epochs"] == 4 and "error" not in t.user_attrs
     assert Path(t.user_attrs["checkpoint"]).name == f"trial-{t.number}.pt"
-    assert set(t.params) == {"lr"}  # flat TrialConfig names; constants are not params
+    assert set(t.params) == {"lr", "backbone_lr_mult", "lr_decay"}  # flat TrialConfig names; constants are not params
     assert st.metric_names == ["val_acc"]
     attrs = st.user_attrs
     assert attrs["class_names"] == ["circle", "square", "triangle"] and attrs["dataset_fingerprint"]
@@ -286,6 +286,10 @@ def test_asha_is_quiet_about_a_rung_of_failed_trials() -> None:
     (dict(values=[0.5], error="RuntimeError: boom"), ("FAIL", "RuntimeError: boom", False)),
     (dict(values=[0.5, float("nan")], asha_stopped=True), ("FAIL", "val_acc is not finite (nan)", False)),
     (dict(values=[0.5, 0.6, 0.7], worker_died=True), ("FAIL", "trial worker died (killed, or out of memory)", False)),
+    # Cut by the time budget after an epoch: stopped early, not failed; before any epoch: retried.
+    (dict(values=[0.5], stopped_by_driver=True, budget_cut=True), ("PRUNED", None, False)),
+    (dict(values=[], stopped_by_driver=True, budget_cut=True), ("FAIL", INTERRUPTED, True)),
+    (dict(values=[0.5], error="RuntimeError: boom", budget_cut=True), ("FAIL", "RuntimeError: boom", False)),
 ])
 def test_trial_outcome(kw: dict, expected: tuple) -> None:
     from search.runner import trial_outcome
@@ -423,3 +427,107 @@ def test_driver_removes_ended_trials_checkpoints_and_keeps_an_interrupted_one_un
     searcher.on_trial_complete("retry")
     assert not cut.exists() and not retry.exists() and good.exists()
     assert disk.removed_on_study(optuna.load_study(study_name="s", storage=storage).user_attrs) == {4}
+
+
+# ----- budget-aware scheduling ----------------------------------------------------------------------
+
+
+def test_fits_budget_and_epoch_time_estimates() -> None:
+    from search.runner._ledger import EpochTimes, fits_budget, timing_key
+
+    assert fits_budget(None, 5.0)  # no estimate yet: it starts
+    assert fits_budget(30.0, None)  # no budget
+    assert fits_budget(30.0, 30.0) and not fits_budget(30.1, 30.0)
+    times = EpochTimes()
+    key = timing_key({"backbone": "resnet18", "freeze_depth": 0, "image_size": 64, "augmentation": "flip"})
+    assert times.estimate(key, 4) is None
+    times.add_epoch(key, 2.0)
+    times.add_epoch(key, 4.0)
+    times.add_startup(key, 5.0)
+    assert times.estimate(key, 4) == pytest.approx(5.0 + 4 * 3.0)
+    other = timing_key({"backbone": "resnet18", "freeze_depth": "all", "image_size": 64, "augmentation": "flip"})
+    assert times.estimate(other, 4) is None  # another freeze depth is not alike
+
+
+def _searcher(tmp_path: Path, space: SearchSpace, deadline: float | None):
+    from search.runner._ledger import _Tally
+    from search.runner._search import HonestOptunaSearch
+
+    storage = get_storage(f"sqlite:///{tmp_path / 's.db'}")
+    optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    return HonestOptunaSearch(
+        space, metric="val_acc", mode="max", sampler=optuna.samplers.RandomSampler(seed=0), study_name="s",
+        storage=storage, asha_stopped=set(), tally=_Tally(), driver="d", target=10, deadline=deadline,
+    )
+
+
+def test_no_trial_starts_when_its_estimate_exceeds_the_time_left(tmp_path: Path) -> None:
+    from search.runner._ledger import NOT_STARTED, timing_key
+
+    space = SearchSpace.from_dict({"backbone": "resnet18", "freeze_depth": 0, "lr": {"low": 1e-4, "high": 1e-2},
+                                   "image_size": 32, "max_epochs": 4})
+    searcher = _searcher(tmp_path, space, deadline=time.time() + 10.0)
+    assert isinstance(searcher.suggest("a"), dict)  # nothing measured yet: it starts
+    key = timing_key(space.to_trial_config({}).to_dict())
+    searcher._times.add_epoch(key, 5.0)  # 4 epochs x 5 s > the 10 s left
+    assert searcher.suggest("b") is None
+    study = optuna.load_study(study_name="s", storage=searcher._ot_study._storage)
+    skipped = study.trials[-1]
+    assert skipped.state == optuna.trial.TrialState.FAIL and skipped.user_attrs["error"].startswith(NOT_STARTED)
+    assert skipped.user_attrs["interrupted"] and finished_count(study) == 0  # not counted, not retried
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    for i in range(searcher.MAX_SKIPS - 1):
+        searcher.suggest(f"c{i}")
+    assert searcher.suggest("d") == searcher.FINISHED  # nothing alike fits any more
+    roomy = _searcher(tmp_path / "r", space, deadline=time.time() + 100.0)
+    roomy._times.add_epoch(key, 5.0)  # 20 s fit in 100 s
+    assert isinstance(roomy.suggest("a"), dict)
+
+
+def slow_trial(config, index, *, report, checkpoint_path=None, resume_from=None, start_epoch=0, **kwargs):
+    """Two quick epochs, then one that never ends (the budget cuts it); a continuation runs to the end.
+
+    Its checkpoint is the epoch it reached, and a continuation checks it starts from there.
+    """
+    if resume_from:
+        assert int(Path(resume_from).read_text()) == start_epoch
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        time.sleep(0.2 if resume_from or epoch <= 2 else 3600)
+        if checkpoint_path:
+            Path(checkpoint_path).write_text(str(epoch))
+        report(epoch_metrics(epoch, 0.1 * epoch, seconds=0.2, lr=config.lr))
+
+
+def test_a_trial_cut_by_the_budget_is_pruned_with_its_epochs_and_resume_continues_it(
+        tmp_path: Path, ray_session) -> None:
+    data = make_image_folder(tmp_path / "data")
+    space = dict(SPACE, max_epochs=6, lr=1e-3)
+    # The budget leaves room for a slow worker start; the trial's third epoch never ends.
+    s = _settings(tmp_path, data, "cut", trials=2, space=space, time_budget_s=30.0, max_concurrent=1, warm_start=False)
+    summary = run_search(s, trial_fn=slow_trial, progress=False)
+    assert summary.budget_reached
+    cut = [t for t in _study(s).trials if t.user_attrs.get("stopped_by") == "time budget"]
+    assert len(cut) == 1, [(t.state, t.user_attrs.get("error"), t.intermediate_values) for t in _study(s).trials]
+    t = cut[0]
+    n = t.user_attrs["epochs_run"]
+    assert t.state == optuna.trial.TrialState.PRUNED and n == 2  # stopped early, not failed
+    assert sorted(t.intermediate_values) == list(range(1, n + 1))  # its per-epoch values are kept
+    assert [c["epoch"] for c in t.user_attrs["curve"]] == list(range(1, n + 1))
+    assert not t.user_attrs.get("interrupted") and "error" not in t.user_attrs
+    assert Path(t.user_attrs["checkpoint"]).read_text() == str(n)  # its checkpoint is kept
+    assert finished_count(_study(s)) == 1  # it counts toward --trials
+    assert not [w for w in _study(s).trials if w.state == optuna.trial.TrialState.WAITING]  # not re-enqueued
+
+    from search.studies import leaderboard
+
+    row = leaderboard(_study(s)).set_index("trial").loc[t.number]
+    assert row["state"] == "PRUNED" and row["epochs_run"] == n
+
+    # resume continues it from its checkpoint, as a new trial that records which one it continues.
+    resume_search("cut", studies_dir=str(tmp_path / "studies"), trial_fn=slow_trial, progress=False,
+                  time_budget_s=60.0)
+    st = _study(s)
+    cont = [c for c in st.trials if c.user_attrs.get("continues") == t.number]
+    assert len(cont) == 1 and cont[0].state == optuna.trial.TrialState.COMPLETE
+    assert sorted(cont[0].intermediate_values) == list(range(1, 7)) and cont[0].params == t.params
+    assert Path(cont[0].user_attrs["checkpoint"]).read_text() == "6"

@@ -204,3 +204,112 @@ def test_freeze_depth_no_listed_backbone_has_is_refused() -> None:
     # A depth only the deeper backbone has is clipped for the other, as documented.
     space = SearchSpace.from_dict({"backbone": ["resnet18", "vit_b_16"], "freeze_depth": [0, 8]})
     assert space.to_trial_config({"backbone": "resnet18", "freeze_depth": 8}).freeze_depth == 5
+
+
+# ----- fine-tuning priors, the impossible-range warning, the portfolio, the offline default ------
+
+from search.space import (  # noqa: E402
+    default_space_at_hand,
+    lr_warnings,
+    with_finetune_priors,
+)
+
+LITE = ["timm/tf_efficientnet_lite0", "timm/tf_efficientnet_lite1"]
+
+
+def test_priors_fill_only_what_the_space_does_not_state() -> None:
+    space = with_finetune_priors(SearchSpace.from_dict({
+        "backbone": "resnet18", "freeze_depth": ["all", 2, 0], "lr": {"low": 1e-4, "high": 3e-2, "log": True},
+        "lr_decay": 0.9, "max_epochs": 5,
+    }))
+    d = space.to_dict()
+    assert d["lr"] == {"low": 1e-4, "high": 3e-2, "log": True}  # read as the head's rate, kept
+    assert d["lr_decay"] == 0.9  # stated: kept
+    assert d["backbone_lr_mult"] == {"low": 0.01, "high": 0.3, "log": True}  # not stated: the prior
+    assert d["warmup_epochs"] == pytest.approx(0.5)  # a tenth of the epochs, then cosine
+    fixed = with_finetune_priors(SearchSpace.from_dict({"backbone_lr_mult": 1.0, "warmup_epochs": 0}))
+    assert fixed.param_dict["backbone_lr_mult"] == Constant(1.0) and fixed.param_dict["warmup_epochs"] == Constant(0.0)
+    # An old best.yaml (no backbone_lr_mult) trains every stage at lr, as before.
+    assert TrialConfig.from_dict({"lr": 1e-3}).backbone_lr_mult == 1.0
+
+
+def test_backbone_rate_is_only_drawn_when_stages_train() -> None:
+    space = with_finetune_priors(SearchSpace.from_dict({"backbone": "resnet18", "freeze_depth": ["all", 0]}))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(12):
+        trial = study.ask()
+        space.define_by_run(trial)
+        fine_tunes = trial.params["freeze_depth"] == 0
+        assert ("backbone_lr_mult" in trial.params) == fine_tunes, trial.params
+        assert ("lr_decay" in trial.params) == fine_tunes
+        study.tell(trial, 0.5)
+    cfg = space.to_trial_config({"freeze_depth": 0, "backbone_lr_mult": 0.05})
+    assert cfg.backbone_lr_mult == 0.05
+
+
+def test_warning_for_a_learning_rate_that_cannot_fine_tune() -> None:
+    # lr 1e-2 for full fine-tuning with AdamW and the backbone at the head's rate: one line.
+    bad = with_finetune_priors(SearchSpace.from_dict({"lr": 1e-2, "freeze_depth": 0, "backbone_lr_mult": 1.0,
+                                                      "lr_decay": 1.0}))
+    lines = lr_warnings(bad, source="space.yaml")
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert lines[0].startswith("space.yaml: lr 0.01") and "adamw" in lines[0] and "backbone_lr_mult" in lines[0]
+    # The same lr as the head's rate, the backbone's from the prior: fine.
+    assert lr_warnings(with_finetune_priors(SearchSpace.from_dict({"lr": 1e-2, "freeze_depth": 0}))) == []
+    # A range that reaches sensible rates: fine; a linear probe at 1e-2: fine.
+    assert lr_warnings(SearchSpace.from_dict({"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "backbone_lr_mult": 1.0})) == []
+    assert lr_warnings(SearchSpace.from_dict({"lr": 1e-2, "freeze_depth": "all", "backbone_lr_mult": 1.0})) == []
+    # SGD takes larger rates.
+    assert lr_warnings(SearchSpace.from_dict({"lr": 1e-2, "optimizer": "sgd", "backbone_lr_mult": 1.0})) == []
+
+
+def test_portfolio_runs_proven_recipes_cheapest_first_within_the_space() -> None:
+    space = with_finetune_priors(SearchSpace.from_dict({
+        "backbone": LITE, "freeze_depth": ["all", 2, 0], "augmentation": ["none", "flip", "trivialaugment"],
+        "lr": {"low": 1e-4, "high": 2e-3, "log": True}, "image_size": 160,
+    }))
+    recipes = space.portfolio(6)
+    names = [r for r, _ in recipes]
+    assert len(recipes) == 6 and names[:2] == ["linear probe", "linear probe"]
+    by_name = {(r, p["backbone"]): p for r, p in recipes}
+    probe = by_name[("linear probe", LITE[0])]
+    assert probe["freeze_depth"] == "all" and probe["augmentation"] == "none" and "backbone_lr_mult" not in probe
+    assert probe["lr"] == pytest.approx(2e-3)  # 3e-3 clipped into the space's range
+    last = by_name[("last stages", LITE[0])]
+    assert last["freeze_depth"] == 2 and last["backbone_lr_mult"] == pytest.approx(0.1)  # the space's partial depth
+    full = by_name[("full fine-tune", LITE[0])]
+    assert full["freeze_depth"] == 0 and full["lr_decay"] == pytest.approx(0.8) and full["augmentation"] == "flip"
+    # Cheapest first: every probe, then partial, then full fine-tunes.
+    order = {"linear probe": 0, "last stages": 1, "full fine-tune": 2}
+    assert [order[r] for r in names] == sorted(order[r] for r in names)
+    # The cap holds, and the first backbone gets its fine-tunes before the second.
+    four = space.portfolio(4)
+    assert len(four) == 4 and sorted((r, p["backbone"]) for r, p in four) == sorted([
+        ("linear probe", LITE[0]), ("linear probe", LITE[1]), ("last stages", LITE[0]), ("full fine-tune", LITE[0])])
+    # A probe-only space has one recipe per backbone; recipes never leave the space.
+    probe_only = SearchSpace.from_dict({"backbone": LITE, "freeze_depth": "all"})
+    assert [r for r, _ in probe_only.portfolio(6)] == ["linear probe", "linear probe"]
+    for _, params in recipes:
+        for name, value in params.items():
+            p = space.param_dict[name]
+            if isinstance(p, Choice):
+                assert value in p.values
+            elif isinstance(p, Range):
+                assert p.low <= value <= float(p.high)
+
+
+def test_offline_default_space_holds_the_backbones_at_hand(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # empty caches
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "tf_efficientnet_lite0.pth").write_bytes(b"")  # a timm model
+    (weights / "resnet18.pth").write_bytes(b"")  # a registered default
+    (weights / "not_a_model.pth").write_bytes(b"")  # named after nothing: ignored
+    space, note = default_space_at_hand(gpu=False, weights_dir=str(weights))
+    assert backbones_in(space) == ["resnet18", "timm/tf_efficientnet_lite0"]
+    assert note is not None and "\n" not in note
+    assert "left out mobilenet_v3_large, efficientnet_b0" in note and str(weights) in note
+    # Nothing at hand: the defaults stay (an online machine downloads them).
+    space, note = default_space_at_hand(gpu=False, weights_dir=str(tmp_path / "empty"))
+    assert backbones_in(space) == ["resnet18", "mobilenet_v3_large", "efficientnet_b0"] and note is None

@@ -100,12 +100,13 @@ def trainable_params(backbone: Backbone) -> int:
 
 
 def param_groups(
-    backbone: Backbone, *, lr: float, weight_decay: float, lr_decay: float = 1.0
+    backbone: Backbone, *, lr: float, weight_decay: float, lr_decay: float = 1.0,
+    backbone_lr_mult: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups: trainable params only, discriminative learning rates.
 
     The head gets `lr`; the trainable stage at distance d from the head (nearest = 1) gets
-    `lr * lr_decay**d`. Biases and norm weights (1-d params) get no weight decay, as in timm's
+    `lr * backbone_lr_mult * lr_decay**d`. Biases and norm weights (1-d params) get no weight decay, as in timm's
     param_groups_weight_decay.
 
     Args:
@@ -113,6 +114,7 @@ def param_groups(
         lr: the head's learning rate.
         weight_decay: decay for weight matrices / kernels.
         lr_decay: factor per stage away from the head, in (0, 1].
+        backbone_lr_mult: factor of every backbone stage's rate against the head's, in (0, 1].
 
     Returns:
         A list of dicts with params, lr, weight_decay and name, for torch.optim.
@@ -138,5 +140,5 @@ def param_groups(
         if not any(p.requires_grad for _, p in named):
             continue
         distance += 1
-        add(stage.name, named, lr * lr_decay**distance)
+        add(stage.name, named, lr * backbone_lr_mult * lr_decay**distance)
     return groups

@@ -32,14 +32,15 @@ class CheckpointTrial:
     interrupted: bool = False  # FAIL because a stop cut it short (it is retried)
     retry_of: int | None = None  # the interrupted trial this one retries
     has_checkpoint: bool = True  # a checkpoint is recorded and not removed yet
+    budget_cut: bool = False  # PRUNED by the time budget: `resume` continues it from its checkpoint
 
 
 def checkpoints_to_remove(trials: Sequence[CheckpointTrial], *, maximize: bool, keep: int) -> list[int]:
     """Which trials' checkpoints are no longer needed (a pure rule; nothing is removed here).
 
     Kept: RUNNING and WAITING trials; the best `keep` COMPLETE trials of each backbone (ties: the
-    earlier trial wins), so an ensemble can mix backbones; an interrupted trial until a retry of it
-    has ended (the retry may resume from it). Removed: PRUNED trials, failed trials, the other
+    earlier trial wins), so an ensemble can mix backbones; an interrupted trial, or one the time
+    budget cut short, until a retry (continuation) of it has ended (it may resume from it). Removed: PRUNED trials, failed trials, the other
     COMPLETE trials and interrupted trials whose retry has ended.
 
     Args:
@@ -67,7 +68,8 @@ def checkpoints_to_remove(trials: Sequence[CheckpointTrial], *, maximize: bool, 
             continue
         if t.state == "COMPLETE" and t.number in best:
             continue
-        if t.state == "FAIL" and t.interrupted and t.number not in retried:
+        if ((t.state == "FAIL" and t.interrupted) or (t.state == "PRUNED" and t.budget_cut)) \
+                and t.number not in retried:
             continue
         out.append(t.number)
     return sorted(out)
@@ -89,7 +91,7 @@ def checkpoint_trials(trials: Sequence["optuna.trial.FrozenTrial"],
     for t in trials:
         attrs = t.user_attrs
         config = attrs.get("config") if isinstance(attrs.get("config"), dict) else {}
-        retry_of = attrs.get("retry_of")
+        retry_of = attrs.get("retry_of", attrs.get("continues"))
         out.append(CheckpointTrial(
             number=t.number,
             state=t.state.name,
@@ -99,6 +101,7 @@ def checkpoint_trials(trials: Sequence["optuna.trial.FrozenTrial"],
             retry_of=retry_of if isinstance(retry_of, int) else None,
             has_checkpoint=(bool(attrs.get("checkpoint")) and not attrs.get("checkpoint_removed")
                             and t.number not in gone),
+            budget_cut=attrs.get("stopped_by") == "time budget",
         ))
     return out
 

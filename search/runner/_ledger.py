@@ -23,6 +23,11 @@ from search.studies import (
 )
 
 INTERRUPTED = "interrupted (driver stopped)"
+# `stopped_by` of a trial the time budget cut short: PRUNED with its epochs and checkpoint, and
+# `resume` continues it (`continue_budget_cut`).
+BUDGET_CUT = "time budget"
+# A drawn trial that was not started, because the time left could not take its epochs.
+NOT_STARTED = "not started: the time left in the budget cannot take its epochs"
 
 
 # Several drivers may run one study at once (one per machine or terminal). Each stamps the trials
@@ -98,13 +103,16 @@ def trial_outcome(
     asha_stopped: bool,
     stopped_by_driver: bool,
     metric: str = "val_acc",
+    budget_cut: bool = False,
 ) -> tuple[TrialState, str | None, bool]:
     """How a trial ended, from what it reported: COMPLETE, PRUNED or FAIL (and whether interrupted).
 
     COMPLETE: it ran every planned epoch. PRUNED: ASHA stopped it after at least one epoch. FAIL:
     it raised, its worker died, or a reported value is not finite. A trial stopped by the driver
     (Ctrl-C, the time budget, the end of the run) or that reported nothing is FAIL "interrupted":
-    it does not count toward the trial count and its params run again.
+    it does not count toward the trial count and its params run again. A trial the time budget
+    cut after at least one epoch is PRUNED (stopped early, not failed): it keeps its epochs, counts,
+    and `resume` continues it from its checkpoint.
 
     Args:
         epochs_planned: the trial config's `epochs`.
@@ -114,6 +122,7 @@ def trial_outcome(
         asha_stopped: ASHA decided to stop it.
         stopped_by_driver: the driver stopped it (the run ended under it).
         metric: the objective's name, for the error text.
+        budget_cut: the run's time budget ran out under it.
 
     Returns:
         (state, error text or None, interrupted).
@@ -128,7 +137,97 @@ def trial_outcome(
         return TrialState.COMPLETE, None, False
     if asha_stopped and not stopped_by_driver and values:
         return TrialState.PRUNED, None, False
+    if budget_cut and values:
+        return TrialState.PRUNED, None, False
     return TrialState.FAIL, INTERRUPTED, True
+
+
+def fits_budget(estimate_s: float | None, time_left_s: float | None) -> bool:
+    """Whether a trial may start: its estimated duration fits in the time left.
+
+    Args:
+        estimate_s: seconds the trial is expected to take to its last epoch; None: no estimate
+            yet (nothing alike has run in this study), and it starts.
+        time_left_s: seconds left in the run's time budget; None: no budget.
+
+    Returns:
+        True when it may start.
+    """
+    if time_left_s is None or estimate_s is None:
+        return True
+    return estimate_s <= time_left_s
+
+
+def timing_key(config: Mapping[str, Any]) -> tuple:
+    """What a trial's epoch time depends on most: backbone, freeze depth, image size, and whether
+    its training input is deterministic (un-augmented images train on cached features)."""
+    return (config.get("backbone"), str(config.get("freeze_depth")), config.get("image_size"),
+            config.get("augmentation") == "none")
+
+
+class EpochTimes:
+    """Measured epoch and start-up times per `timing_key`, from this study's trials and this run's."""
+
+    def __init__(self) -> None:
+        self._epochs: dict[tuple, list[float]] = {}
+        self._startup: dict[tuple, list[float]] = {}
+
+    def add_epoch(self, key: tuple, seconds: Any) -> None:
+        if is_finite(seconds) and seconds > 0:
+            self._epochs.setdefault(key, []).append(float(seconds))
+
+    def add_startup(self, key: tuple, seconds: Any) -> None:
+        if is_finite(seconds) and seconds >= 0:
+            self._startup.setdefault(key, []).append(float(seconds))
+
+    def add_trial(self, trial: Any) -> None:
+        """Learns from a finished trial's record (its config and per-epoch curve)."""
+        rec = TrialRecord.from_trial(trial)
+        if not rec.config or not rec.curve:
+            return
+        key = timing_key(rec.config)
+        epochs = [c.get("epoch_seconds") for c in rec.curve]
+        for e in epochs:
+            self.add_epoch(key, e)
+        if is_finite(rec.train_seconds) and all(is_finite(e) for e in epochs) and not rec.retry_of:
+            self.add_startup(key, rec.train_seconds - sum(epochs))
+
+    def estimate(self, key: tuple, epochs: int) -> float | None:
+        """Seconds to run `epochs` epochs (plus start-up) of a trial alike; None: never measured."""
+        times = self._epochs.get(key)
+        if not times:
+            return None
+        startup = self._startup.get(key) or [0.0]
+        return sum(startup) / len(startup) + epochs * sum(times) / len(times)
+
+
+def continue_budget_cut(study: optuna.Study) -> int:
+    """Enqueues a continuation of every trial the time budget cut short whose checkpoint is kept.
+
+    The new trial runs the same params from the checkpoint (user_attr `continues`: the trial it
+    continues); a trial already continued (by a trial that is not an interrupted retry) is skipped.
+
+    Args:
+        study: the study.
+
+    Returns:
+        How many continuations were enqueued.
+    """
+    from pathlib import Path
+
+    trials = study.get_trials(deepcopy=False)
+    taken = {t.user_attrs.get("continues") for t in trials
+             if not (t.state == TrialState.FAIL and t.user_attrs.get("interrupted"))}
+    n = 0
+    for t in trials:
+        attrs = t.user_attrs
+        if t.state != TrialState.PRUNED or attrs.get("stopped_by") != BUDGET_CUT or t.number in taken:
+            continue
+        if not attrs.get("checkpoint") or attrs.get("checkpoint_removed") or not Path(attrs["checkpoint"]).is_file():
+            continue
+        study.enqueue_trial(dict(t.params), user_attrs={"continues": t.number})
+        n += 1
+    return n
 
 
 def reconcile(study: optuna.Study, *, driver: str | None = None) -> int:

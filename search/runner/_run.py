@@ -31,6 +31,7 @@ from search.runner._ledger import (
     _base_tally,
     _claimed,
     _Tally,
+    continue_budget_cut,
     finished_count,
     new_driver_id,
     reconcile,
@@ -40,7 +41,7 @@ from search.runner._progress import ProgressView, ReportRefresher
 from search.runner._search import HonestOptunaSearch, PruneTrackingASHA, make_sampler
 from search.runner._trainable import TrialFn, _trainable
 from search.settings import SearchSettings
-from search.space import SearchSpace
+from search.space import SearchSpace, default_space_at_hand, lr_warnings
 from search.studies import (
     best_trial,
 )
@@ -78,15 +79,31 @@ def run_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our live view says what matters
     if space is not None:
         settings = settings.replace(space=space)
+    if settings.space is None and settings.pretrained:
+        # Offline, the default space keeps the backbones whose weights are here (one line on the rest).
+        at_hand, note = default_space_at_hand(gpu=settings.gpus_per_trial > 0, weights_dir=settings.weights_dir)
+        settings = settings.replace(space=at_hand)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
     settings = settings.resolve()
     space = settings.space
+    for line in lr_warnings(space):
+        print(f"warning: {line}", file=sys.stderr)
     index = preflight(settings, space)
     storage = studies.get_storage(settings.storage_url)
     study, created = _open_study(settings, storage, index, space)
     if settings.warm_start and created:
-        # A new study starts from the linear probe: seconds on cached features, a score to beat.
-        # Only the driver that created the study enqueues it, so two drivers never both do.
-        study.enqueue_trial(space.baseline(), user_attrs={"baseline": True})
+        # A new study starts from a portfolio of proven recipes (linear probe, last stages, full
+        # fine-tune), cheapest first: a score to beat within seconds and a strong fine-tune within
+        # minutes; TPE learns from them as from any trial. Only the driver that created the study
+        # enqueues them, so two drivers never both do.
+        if settings.portfolio:
+            for recipe, params in space.portfolio(portfolio_size(settings.trials)):
+                study.enqueue_trial(params, user_attrs={"baseline": True, "recipe": recipe})
+        else:
+            study.enqueue_trial(space.baseline(), user_attrs={"baseline": True})
+    elif not created:
+        continue_budget_cut(study)
     exp = settings.experiment_dir
     (exp / MARKER).write_text(f"tlsearch experiment folder of study {settings.study}\n", encoding="utf-8")
     dump_yaml(settings.to_dict(), exp / "settings.yaml")
@@ -111,6 +128,11 @@ def run_search(
         trials_run = tally.complete + tally.pruned + tally.failed + tally.interrupted
     reconcile(study, driver=driver)  # none of this call's trials may stay RUNNING once it returns
     return _summary(settings, study, t0, tally, trials_run, interrupted, budget_reached)
+
+
+def portfolio_size(trials: int) -> int:
+    """Warm-start recipes for a search of `trials` trials: about a third of them, at least one."""
+    return max(1, round(trials / 3))
 
 
 def _bound_disk(settings: SearchSettings, study: optuna.Study) -> None:
@@ -144,11 +166,15 @@ def _tune(
         # created the study keeps the plain seed, so a one-driver search stays reproducible.
         seed = zlib.crc32(f"{seed}:{driver}".encode())
     sampler = make_sampler(settings.sampler, seed=seed)
+    # Tune starts its own clock a moment later, so a trial it stops at its budget's end is past this.
+    deadline = time.time() + settings.time_budget_s if settings.time_budget_s else None
     searcher = HonestOptunaSearch(
         space, metric=settings.metric, mode=settings.mode, sampler=sampler,
         study_name=settings.study, storage=storage, asha_stopped=asha_stopped, tally=tally,
         driver=driver, target=settings.trials, keep_checkpoints=settings.keep_checkpoints,
+        deadline=deadline if settings.budget_aware else None,
     )
+    searcher.learn_times()
     concurrency = settings.max_concurrent or default_concurrency(
         cpus=resources.get("CPU", 1), gpus=resources.get("GPU", 0),
         cpus_per_trial=settings.cpus_per_trial, gpus_per_trial=settings.gpus_per_trial,
@@ -157,6 +183,7 @@ def _tune(
         time_attr="training_iteration", metric=settings.metric, mode=settings.mode,
         max_t=space.max_epochs, grace_period=min(settings.grace_period, space.max_epochs),
         reduction_factor=settings.reduction_factor, stopped=asha_stopped,
+        finetune_grace=_finetune_grace(settings, space), space=space,
     )
     trainable = tune.with_parameters(
         _trainable, index=index, space=space, trial_fn=trial_fn, metric=settings.metric,
@@ -195,12 +222,20 @@ def _tune(
             tuner.fit()
     finally:
         beating.set()
-        left = searcher.finish_leftovers()
-    budget_reached = bool(settings.time_budget_s) and time.time() - start >= settings.time_budget_s * 0.98
+        budget_reached = bool(settings.time_budget_s) and time.time() - start >= settings.time_budget_s * 0.98
+        left = searcher.finish_leftovers(budget_cut=budget_reached and settings.budget_aware)
     # Trials other drivers still run count as done here: the study reaches its count through them.
     claimed = _claimed(study.get_trials(deepcopy=False), driver=driver)
     interrupted = (left > 0 or claimed < settings.trials) and not budget_reached
     return interrupted, budget_reached
+
+
+def _finetune_grace(settings: SearchSettings, space: SearchSpace) -> int:
+    """Epochs a fine-tuning trial runs before ASHA may stop it (`SearchSettings.finetune_grace`)."""
+    g = settings.finetune_grace
+    if g is None:
+        g = max(settings.grace_period, 2)
+    return max(1, min(g, space.max_epochs))
 
 
 def _heartbeats(searcher: HonestOptunaSearch, stop: threading.Event) -> None:

@@ -19,7 +19,12 @@ from ray.tune.search.optuna import OptunaSearch
 
 from search.config import TLSearchError
 from search.runner._ledger import (
+    BUDGET_CUT,
+    NOT_STARTED,
     SURPLUS,
+    EpochTimes,
+    fits_budget,
+    timing_key,
     _claimed,
     _mean,
     _other_drivers,
@@ -67,15 +72,37 @@ def make_sampler(name: str, *, seed: int) -> "optuna.samplers.BaseSampler":
 
 
 class PruneTrackingASHA(ASHAScheduler):
-    """ASHA that remembers which trials it stopped, so the searcher can tell PRUNED from the rest."""
+    """ASHA that remembers which trials it stopped, so the searcher can tell PRUNED from the rest.
 
-    def __init__(self, *args: Any, stopped: set | None = None, **kwargs: Any) -> None:
+    A trial that trains backbone stages is not stopped before `finetune_grace` epochs: its first
+    epoch, at a warm-up rate, is compared with head-only trials already near their best (its
+    result still counts in the rung, for the trials after it).
+    """
+
+    def __init__(self, *args: Any, stopped: set | None = None, finetune_grace: int = 1,
+                 space: SearchSpace | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stopped: set = stopped if stopped is not None else set()
+        self._finetune_grace = finetune_grace
+        self._space = space
+
+    def _fine_tunes(self, config: Mapping[str, Any]) -> bool:
+        if self._space is None:
+            return False
+        try:
+            from search.backbones import resolve_depth
+
+            cfg = self._space.to_trial_config(config)
+            return resolve_depth(cfg.backbone, cfg.freeze_depth) < _num_stages(cfg.backbone)
+        except Exception:
+            return False
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         with _nan_rungs_quiet():
             action = super().on_trial_result(tune_controller, trial, result)
+        if (action == TrialScheduler.STOP and result.get(self._time_attr, 0) < self._finetune_grace
+                and self._fine_tunes(trial.config)):
+            action = TrialScheduler.CONTINUE
         if action == TrialScheduler.STOP:
             self.stopped.add(trial.trial_id)
         return action
@@ -83,6 +110,12 @@ class PruneTrackingASHA(ASHAScheduler):
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
         with _nan_rungs_quiet():
             super().on_trial_complete(tune_controller, trial, result)
+
+
+def _num_stages(backbone: str) -> int:
+    from search.backbones import num_stages
+
+    return int(num_stages(backbone))
 
 
 @contextlib.contextmanager
@@ -100,9 +133,15 @@ class HonestOptunaSearch(OptunaSearch):
     Ray's `on_trial_complete` tells COMPLETE with the last rung's score when ASHA stops a trial.
     Here: per-epoch values are reported with step = epoch; a trial that ran its full `epochs`
     is COMPLETE, one ASHA stopped is PRUNED, one that raised / died / reported NaN is FAIL with
-    the reason, and one cut short by the driver (Ctrl-C, time budget) is FAIL "interrupted" and
-    enqueued again. Every user_attr is set before the state is told.
+    the reason, and one cut short by the driver (Ctrl-C) is FAIL "interrupted" and enqueued
+    again. With a time budget (`deadline`), a drawn trial whose estimated duration exceeds the
+    time left is not started, and one the budget cuts after an epoch is PRUNED (`stopped_by`
+    "time budget"), which `resume` continues from its checkpoint. Every user_attr is set before
+    the state is told.
     """
+
+    # Draws in a row that did not fit the time left before the search stops drawing.
+    MAX_SKIPS = 5
 
     def __init__(
         self,
@@ -118,8 +157,12 @@ class HonestOptunaSearch(OptunaSearch):
         driver: str = "",
         target: int | None = None,
         keep_checkpoints: int | None = None,
+        deadline: float | None = None,
     ) -> None:
         self._search_space = space
+        self._deadline = deadline  # unix time the run's time budget ends; None: no budget
+        self._times = EpochTimes()
+        self._skips = 0
         self._asha_stopped = asha_stopped
         self._tally = tally
         self._driver = driver  # this driver's id, stamped on every trial it runs
@@ -152,8 +195,11 @@ class HonestOptunaSearch(OptunaSearch):
         if self._target is not None and self._surplus(trial_id):
             return self.FINISHED
         params["_trial_number"] = self._ot_trials[trial_id].number
-        self._configs[trial_id] = dict(params)
         self._curves[trial_id] = {}
+        start_epoch = self._continuation(trial_id, params)
+        if not self._fits(trial_id, params, start_epoch):
+            return self.FINISHED if self._skips >= self.MAX_SKIPS else None
+        self._configs[trial_id] = dict(params)
         self._tally.running += 1
         return params
 
@@ -168,6 +214,58 @@ class HonestOptunaSearch(OptunaSearch):
         if result:
             self._record(trial_id, result)
         self._finish(trial_id, worker_died=error and not (self._last.get(trial_id) or {}).get("error"))
+
+    def _continuation(self, trial_id: str, params: dict) -> int:
+        """A trial that continues a budget-cut one starts from its checkpoint and curve.
+
+        Returns:
+            Epochs already run (0 for a fresh trial).
+        """
+        ot_trial = self._ot_trials[trial_id]
+        parent_number = ot_trial.user_attrs.get("continues")
+        if not isinstance(parent_number, int):
+            return 0
+        parent = TrialRecord.from_trial(self._ot_study.get_trials(deepcopy=False)[parent_number])
+        done = [c for c in parent.curve if isinstance(c.get("epoch"), int)]
+        if not parent.checkpoint or not done or not Path(parent.checkpoint).is_file():
+            return 0  # nothing to continue from: it runs from scratch
+        start = max(c["epoch"] for c in done)
+        params["_resume_from"] = parent.checkpoint
+        params["_start_epoch"] = start
+        for c in done:  # its epochs are this trial's first ones, for Optuna, ASHA's view aside
+            self._curves[trial_id][c["epoch"]] = dict(c)
+            if is_finite(c.get(self.metric)):
+                ot_trial.report(float(c[self.metric]), step=c["epoch"])
+        return start
+
+    def _fits(self, trial_id: str, params: dict, start_epoch: int) -> bool:
+        """Whether the drawn trial can reach its last epoch in the time left; one that cannot is
+        told FAIL (not started; not counted, not retried) and left out."""
+        if self._deadline is None:
+            return True
+        try:
+            cfg = self._search_space.to_trial_config(params).to_dict()
+        except Exception:
+            return True  # the trial reports its own config error
+        estimate = self._times.estimate(timing_key(cfg), cfg["epochs"] - start_epoch)
+        left = self._deadline - time.time()
+        if fits_budget(estimate, left):
+            self._skips = 0
+            return True
+        ot_trial = self._ot_trials.pop(trial_id)
+        ot_trial.set_user_attr("error", f"{NOT_STARTED} (needs ~{estimate:.0f}s, {max(0.0, left):.0f}s left)")
+        ot_trial.set_user_attr("interrupted", True)  # does not count toward the trials
+        ot_trial.set_user_attr("not_started", True)
+        with contextlib.suppress(Exception):
+            self._ot_study.tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
+        self._curves.pop(trial_id, None)
+        self._skips += 1
+        return False
+
+    def learn_times(self) -> None:
+        """Reads the epoch times of the study's finished trials (earlier runs, other drivers)."""
+        for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+            self._times.add_trial(t)
 
     def _surplus(self, trial_id: str) -> bool:
         """Closes a trial that another driver's trials crowded out of the count (a race of two asks).
@@ -191,12 +289,13 @@ class HonestOptunaSearch(OptunaSearch):
                 with contextlib.suppress(Exception):  # finished meanwhile, or a storage hiccup
                     ot_trial.set_user_attr("heartbeat", time.time())
 
-    def finish_leftovers(self) -> int:
-        """Tells every trial still open (the run was stopped under it) as interrupted; returns how many."""
+    def finish_leftovers(self, *, budget_cut: bool = False) -> int:
+        """Tells every trial still open (the run was stopped under it) as interrupted, or as cut by
+        the time budget when `budget_cut`; returns how many."""
         n = 0
         for trial_id in list(self._ot_trials):
             if trial_id not in self._completed_trials:
-                self._finish(trial_id, worker_died=False, stopped_by_driver=True)
+                self._finish(trial_id, worker_died=False, stopped_by_driver=True, budget_cut=budget_cut)
                 n += 1
         return n
 
@@ -220,11 +319,22 @@ class HonestOptunaSearch(OptunaSearch):
         if epoch in curve:
             return
         curve[epoch] = dict(result)
+        key = timing_key(self._trial_config(trial_id))
+        self._times.add_epoch(key, result.get("epoch_seconds"))
+        if len(curve) == 1 and is_finite(result.get("train_seconds")) and is_finite(result.get("epoch_seconds")):
+            self._times.add_startup(key, result["train_seconds"] - result["epoch_seconds"])
         value = result.get(self.metric)
         if is_finite(value):
             self._ot_trials[trial_id].report(float(value), step=epoch)
 
-    def _finish(self, trial_id: str, *, worker_died: bool, stopped_by_driver: bool = False) -> None:
+    def _trial_config(self, trial_id: str) -> dict:
+        try:
+            return self._search_space.to_trial_config(self._configs.get(trial_id, {})).to_dict()
+        except Exception:
+            return {}
+
+    def _finish(self, trial_id: str, *, worker_died: bool, stopped_by_driver: bool = False,
+                budget_cut: bool = False) -> None:
         ot_trial = self._ot_trials[trial_id]
         config = self._configs.get(trial_id, {})
         curve = [self._curves.get(trial_id, {})[e] for e in sorted(self._curves.get(trial_id, {}))]
@@ -239,8 +349,12 @@ class HonestOptunaSearch(OptunaSearch):
             asha_stopped=trial_id in self._asha_stopped,
             stopped_by_driver=stopped_by_driver,
             metric=self.metric,
+            budget_cut=budget_cut or self._past_deadline(trial_id),
         )
-        self._set_attrs(ot_trial, config, curve, last, final, error, interrupted)
+        stopped_by = None
+        if state == TrialState.PRUNED:
+            stopped_by = "asha" if trial_id in self._asha_stopped else BUDGET_CUT
+        self._set_attrs(ot_trial, config, curve, last, final, error, interrupted, stopped_by)
         self._bound_checkpoints(ot_trial, state, value, config, interrupted, final)
         try:
             self._ot_study.tell(ot_trial, float(value) if state == TrialState.COMPLETE else None, state=state)
@@ -253,9 +367,14 @@ class HonestOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
         self._update_tally(state, interrupted, value, config, final)
 
+    def _past_deadline(self, trial_id: str) -> bool:
+        """Tune stops the trials it runs when the budget ends: a trial ending then without ASHA's
+        word, short of its epochs, was cut by the budget."""
+        return self._deadline is not None and trial_id not in self._asha_stopped and time.time() >= self._deadline - 1.0
+
     def _set_attrs(
         self, ot_trial: Any, config: dict, curve: list, last: dict, final: dict,
-        error: str | None, interrupted: bool,
+        error: str | None, interrupted: bool, stopped_by: str | None = None,
     ) -> None:
         try:
             cfg_dict: dict | None = self._search_space.to_trial_config(config).to_dict()
@@ -289,6 +408,7 @@ class HonestOptunaSearch(OptunaSearch):
             error=error[:2000] if error else None,
             traceback=str(final["traceback"])[-4000:] if final.get("traceback") else None,
             interrupted=interrupted,
+            stopped_by=stopped_by,
         )
         attrs = record.to_user_attrs()  # retry_of, baseline, driver, heartbeat: set by the search, kept
         for key, val in attrs.items():
@@ -309,12 +429,13 @@ class HonestOptunaSearch(OptunaSearch):
             backbone = self._search_space.to_trial_config(config).backbone
         except Exception:
             backbone = config.get("backbone")
-        retry_of = ot_trial.user_attrs.get("retry_of")
+        retry_of = ot_trial.user_attrs.get("retry_of", ot_trial.user_attrs.get("continues"))
         ending = disk.CheckpointTrial(
             number=ot_trial.number, state=state.name,
             value=float(value) if state == TrialState.COMPLETE and is_finite(value) else None,
             backbone=backbone, interrupted=interrupted, retry_of=retry_of if isinstance(retry_of, int) else None,
             has_checkpoint=bool(final.get("checkpoint")),
+            budget_cut=ot_trial.user_attrs.get("stopped_by") == BUDGET_CUT,
         )
         try:
             _, own = disk.prune_study_checkpoints(self._ot_study, keep=self._keep_checkpoints, ending=ending)

@@ -71,8 +71,12 @@ def _trainable(
     try:
         cfg = space.to_trial_config(config)
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        resume = {}
+        if config.get("_resume_from"):  # continues a trial the time budget cut short
+            resume = {"resume_from": config["_resume_from"], "start_epoch": int(config.get("_start_epoch", 0))}
+            state["epoch"] = resume["start_epoch"]
         trial_fn(cfg, index, report=report, weights_dir=weights_dir, cache=cache, cache_dir=cache_dir,
-                 checkpoint_path=checkpoint, threads=threads)
+                 checkpoint_path=checkpoint, threads=threads, **resume)
     except Exception as e:
         if state["in_report"]:
             raise  # Tune stopping the trial, not the trial failing

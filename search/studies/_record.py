@@ -67,6 +67,9 @@ class TrialRecord:
     traceback: str | None = None
     interrupted: bool = False  # cut short by the driver (Ctrl-C, time budget, crash): not counted
     retry_of: int | None = None  # the interrupted trial whose params it runs again
+    continues: int | None = None  # the budget-cut trial it continues from that trial's checkpoint
+    stopped_by: str | None = None  # PRUNED: "asha" (early stopping) or "time budget" (the run's end)
+    recipe: str | None = None  # the warm-start recipe it runs (linear probe, last stages, ...)
     baseline: bool = False  # a warm-start trial enqueued by the search
     driver: str | None = None  # the driver that runs it (host:pid:token)
     heartbeat: float | None = None  # last sign of life of that driver (unix seconds)

@@ -75,6 +75,8 @@ def fine_tune(
     threads: int | None = None,
     train_on_val: bool = False,
     keep_model: bool = False,
+    resume_from: str | None = None,
+    start_epoch: int = 0,
 ) -> TrialResult:
     """Trains one config on a dataset and reports metrics after every epoch.
 
@@ -90,6 +92,11 @@ def fine_tune(
         threads: torch CPU threads for this trial (= CPUs given to it).
         train_on_val: train on train+val (the final fit); val metrics are then optimistic.
         keep_model: keep the trained model in the result.
+        resume_from: a checkpoint of this config after `start_epoch` epochs (a trial the time
+            budget cut short): its weights are loaded and training goes on from epoch
+            `start_epoch + 1`, on the same schedule. The optimizer's moments restart (checkpoints
+            hold the model only).
+        start_epoch: epochs already trained by the checkpoint.
 
     Returns:
         The trial's result with per-epoch history.
@@ -112,6 +119,10 @@ def fine_tune(
         dropout=config.dropout,
     )
     trainable = backbones.freeze(bb, config.freeze_depth)
+    if resume_from:
+        from search.model_io import load_checkpoint
+
+        bb.model.load_state_dict(load_checkpoint(resume_from))
     model = bb.model.to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -120,13 +131,15 @@ def fine_tune(
         config, index, bb, device=dev, cache=cache, cache_dir=cache_dir, train_on_val=train_on_val,
     )
     optimizer = build_optimizer(config, backbones.param_groups(
-        bb, lr=config.lr, weight_decay=config.weight_decay, lr_decay=config.lr_decay
+        bb, lr=config.lr, weight_decay=config.weight_decay, lr_decay=config.lr_decay,
+        backbone_lr_mult=config.backbone_lr_mult,
     ))
     steps_per_epoch = max(1, len(train_loader))
+    done = start_epoch * steps_per_epoch  # a continued trial picks up its schedule where it was
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: warmup_cosine(
-            step, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+            step + done, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
             total_steps=config.epochs * steps_per_epoch,
         ),
     )
@@ -153,7 +166,7 @@ def fine_tune(
     )
     result.latency_ms = measure_latency(model, config.image_size, dev)
     best_acc = -1.0
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
         train_loss, seen = train_one_epoch(
             plan.train_module(model), train_loader, optimizer, scheduler,
