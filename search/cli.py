@@ -38,7 +38,9 @@ def _add_search_options(p: argparse.ArgumentParser, *, resume: bool = False) -> 
     p.add_argument("--weights-dir", default=d, help="folder of <model name>.pth state dicts")
     p.add_argument("--keep-checkpoints", type=int, default=d, metavar="K",
                    help="checkpoints of the best K COMPLETE trials kept per backbone (default 3); others are removed")
-    p.add_argument("--no-progress", action="store_true", help="no live view")
+    p.add_argument("--no-progress", action="store_true", help="print nothing while the search runs (the report still refreshes)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's and Optuna's own messages (otherwise in studies/NAME/tlsearch.log)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dir", default=".", help="working folder (data/, studies/, reports/ go here)")
     c.add_argument("--weights-dir", default=None, help="folder of <model name>.pth state dicts")
     c.add_argument("--trials", type=int, default=None, help="trials to run (default 10)")
+    c.add_argument("--no-progress", action="store_true", help="print nothing while the search runs")
+    c.add_argument("--verbose", action="store_true",
+                   help="show Ray's and Optuna's own messages (otherwise in studies/demo/tlsearch.log)")
 
     c = sub.add_parser("run", help="search backbones and hyperparameters on a dataset")
     c.add_argument("data", metavar="DATA",
@@ -260,7 +265,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         cache=not a.no_cache,
         **{k: v for k, v in options.items() if v is not None},
     )
-    summary = run_search(settings, progress=not a.no_progress)
+    summary = run_search(settings, progress=not a.no_progress, verbose=a.verbose)
     return after_search(summary, settings.study, settings.storage)
 
 
@@ -280,14 +285,16 @@ def cmd_resume(a: argparse.Namespace) -> int:
     from search.outputs import after_search
     from search.runner import resume_search
 
-    summary = resume_search(a.name, storage=a.storage, progress=not a.no_progress, **_search_options(a))
+    summary = resume_search(a.name, storage=a.storage, progress=not a.no_progress, verbose=a.verbose,
+                            **_search_options(a))
     return after_search(summary, a.name, a.storage)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from search.demo import run_demo
 
-    return run_demo(Path(a.dir), weights_dir=a.weights_dir, trials=a.trials)
+    return run_demo(Path(a.dir), weights_dir=a.weights_dir, trials=a.trials, progress=not a.no_progress,
+                    verbose=a.verbose)
 
 
 def cmd_studies(a: argparse.Namespace) -> int:
@@ -369,6 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except TLSearchError as e:
         print(f"tlsearch: error: {_one_line(e)}", file=sys.stderr)
+        _print_run_log()
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("tlsearch: interrupted", file=sys.stderr)
@@ -379,7 +387,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("TLSEARCH_DEBUG"):
             raise
         print(f"tlsearch: failed: {type(e).__name__}: {_one_line(e)} (TLSEARCH_DEBUG=1 shows the traceback)", file=sys.stderr)
+        _print_run_log()
         return EXIT_FAILED
+
+
+def _print_run_log() -> None:
+    """After a failed search's error line: where Ray's and Optuna's messages of that run are."""
+    from search.outputs import run_log
+
+    path = run_log()
+    if path is not None:
+        print(f"log: {path}", file=sys.stderr)
 
 
 def _one_line(e: BaseException) -> str:

@@ -3,6 +3,7 @@ best config, and how to continue an interrupted search."""
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,17 +14,139 @@ from search.config import TLSearchError
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+TOP_SHOWN = 5  # leaderboard rows printed at the end of a search
+
+_run_log: list[Path] = []  # the log file of the search running (or last run) in this process
+
+
+def note_run_log(path: Path) -> None:
+    """Records where this process's search writes Ray's and Optuna's messages (`run_log`)."""
+    _run_log[:] = [Path(path)]
+
+
+def run_log() -> Path | None:
+    """The log file of the search this process ran last, if it wrote one (for error lines)."""
+    return _run_log[0] if _run_log and _run_log[0].is_file() else None
+
+
 def after_search(summary: Any, study: str, storage: str | None) -> int:
-    """Prints the leaderboard, writes the report and best config; Ctrl-C says how to resume."""
-    from search.studies import format_leaderboard, leaderboard, load_study
+    """Ends `run`, `resume` and `demo`: the top of the leaderboard, the report and best config, and
+    the exact commands that come next (or how to resume an interrupted search).
+
+    Args:
+        summary: the run's `RunSummary`.
+        study: the study name.
+        storage: the study's storage URL (None: studies/<study>.db).
+
+    Returns:
+        The exit code.
+    """
+    from search.studies import leaderboard, load_study
 
     st = load_study(study, storage=storage)
-    print(format_leaderboard(leaderboard(st), top=10))
-    write_outputs(study, storage)
+    df = leaderboard(st)
+    print(format_top(df, top=TOP_SHOWN))
+    paths = write_outputs(study, storage)
     if getattr(summary, "interrupted", False):
-        print(f"interrupted; continue with: tlsearch resume {study}", file=sys.stderr)
+        print(f"interrupted; continue with: tlsearch resume {study}{_storage_flag(storage)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    print(next_steps(study, storage, paths, dataset=st.user_attrs.get("dataset"),
+                     weights_dir=(st.user_attrs.get("settings") or {}).get("weights_dir")))
     return EXIT_OK
+
+
+def format_top(df: Any, *, top: int = TOP_SHOWN) -> str:
+    """The first `top` rows of a leaderboard, with the columns that tell configs apart.
+
+    Args:
+        df: `search.studies.leaderboard(study)`, best first.
+        top: rows shown.
+
+    Returns:
+        A plain-text table and a line of counts by state.
+    """
+    from search.config import printable
+
+    metric = df.attrs.get("metric") or "val_acc"
+    cols = [c for c in ("rank", "trial", "state", "backbone", "pretrained", "freeze_depth", "augmentation", "lr",
+                        "epochs_run", metric) if c in df.columns]
+
+    def cell(col: str, v: Any) -> str:
+        if v is None or (isinstance(v, float) and v != v) or v == "":
+            return "-"
+        if col == "lr":
+            return f"{float(v):.1e}"
+        if isinstance(v, float) and col != "rank":
+            return f"{v:.4f}"
+        return printable(str(v))
+
+    rows = [cols] + [[cell(c, r.get(c)) for c in cols] for r in df.head(top).to_dict("records")]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    counts = df["state"].value_counts().to_dict() if len(df) else {}
+    tally = ", ".join(f"{n} {state.lower()}" for state, n in counts.items())
+    shown = f"top {min(top, len(df))} of {len(df)} trials" if len(df) > top else f"{len(df)} trials"
+    return "\n".join([*lines, f"{shown}: {tally}" if tally else "no trials"])
+
+
+def next_steps(study: str, storage: str | None, paths: dict[str, Path], *, dataset: str | None = None,
+               weights_dir: str | None = None) -> str:
+    """The exact commands that take a finished study to a model, with this study's own names.
+
+    Args:
+        study: the study name.
+        storage: its storage URL, when not the default.
+        paths: what `write_outputs` wrote ("report", "best").
+        dataset: the study's dataset folder (from the study's user_attrs).
+        weights_dir: the --weights-dir the search used; train needs it too.
+
+    Returns:
+        A few lines: show/export/train/predict commands.
+    """
+    flag = _storage_flag(storage)
+    data = _short(dataset) if dataset else "DATA"
+    best = _short(paths["best"]) if "best" in paths else f"reports/{study}/best.yaml"
+    model = f"models/{study}"
+    weights = f" --weights-dir {_quote(_short(weights_dir))}" if weights_dir else ""
+    image = _an_image(dataset) if dataset else None
+    lines = ["next:"]
+    lines += [
+        f"  tlsearch show {study}{flag}   # the whole leaderboard",
+        f"  tlsearch export {study}{flag} --trial N   # another trial's config (the best one is {best})",
+        f"  tlsearch train {_quote(best)} {_quote(data)} --out {model}{weights}   # retrain it, save a model",
+        f"  tlsearch predict {model} {_quote(_short(image)) if image else 'IMAGE...'}   # classify images",
+    ]
+    return "\n".join(lines)
+
+
+def _storage_flag(storage: str | None) -> str:
+    return f" --storage {_quote(storage)}" if storage else ""
+
+
+def _short(path: str | Path) -> str:
+    """A path relative to the working folder when it is inside it (shorter to read and type)."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(p)
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(str(text))
+
+
+def _an_image(dataset: str) -> Path | None:
+    """One image of the dataset (a validation one where there is a val/ folder), for the example."""
+    root = Path(dataset)
+    for folder in (root / "val", root / "valid", root):
+        if folder.is_dir():
+            for p in itertools.islice(folder.rglob("*"), 2000):  # a big dataset is not listed in full
+                if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp") and p.is_file():
+                    return p
+    return None
 
 
 def write_outputs(study: str, storage: str | None) -> dict[str, Path]:
@@ -33,14 +156,14 @@ def write_outputs(study: str, storage: str | None) -> dict[str, Path]:
         from search.report import write_report
 
         paths["report"] = write_report(study, storage=storage)
-        print(f"report: {paths['report']}")
+        print(f"report: {_short(paths['report'])}")
     except ImportError:
         pass
     try:
         from search.export import export_trial
 
         paths["best"] = export_trial(study, storage=storage)[0]
-        print(f"best config: {paths['best']}")
+        print(f"best config: {_short(paths['best'])}")
     except TLSearchError as e:
         print(f"no best config: {e}", file=sys.stderr)
     return paths

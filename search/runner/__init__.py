@@ -33,10 +33,13 @@ from search.runner._cluster import (  # noqa: F401
     LOOPBACK,
     NODE_CHECK_FILES,
     NODE_CHECK_TIMEOUT_S,
+    QUIET_LOGGERS,
+    RUN_LOG,
     _ensure_ray,
     _node_sees,
     _single_machine_ray,
     check_nodes_see_data,
+    console_log,
     default_concurrency,
 )
 from search.runner._ledger import (  # noqa: F401
@@ -94,4 +97,4 @@ from search.runner._trainable import (  # noqa: F401
     _trainable,
 )
 
-__all__ = ['HEARTBEAT_S', 'HonestOptunaSearch', 'INTERRUPTED', 'LOOPBACK', 'MARKER', 'NODE_CHECK_FILES', 'NODE_CHECK_TIMEOUT_S', 'PROGRESS_EVERY_S', 'ProgressView', 'PruneTrackingASHA', 'REPORT_EVERY_S', 'REUSE_ACTORS', 'ReportRefresher', 'RunSummary', 'STALE_AFTER_S', 'SURPLUS', 'SamplerEntry', 'TrialFn', 'check_nodes_see_data', 'default_concurrency', 'finished_count', 'is_stale', 'make_sampler', 'new_driver_id', 'preflight', 'reconcile', 'resume_search', 'run_search', 'trial_outcome']
+__all__ = ['HEARTBEAT_S', 'HonestOptunaSearch', 'INTERRUPTED', 'LOOPBACK', 'MARKER', 'NODE_CHECK_FILES', 'NODE_CHECK_TIMEOUT_S', 'PROGRESS_EVERY_S', 'ProgressView', 'PruneTrackingASHA', 'REPORT_EVERY_S', 'REUSE_ACTORS', 'ReportRefresher', 'RunSummary', 'STALE_AFTER_S', 'SURPLUS', 'SamplerEntry', 'TrialFn', 'check_nodes_see_data', 'console_log', 'default_concurrency', 'finished_count', 'is_stale', 'make_sampler', 'new_driver_id', 'preflight', 'reconcile', 'resume_search', 'run_search', 'trial_outcome']

@@ -5,9 +5,11 @@ every node sees the dataset.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -43,10 +45,65 @@ def default_concurrency(*, cpus: float, gpus: float, cpus_per_trial: float, gpus
     return max(1, n)
 
 
-def _ensure_ray(settings: SearchSettings) -> None:
+RUN_LOG = "tlsearch.log"  # under studies/<study>/: what Ray and Optuna said during the run
+
+# Loggers whose start-up warnings and info lines (Ray's token authentication, "Started a local Ray
+# instance", Optuna's notes) go to the run's log file instead of the terminal, unless --verbose.
+QUIET_LOGGERS = ("ray", "optuna", "py.warnings")
+
+
+@contextlib.contextmanager
+def console_log(experiment_dir: Path, *, verbose: bool = False) -> Iterator[Path]:
+    """Sends Ray's and Optuna's own log lines and Python warnings to studies/<study>/tlsearch.log.
+
+    The live view and our one-line errors stay on the terminal; with `verbose` nothing is moved.
+    Ray's and Optuna's handlers are put back afterwards.
+
+    Args:
+        experiment_dir: studies/<study>/ (settings.experiment_dir).
+        verbose: leave every message on the terminal.
+
+    Yields:
+        The log file's path (recorded with `search.outputs.note_run_log`, so a failed run's error
+        line can name it).
+    """
+    from search.outputs import note_run_log
+
+    path = Path(experiment_dir) / RUN_LOG
+    note_run_log(path)
+    if verbose:
+        yield path
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    names = [*QUIET_LOGGERS, *(n for n, lg in logging.root.manager.loggerDict.items()
+                               if n.startswith("ray.") and isinstance(lg, logging.Logger) and lg.handlers)]
+    saved = {}
+    for name in names:
+        logger = logging.getLogger(name)
+        saved[name] = (list(logger.handlers), logger.propagate)
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+    logging.captureWarnings(True)  # library warnings (deprecations, experimental APIs) go there too
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            yield path
+    finally:
+        logging.captureWarnings(False)
+        for name, (handlers, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+        handler.close()
+
+
+def _ensure_ray(settings: SearchSettings, *, verbose: bool = False) -> None:
     """Starts Ray once per process (or joins --address); reuses a running session.
 
-    Without --address the Ray is this search's own and listens on loopback only.
+    Without --address the Ray is this search's own and listens on loopback only. Its workers'
+    output reaches the terminal only with `verbose`; it stays in Ray's session logs otherwise.
     """
     if ray.is_initialized():
         return
@@ -57,12 +114,12 @@ def _ensure_ray(settings: SearchSettings) -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if settings.address:
-        ray.init(address=settings.address, log_to_driver=False)
+        ray.init(address=settings.address, log_to_driver=verbose)
         return
     # address="local": a Ray of this search's own, never the cluster RAY_ADDRESS names or the one
     # a `ray start` left in /tmp/ray/ray_current_cluster (perhaps killed since).
     with _single_machine_ray():
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=verbose)
     node_ip = ray.util.get_node_ip_address()
     if node_ip not in LOOPBACK:
         print(f"warning: Ray's servers listen on every interface (node IP {node_ip}), not on loopback only",

@@ -22,6 +22,7 @@ from search import studies
 from search.config import TLSearchError, check_study_name, default_cache_dir, dump_yaml
 from search.runner._cluster import (
     _ensure_ray,
+    console_log,
     check_nodes_see_data,
     default_concurrency,
 )
@@ -61,6 +62,7 @@ def run_search(
     space: SearchSpace | None = None,
     trial_fn: TrialFn | None = None,
     progress: bool = True,
+    verbose: bool = False,
 ) -> RunSummary:
     """Runs (or continues) a search until the study holds `settings.trials` finished trials.
 
@@ -69,7 +71,9 @@ def run_search(
         space: the search space, instead of `settings.space` (None there too: the default space).
         trial_fn: the per-trial function, `search.trial.fine_tune`'s signature; None: fine_tune.
             Tests swap in a fast stub.
-        progress: print a live status line to stderr.
+        progress: show the live view on stderr (the report is refreshed during the run either way).
+        verbose: let Ray's and Optuna's own log lines through to stderr; otherwise they go to
+            studies/<study>/tlsearch.log.
 
     Returns:
         The summary. Ctrl-C once stops the run cleanly (`interrupted=True`); twice raises
@@ -117,10 +121,11 @@ def run_search(
     trials_run = 0
     if remaining > 0:
         try:
-            interrupted, budget_reached = _tune(
-                settings, space, index, storage, study, tally, remaining, trial_fn, progress, t0, driver=driver,
-                joined=not created,
-            )
+            with console_log(settings.experiment_dir, verbose=verbose):
+                interrupted, budget_reached = _tune(
+                    settings, space, index, storage, study, tally, remaining, trial_fn, progress, t0, driver=driver,
+                    joined=not created, verbose=verbose,
+                )
         except KeyboardInterrupt:
             reconcile(study, driver=driver)
             print(f"interrupted; continue with: tlsearch resume {settings.study}", file=sys.stderr)
@@ -151,10 +156,10 @@ def _bound_disk(settings: SearchSettings, study: optuna.Study) -> None:
 def _tune(
     settings: SearchSettings, space: SearchSpace, index: DatasetIndex, storage: Any, study: optuna.Study,
     tally: _Tally, remaining: int, trial_fn: TrialFn | None, progress: bool, t0: float, driver: str = "",
-    joined: bool = False,
+    joined: bool = False, verbose: bool = False,
 ) -> tuple[bool, bool]:
     """Runs one Ray Tune experiment of `remaining` trials; returns (interrupted, budget_reached)."""
-    _ensure_ray(settings)
+    _ensure_ray(settings, verbose=verbose)
     if settings.address:
         check_nodes_see_data(index, experiment_dir=settings.experiment_dir)
     resources = ray.cluster_resources()
@@ -192,10 +197,12 @@ def _tune(
         threads=max(1, int(settings.cpus_per_trial)),
     )
     trainable = tune.with_resources(trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
-    callbacks = []
+    callbacks: list = [ReportRefresher(settings)]  # the report keeps up, with or without the live view
     if progress:
-        callbacks.append(ProgressView(tally, base=_base_tally(study, settings.mode), budget_s=settings.time_budget_s))
-        callbacks.append(ReportRefresher(settings))
+        callbacks.append(ProgressView(
+            tally, base=_base_tally(study, settings.mode), budget_s=settings.time_budget_s, target=settings.trials,
+            max_epochs=space.max_epochs, metric=settings.metric,
+        ))
     run_name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     tuner = tune.Tuner(
         trainable,
@@ -222,6 +229,8 @@ def _tune(
             tuner.fit()
     finally:
         beating.set()
+        for callback in callbacks:  # a live display gives the terminal back even on Ctrl-C
+            getattr(callback, "close", lambda: None)()
         budget_reached = bool(settings.time_budget_s) and time.time() - start >= settings.time_budget_s * 0.98
         left = searcher.finish_leftovers(budget_cut=budget_reached and settings.budget_aware)
     # Trials other drivers still run count as done here: the study reaches its count through them.
@@ -296,6 +305,7 @@ def resume_search(
     storage: str | None = None,
     progress: bool = True,
     trial_fn: TrialFn | None = None,
+    verbose: bool = False,
     **overrides: Any,
 ) -> RunSummary:
     """Continues a study with the settings stored in it (after a crash, kill -9 or Ctrl-C).
@@ -304,8 +314,9 @@ def resume_search(
         name: the study name.
         studies_dir: where default SQLite studies live.
         storage: the study's storage URL; None: studies/<name>.db.
-        progress: print a live status line.
+        progress: show the live view.
         trial_fn: the per-trial function (tests); None: fine_tune.
+        verbose: let Ray's and Optuna's own log lines through to stderr.
         **overrides: SearchSettings fields to change (trials, time_budget_s, ...); None values
             are ignored.
 
@@ -326,4 +337,4 @@ def resume_search(
     changes = {k: v for k, v in overrides.items() if v is not None}
     if changes:
         settings = settings.replace(**changes)
-    return run_search(settings, trial_fn=trial_fn, progress=progress)
+    return run_search(settings, trial_fn=trial_fn, progress=progress, verbose=verbose)
