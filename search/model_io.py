@@ -161,7 +161,8 @@ def _export_graphs(model: nn.Module, example: torch.Tensor, out: Path) -> list[s
 
 
 def load_model(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Loads a model folder written by `save_model` (weights with `weights_only=True`).
+    """Loads a model folder written by `save_model`, or by `tlsearch ensemble` (weights with
+    `weights_only=True`).
 
     Returns:
         (model in eval mode, model.json contents).
@@ -173,6 +174,10 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if not (folder / "model.pt").is_file() or not (folder / "model.json").is_file():
         raise TLSearchError(f"{folder} is not a model folder (needs model.pt and model.json; see tlsearch train)")
     meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    if meta.get("kind") == "ensemble":  # written by `tlsearch ensemble`: members, averaging, temperature
+        from search.ensemble import load_ensemble
+
+        return load_ensemble(folder, meta), meta
     config = load_trial_config(folder / "config.yaml")
     bb = build_backbone(config.backbone, len(meta["class_names"]), pretrained=False, dropout=config.dropout)
     state = load_checkpoint(folder / "model.pt")
