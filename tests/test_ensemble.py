@@ -55,6 +55,15 @@ def _trial(folder: Path, number: int, backbone: str = "resnet18", *, noise: floa
     return PoolTrial(number, _config(backbone), str(path))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared small machine, more threads only wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("ens") / "data", per_class=5,
