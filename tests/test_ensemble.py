@@ -287,3 +287,69 @@ def test_ensemble_folder_predicts_evaluates_and_its_onnx_agrees(
     shipped = next(c for c in summary["candidates"] if c["shipped"])
     assert ev["images"] == 15 and ev["accuracy"] == pytest.approx(shipped["heldout_accuracy"], abs=1e-6)
     assert sum(map(sum, ev["confusion_matrix"])) == 15 and set(ev["per_class"]) == set(CLASSES)
+
+
+# ----- the command ---------------------------------------------------------------------------------
+
+
+def _study(tmp_path: Path, data: Path, pool: list[PoolTrial], name: str = "ens") -> None:
+    import optuna
+
+    from search.data import scan_dataset
+
+    index = scan_dataset(data)
+    (tmp_path / "studies").mkdir(exist_ok=True)
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{tmp_path / 'studies' / f'{name}.db'}",
+                                direction="maximize")
+    for key, value in {"dataset": index.source, "dataset_fingerprint": index.fingerprint,
+                       "class_names": list(index.classes), "split_spec": index.split_spec.to_dict(),
+                       "settings": {"metric": "val_acc"}}.items():
+        study.set_user_attr(key, value)
+    dist = {"backbone": optuna.distributions.CategoricalDistribution(["resnet18", "mobilenet_v3_small"])}
+    for i, t in enumerate(pool):
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE, value=0.5 + 0.01 * i, params={"backbone": t.config.backbone},
+            distributions=dist, user_attrs={"config": t.config.to_dict(), "checkpoint": t.checkpoint},
+        ))
+    study.add_trial(optuna.trial.create_trial(  # removed by the checkpoint bound: not in the pool
+        state=optuna.trial.TrialState.COMPLETE, value=0.99, params={"backbone": "resnet18"}, distributions=dist,
+        user_attrs={"config": _config().to_dict(), "checkpoint": None, "checkpoint_removed": True},
+    ))
+
+
+def test_tlsearch_ensemble_evaluate_and_predict(pool: list[PoolTrial], data: Path, tmp_path: Path, cache: str,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from search.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _study(tmp_path, data, pool[:2] + pool[3:])
+    assert main(["ensemble", "ens", "--max-members", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "held out: test/, 15 images" in out and "shipped (*)" in out
+    assert "soup resnet18" in out and "ensemble + flip TTA" in out
+    model = tmp_path / "models" / "ens-ensemble"
+    assert json.loads((model / "model.json").read_text())["study"] == "ens"
+    assert main(["evaluate", str(model), str(data), "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["images"] == 15 and len(ev["confusion_matrix"]) == 3
+    image = str(next((data / "test" / "circle").iterdir()))
+    assert main(["predict", str(model), image]) == 0
+    assert capsys.readouterr().out.startswith(image)
+    # Bad input: one line, exit 2.
+    assert main(["ensemble", "ens", "--max-latency-ms", "0.000001"]) == 2
+    assert "no candidate runs within --max-latency-ms" in capsys.readouterr().err
+    assert main(["evaluate", str(model), str(tmp_path / "nowhere")]) == 2
+    _study(tmp_path, data, [], name="empty")
+    assert main(["ensemble", "empty"]) == 2
+    assert "no COMPLETE trial with a kept checkpoint" in capsys.readouterr().err
+
+
+def test_evaluate_needs_a_test_split(pool: list[PoolTrial], tmp_path: Path, tiny_dataset: Path, cache: str) -> None:
+    from search.config import TLSearchError
+    from search.ensemble import evaluate_model
+
+    index = scan_dataset(tiny_dataset)
+    ensemble_pool(pool[:1], index, max_members=1, out=tmp_path / "m")
+    with pytest.raises(TLSearchError, match="has no test split"):
+        evaluate_model(tmp_path / "m", tiny_dataset)

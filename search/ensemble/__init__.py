@@ -10,6 +10,7 @@ kept trials, chosen on validation, scored on data no choice saw; and `evaluate` 
 - `_choose.py`: the selection procedure over a set of validation rows.
 - `_build.py`: `build_ensemble` (a study) and `ensemble_pool` (a pool and a dataset).
 - `_evaluate.py`: `evaluate_model`, a model folder on a dataset's test split.
+- `_format.py`: the terminal text of both.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from search.ensemble._build import DEFAULT_MAX_MEMBERS, build_ensemble, ensemble_pool, kept_trials
 from search.ensemble._choose import Candidate, choose
 from search.ensemble._evaluate import evaluate_model
+from search.ensemble._format import format_ensemble, format_evaluation
 from search.ensemble._module import EnsembleNet, MemberNet, MemberSpec, load_ensemble, save_ensemble
 from search.ensemble._predict import PoolTrial, Predictions
 from search.ensemble._select import (
@@ -50,6 +52,8 @@ __all__ = [
     "ensemble_pool",
     "evaluate_model",
     "expected_calibration_error",
+    "format_ensemble",
+    "format_evaluation",
     "fit_temperature",
     "greedy_selection",
     "greedy_soup",

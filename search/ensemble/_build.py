@@ -248,7 +248,8 @@ def _crossfit_scores(preds: Predictions, final: Sequence[Candidate], metric: str
     return {
         "about": {"kind": "cross-fitted", "images": n, "optimistic": True,
                   "note": "no test/: choices made on one half of validation, scored on the other, and the "
-                          "reverse; optimistic, since the search chose its trials on this validation set"},
+                          "reverse; optimistic, since the search chose its trials on this validation set; each row scores "
+                          "its rule (best single, soup, ...), which may pick other trials on each half"},
         "candidates": cands,
         "shipped_score": score(ship_probs[1], y, metric),
         "reliability": {"before": reliability_bins(ship_probs[0], y), "after": reliability_bins(ship_probs[1], y)},

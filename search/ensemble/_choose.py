@@ -92,9 +92,14 @@ def _calibrated(preds: Predictions, c: Candidate, rows: torch.Tensor, metric: st
 def shipped(candidates: Sequence[Candidate], latency: Callable[[Candidate], float], *,
             max_latency_ms: float | None) -> Candidate:
     """The candidate to ship: best val score within the latency budget (`pick_shipped`)."""
+    from search.config import TLSearchError
+
     by_name = {c.name: c for c in candidates}
-    choice = pick_shipped([Choice(c.name, c.val_score, latency(c), c.order) for c in candidates],
-                          max_latency_ms=max_latency_ms)
+    try:
+        choice = pick_shipped([Choice(c.name, c.val_score, latency(c), c.order) for c in candidates],
+                              max_latency_ms=max_latency_ms)
+    except ValueError as e:  # nothing fits the user's budget: bad input, one line
+        raise TLSearchError(str(e)) from None
     return by_name[choice.name]
 
 
