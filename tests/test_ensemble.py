@@ -353,3 +353,18 @@ def test_evaluate_needs_a_test_split(pool: list[PoolTrial], tmp_path: Path, tiny
     ensemble_pool(pool[:1], index, max_members=1, out=tmp_path / "m")
     with pytest.raises(TLSearchError, match="has no test split"):
         evaluate_model(tmp_path / "m", tiny_dataset)
+
+
+def test_a_member_sees_the_images_as_its_trial_did(data: Path, tmp_path: Path, cache: str) -> None:
+    """The logits a trial kept equal the ensemble's own forward pass: same decode, crop, normalisation."""
+    from search.model_io import load_val_logits
+    from search.trial import fine_tune
+
+    index = scan_dataset(data)
+    cfg = _config("mobilenet_v3_small", freeze_depth=2)
+    ckpt = tmp_path / "trial-0.pt"
+    fine_tune(cfg, index, checkpoint_path=str(ckpt), cache_dir=cache, threads=1)
+    preds = Predictions([PoolTrial(0, cfg, str(ckpt))], index, device=torch.device("cpu"), cache_dir=cache)
+    kept = load_val_logits(ckpt)[0]
+    del preds._logits[("trial 0", "val", False)]  # computed again, through the member's own preprocessing
+    assert torch.allclose(preds.logits("trial 0", "val"), kept, atol=1e-3)
