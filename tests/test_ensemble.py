@@ -361,10 +361,11 @@ def test_a_member_sees_the_images_as_its_trial_did(data: Path, tmp_path: Path, c
     from search.trial import fine_tune
 
     index = scan_dataset(data)
-    cfg = _config("mobilenet_v3_small", freeze_depth=2)
+    cfg = _config("resnet18", freeze_depth=2)  # random mobilenet_v3_small logits hardly depend on the image
     ckpt = tmp_path / "trial-0.pt"
     fine_tune(cfg, index, checkpoint_path=str(ckpt), cache_dir=cache, threads=1)
     preds = Predictions([PoolTrial(0, cfg, str(ckpt))], index, device=torch.device("cpu"), cache_dir=cache)
     kept = load_val_logits(ckpt)[0]
     del preds._logits[("trial 0", "val", False)]  # computed again, through the member's own preprocessing
+    assert (kept - kept.mean(0)).abs().max() > 0.05  # they do depend on the image
     assert torch.allclose(preds.logits("trial 0", "val"), kept, atol=1e-3)
