@@ -265,8 +265,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 def cmd_ensemble(a: argparse.Namespace) -> int:
     from search.config import check_study_name
-    from search.ensemble import build_ensemble
-    from search.ensemble import format_ensemble
+    from search.ensemble import build_ensemble, format_ensemble
 
     check_study_name(a.name)
     summary = build_ensemble(a.name, max_members=a.max_members, max_latency_ms=a.max_latency_ms, out=a.out,
@@ -280,8 +279,7 @@ def cmd_ensemble(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from search.ensemble import evaluate_model
-    from search.ensemble import format_evaluation
+    from search.ensemble import evaluate_model, format_evaluation
 
     result = evaluate_model(a.model, a.data)
     if a.json:

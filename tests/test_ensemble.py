@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_image_folder
+
 from search.backbones import build_backbone
 from search.config import TrialConfig
 from search.data import scan_dataset

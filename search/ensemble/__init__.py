@@ -15,11 +15,22 @@ kept trials, chosen on validation, scored on data no choice saw; and `evaluate` 
 
 from __future__ import annotations
 
-from search.ensemble._build import DEFAULT_MAX_MEMBERS, build_ensemble, ensemble_pool, kept_trials
+from search.ensemble._build import (
+    DEFAULT_MAX_MEMBERS,
+    build_ensemble,
+    ensemble_pool,
+    kept_trials,
+)
 from search.ensemble._choose import Candidate, choose
 from search.ensemble._evaluate import evaluate_model
 from search.ensemble._format import format_ensemble, format_evaluation
-from search.ensemble._module import EnsembleNet, MemberNet, MemberSpec, load_ensemble, save_ensemble
+from search.ensemble._module import (
+    EnsembleNet,
+    MemberNet,
+    MemberSpec,
+    load_ensemble,
+    save_ensemble,
+)
 from search.ensemble._predict import PoolTrial, Predictions
 from search.ensemble._select import (
     METRICS,
@@ -33,7 +44,11 @@ from search.ensemble._select import (
     reliability_bins,
     score,
 )
-from search.ensemble._soup import average_state_dicts, batchnorm_differs, recompute_batchnorm
+from search.ensemble._soup import (
+    average_state_dicts,
+    batchnorm_differs,
+    recompute_batchnorm,
+)
 
 __all__ = [
     "DEFAULT_MAX_MEMBERS",
@@ -52,9 +67,9 @@ __all__ = [
     "ensemble_pool",
     "evaluate_model",
     "expected_calibration_error",
+    "fit_temperature",
     "format_ensemble",
     "format_evaluation",
-    "fit_temperature",
     "greedy_selection",
     "greedy_soup",
     "halves",

@@ -8,8 +8,9 @@ whole procedure runs on one half of validation and is scored on the other, and t
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -68,7 +69,7 @@ def build_ensemble(
     from search.trial import training_index
 
     study = load_study(name, storage=storage, studies_dir=studies_dir)
-    metric, maximize = objective_of(study)
+    metric, _ = objective_of(study)
     pool = kept_trials(study)
     if not pool:
         raise TLSearchError(f"study {name!r} has no COMPLETE trial with a kept checkpoint; nothing to ensemble")
@@ -89,7 +90,7 @@ def build_ensemble(
     return {"study": name, **summary}
 
 
-def kept_trials(study: "optuna.Study") -> list[PoolTrial]:
+def kept_trials(study: optuna.Study) -> list[PoolTrial]:
     """The study's COMPLETE trials whose checkpoint is still on disk, best first (the pool)."""
     from search.disk import removed_on_study
     from search.studies import TrialRecord, is_finite, objective_of

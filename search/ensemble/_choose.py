@@ -7,8 +7,8 @@ the shipped model; run on one half it is scored on the other (cross-fitting).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from search.config import TLSearchError
 from search.ensemble._select import classification_summary
 
 

@@ -11,9 +11,10 @@ its argmax the prediction, so `tlsearch predict` needs nothing new.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ class MemberSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MemberSpec":
+    def from_dict(cls, d: dict[str, Any]) -> MemberSpec:
         return cls(name=str(d["name"]), trials=tuple(int(t) for t in d["trials"]), backbone=str(d["backbone"]),
                    dropout=float(d.get("dropout", 0.0)), image_size=int(d["image_size"]),
                    resize_size=int(d["resize_size"]), mean=tuple(map(float, d["mean"])),
@@ -127,9 +128,9 @@ def save_ensemble(net: EnsembleNet, specs: Sequence[MemberSpec], out_dir: str | 
     Returns:
         The folder.
     """
-    from search.model_io import _export_graphs, library_versions
-
     import warnings
+
+    from search.model_io import _export_graphs, library_versions
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

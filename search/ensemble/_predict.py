@@ -8,14 +8,19 @@ when the trial decoded at that same size; everything else is one forward pass, c
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from search.config import TrialConfig
 from search.ensemble._module import EnsembleNet, MemberNet, MemberSpec, build_member
-from search.ensemble._soup import average_state_dicts, batchnorm_differs, recompute_batchnorm
+from search.ensemble._soup import (
+    average_state_dicts,
+    batchnorm_differs,
+    recompute_batchnorm,
+)
 
 if TYPE_CHECKING:
     from search.data import DatasetIndex

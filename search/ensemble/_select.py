@@ -9,8 +9,8 @@ so a choice made on validation (or on half of it) cannot see held-out labels.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,7 @@ def classification_summary(probs: torch.Tensor, labels: torch.Tensor, class_name
         for i, name in enumerate(class_names)
     }
     return {
-        "images": int(len(labels)),
+        "images": len(labels),
         "accuracy": score(probs, labels, "val_acc"),
         "balanced_accuracy": score(probs, labels, "val_balanced_acc"),
         "macro_f1": score(probs, labels, "val_macro_f1"),
