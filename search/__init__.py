@@ -26,6 +26,8 @@ _LAZY = {
     "predict": "search.export",
     "scan_dataset": "search.data",
     "list_backbones": "search.backbones",
+    "build_ensemble": "search.ensemble",
+    "evaluate_model": "search.ensemble",
 }
 
 __all__ = ["ConfigError", "SearchSettings", "TLSearchError", "TrialConfig", "__version__", *_LAZY]

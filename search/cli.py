@@ -124,6 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--top", type=int, default=1)
     c.add_argument("--json", action="store_true")
 
+    c = sub.add_parser("ensemble", help="soups, ensembles, flip TTA and temperature over a study's kept trials; "
+                                        "chosen on validation, scored on held-out data; writes the shipped model")
+    c.add_argument("name", metavar="NAME")
+    c.add_argument("--max-members", type=int, default=5, metavar="K",
+                   help="greedy ensemble selection steps, members counted with repetition (default 5)")
+    c.add_argument("--max-latency-ms", type=float, default=None, metavar="X",
+                   help="ship only a candidate at most this slow (batch 1, this machine)")
+    c.add_argument("--out", default=None, help="model folder (default models/NAME-ensemble)")
+    c.add_argument("--data", default=None, help="the dataset, when not where the study recorded it")
+    c.add_argument("--allow-changed-data", action="store_true",
+                   help="go on when DATA is not the dataset the study searched")
+    c.add_argument("--storage", default=None)
+    c.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("evaluate", help="score a saved model on DATA's test split: accuracy, balanced accuracy, "
+                                        "per-class recall, confusion matrix")
+    c.add_argument("model", metavar="MODEL")
+    c.add_argument("data", metavar="DATA")
+    c.add_argument("--json", action="store_true")
+
     c = sub.add_parser("check", help="validate a dataset and print what was found: counts, imbalance, "
                                      "image sizes and modes, duplicates across splits, bad files")
     c.add_argument("data", metavar="DATA", help="dataset folder, or a CSV/TSV of path,label[,split]")
@@ -248,6 +268,32 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return EXIT_FAILED if any("error" in r for r in rows) else EXIT_OK
 
 
+def cmd_ensemble(a: argparse.Namespace) -> int:
+    from search.config import check_study_name
+    from search.ensemble import build_ensemble, format_ensemble
+
+    check_study_name(a.name)
+    summary = build_ensemble(a.name, max_members=a.max_members, max_latency_ms=a.max_latency_ms, out=a.out,
+                             data=a.data, storage=a.storage, allow_changed_data=a.allow_changed_data,
+                             progress=not a.json)
+    if a.json:
+        _print_json(summary)
+    else:
+        print(format_ensemble(summary))
+    return EXIT_OK
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from search.ensemble import evaluate_model, format_evaluation
+
+    result = evaluate_model(a.model, a.data)
+    if a.json:
+        _print_json(result)
+    else:
+        print(format_evaluation(result))
+    return EXIT_OK
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from search.outputs import after_search
     from search.runner import run_search
@@ -360,6 +406,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train,
     "predict": cmd_predict,
     "check": cmd_check,
+    "ensemble": cmd_ensemble,
+    "evaluate": cmd_evaluate,
     "backbones": cmd_backbones,
     "cache": cmd_cache,
 }

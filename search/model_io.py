@@ -49,6 +49,44 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     atomic_save(path, model.state_dict())
 
 
+def logits_path(checkpoint_path: str | os.PathLike) -> Path:
+    """Where a trial's validation logits live: beside its checkpoint (`trial-3.pt` ->
+    `trial-3.val-logits.pt`), so the checkpoint bound keeps or removes both together."""
+    p = Path(checkpoint_path)
+    return p.with_name(f"{p.stem}.val-logits{p.suffix or '.pt'}")
+
+
+def save_val_logits(logits: torch.Tensor, labels: torch.Tensor, checkpoint_path: str | os.PathLike) -> Path:
+    """Saves a trial's validation logits (N x classes, float32) and labels beside its checkpoint.
+
+    Args:
+        logits: the model's outputs on the validation images, in the index's val order.
+        labels: the true class of each row.
+        checkpoint_path: the trial's checkpoint; the file goes to `logits_path(checkpoint_path)`.
+
+    Returns:
+        The file written.
+    """
+    path = logits_path(checkpoint_path)
+    atomic_save(path, {"logits": logits.detach().float().cpu(), "labels": labels.detach().long().cpu()})
+    return path
+
+
+def load_val_logits(checkpoint_path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (logits, labels) saved beside a checkpoint; None when there is no such file (older
+    trials) or it cannot be read (then the caller computes them again)."""
+    import torch
+
+    path = logits_path(checkpoint_path)
+    if not path.is_file():
+        return None
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        return d["logits"].float(), d["labels"].long()
+    except Exception:
+        return None
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Loads a state_dict with `weights_only=True`: a pickled payload is refused, never run."""
     import torch
@@ -123,7 +161,8 @@ def _export_graphs(model: nn.Module, example: torch.Tensor, out: Path) -> list[s
 
 
 def load_model(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Loads a model folder written by `save_model` (weights with `weights_only=True`).
+    """Loads a model folder written by `save_model`, or by `tlsearch ensemble` (weights with
+    `weights_only=True`).
 
     Returns:
         (model in eval mode, model.json contents).
@@ -135,6 +174,10 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if not (folder / "model.pt").is_file() or not (folder / "model.json").is_file():
         raise TLSearchError(f"{folder} is not a model folder (needs model.pt and model.json; see tlsearch train)")
     meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    if meta.get("kind") == "ensemble":  # written by `tlsearch ensemble`: members, averaging, temperature
+        from search.ensemble import load_ensemble
+
+        return load_ensemble(folder, meta), meta
     config = load_trial_config(folder / "config.yaml")
     bb = build_backbone(config.backbone, len(meta["class_names"]), pretrained=False, dropout=config.dropout)
     state = load_checkpoint(folder / "model.pt")

@@ -266,3 +266,19 @@ def test_keep_checkpoints_is_validated(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["run", str(tmp_path), "--study", "s", "--keep-checkpoints", "-1"]) == 2
     err = capsys.readouterr().err
     assert "keep_checkpoints must be between 0 and 1000000, got -1" in err and err.count("\n") == 1
+
+
+def test_pruning_a_checkpoint_removes_its_validation_logits_too(tmp_path: Path) -> None:
+    study = optuna.create_study(direction="maximize")
+    for i, value in enumerate([0.9, 0.5]):
+        (tmp_path / f"trial-{i}.pt").write_bytes(b"x" * 10)
+        (tmp_path / f"trial-{i}.val-logits.pt").write_bytes(b"y" * 10)
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE, value=value, params={"backbone": "r18"},
+            distributions={"backbone": optuna.distributions.CategoricalDistribution(["r18"])},
+            user_attrs={"checkpoint": str(tmp_path / f"trial-{i}.pt")},
+        ))
+    assert disk.prune_study_checkpoints(study, keep=1)[0] == [1]
+    assert (tmp_path / "trial-0.pt").exists() and (tmp_path / "trial-0.val-logits.pt").exists()
+    assert not (tmp_path / "trial-1.pt").exists() and not (tmp_path / "trial-1.val-logits.pt").exists()
+    assert disk.remove_checkpoint(tmp_path / "trial-0.pt") == 20

@@ -139,3 +139,19 @@ def test_train_refuses_a_freeze_depth_the_backbone_lacks(tiny_dataset: Path, tmp
     # Refused before any work: before the dataset is even looked at.
     with pytest.raises(ConfigError, match=r"between 0 and 5 for resnet18, got 99"):
         train(TrialConfig(**TINY, freeze_depth=99), tmp_path / "no-such-dataset", progress=False)
+
+
+def test_a_complete_trial_keeps_its_validation_logits_beside_its_checkpoint(tiny_dataset: Path, tmp_path: Path) -> None:
+    from search.model_io import load_val_logits, logits_path
+
+    index = scan_dataset(tiny_dataset)
+    ckpt = tmp_path / "ckpt" / "trial-0.pt"
+    seen: list[dict] = []
+    fine_tune(TrialConfig(**TINY, freeze_depth=2), index, report=seen.append,
+              cache_dir=str(tmp_path / "cache"), checkpoint_path=str(ckpt))
+    assert logits_path(ckpt) == tmp_path / "ckpt" / "trial-0.val-logits.pt"
+    logits, labels = load_val_logits(ckpt)
+    assert logits.shape == (len(index.val), len(index.classes))
+    assert labels.tolist() == [y for _, y in index.val]
+    # The same predictions the last epoch was scored with.
+    assert (logits.argmax(1) == labels).float().mean().item() == pytest.approx(seen[-1]["val_acc"])

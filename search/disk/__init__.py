@@ -22,6 +22,7 @@ from search.disk._checkpoints import (  # noqa: F401
     checkpoint_trials,
     checkpoints_to_remove,
     prune_study_checkpoints,
+    remove_checkpoint,
     remove_file,
     removed_on_study,
 )

@@ -128,6 +128,15 @@ def remove_file(path: str | os.PathLike[str] | None) -> int:
     return size
 
 
+def remove_checkpoint(path: str | os.PathLike[str] | None) -> int:
+    """Removes a trial's checkpoint and the validation logits kept beside it; returns bytes freed."""
+    if not path:
+        return 0
+    from search.model_io import logits_path  # torch-free: model_io imports torch inside its functions
+
+    return remove_file(path) + remove_file(logits_path(path))
+
+
 def prune_study_checkpoints(study: "optuna.Study", *, keep: int,
                             ending: CheckpointTrial | None = None) -> tuple[list[int], bool]:
     """Removes the checkpoints of the study's finished trials that the rule no longer keeps.
@@ -158,7 +167,7 @@ def prune_study_checkpoints(study: "optuna.Study", *, keep: int,
     removed = []
     for t in frozen:
         if t.number in doomed and (ending is None or t.number != ending.number):
-            remove_file(t.user_attrs.get("checkpoint"))
+            remove_checkpoint(t.user_attrs.get("checkpoint"))
             with contextlib.suppress(Exception):  # a storage hiccup: the next trial's end retries
                 study.set_user_attr(f"{REMOVED_KEY}{t.number}", True)
                 removed.append(t.number)

@@ -440,7 +440,7 @@ class HonestOptunaSearch(OptunaSearch):
         try:
             _, own = disk.prune_study_checkpoints(self._ot_study, keep=self._keep_checkpoints, ending=ending)
             if own:
-                disk.remove_file(final.get("checkpoint"))
+                disk.remove_checkpoint(final.get("checkpoint"))
                 ot_trial.set_user_attr("checkpoint", None)
                 ot_trial.set_user_attr("checkpoint_removed", True)
         except Exception as e:  # disk space is not worth a trial: the next trial's end tries again

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from search.config import TrialConfig
-from search.model_io import save_checkpoint
+from search.model_io import save_checkpoint, save_val_logits
 
 if TYPE_CHECKING:
     from search.backbones import Backbone
@@ -179,6 +179,11 @@ def fine_tune(
             # The last epoch's weights, like the study value and the confusion matrix: a trial
             # stopped after this epoch is described by this epoch everywhere.
             save_checkpoint(model, checkpoint_path)
+            if epoch == config.epochs:
+                # A trial that ran its whole budget may join a soup or an ensemble: its validation
+                # logits let `tlsearch ensemble` choose without running it again.
+                logits, labels = collect_logits(plan.eval_module(model), val_loader, device=dev)
+                save_val_logits(logits, labels, checkpoint_path)
         metrics = {
             "epoch": epoch,
             "val_acc": val["val_acc"],
@@ -344,6 +349,21 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         "val_balanced_acc": per_class[present].mean().item() if present.any() else 0.0,
         "confusion_matrix": confusion.tolist(),
     }
+
+
+@torch.no_grad()
+def collect_logits(model: nn.Module, loader: Iterable, *, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits (float32, on the CPU) and the labels over a loader, in its order."""
+    outs, ys = [], []
+    use_amp = device.type == "cuda"
+    for x, y in loader:
+        x, y = _to_device(x, y, device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            outs.append(model(x).float().cpu())
+        ys.append(y.cpu())
+    if not outs:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(outs), torch.cat(ys)
 
 
 OPTIMIZER_BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {

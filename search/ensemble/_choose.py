@@ -1,0 +1,109 @@
+"""The selection procedure over one set of validation rows: best single trial, a greedy soup per
+backbone, a greedy ensemble across backbones, each with and without flip TTA, a temperature each,
+and the candidate to ship. It reads the labels of `rows` only: run on all of validation it makes
+the shipped model; run on one half it is scored on the other (cross-fitting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from search.ensemble._predict import Predictions
+from search.ensemble._select import (
+    Choice,
+    fit_temperature,
+    greedy_selection,
+    greedy_soup,
+    pick_shipped,
+    score,
+)
+
+# Order of the kinds when scores tie: the simpler one ships.
+KIND_ORDER = {"single": 0, "soup": 1, "ensemble": 2}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A model the procedure may ship: members with weights, TTA or not, a temperature."""
+
+    name: str  # "best single", "soup resnet18", "ensemble", each maybe "+ flip TTA"
+    kind: str  # single | soup | ensemble
+    members: tuple[tuple[str, float], ...]  # (member key, weight); weights count repeated picks
+    tta: bool = False  # average over the image and its mirror image
+    temperature: float = 1.0  # fitted on the rows the choices were made on
+    val_score: float = 0.0  # the metric on those rows
+
+    @property
+    def order(self) -> int:
+        return 2 * KIND_ORDER[self.kind] + int(self.tta)
+
+
+def choose(preds: Predictions, rows: torch.Tensor, *, metric: str, max_members: int) -> list[Candidate]:
+    """Every candidate, its members, TTA and temperature chosen on the val `rows` only.
+
+    Args:
+        preds: the members' predictions.
+        rows: indices of the validation images the choices may look at.
+        metric: what the choices maximise (`search.ensemble.METRICS`).
+        max_members: greedy ensemble selection steps.
+
+    Returns:
+        The candidates, simplest first.
+    """
+    y = preds.labels["val"][rows]
+
+    def member_score(key: str) -> float:
+        return score(preds.probs(key, "val")[rows], y, metric)
+
+    numbers = sorted(preds.trials, key=lambda n: (-member_score(preds.trial_key(n)), n))
+    singles = [preds.trial_key(n) for n in numbers]
+    out = [Candidate("best single", "single", ((singles[0], 1.0),))]
+    soups = []
+    for backbone in dict.fromkeys(preds.trials[n].config.backbone for n in numbers):
+        ingredients = [n for n in numbers if preds.trials[n].config.backbone == backbone]
+        if len(ingredients) < 2:
+            continue  # a soup of one is that trial
+        soup = greedy_soup(ingredients, lambda ts: member_score(preds.soup_key(ts)))
+        key = preds.soup_key(soup)
+        out.append(Candidate(f"soup {backbone}", "soup", ((key, 1.0),)))
+        soups.append(key)
+    pool = singles + [k for k in soups if k not in singles]
+    picked = greedy_selection([preds.probs(k, "val")[rows] for k in pool], y, max_members=max_members,
+                              metric=metric)
+    counts: dict[str, float] = {}
+    for i in picked:
+        counts[pool[i]] = counts.get(pool[i], 0.0) + 1.0
+    out.append(Candidate("ensemble", "ensemble", tuple(counts.items())))
+    out += [dataclasses.replace(c, name=f"{c.name} + flip TTA", tta=True) for c in out]
+    return [_calibrated(preds, c, rows, metric) for c in out]
+
+
+def _calibrated(preds: Predictions, c: Candidate, rows: torch.Tensor, metric: str) -> Candidate:
+    y = preds.labels["val"][rows]
+    out = preds.output(c.members, "val", tta=c.tta)[rows]
+    t = fit_temperature(out, y)
+    return dataclasses.replace(c, temperature=t, val_score=score((out / t).softmax(1), y, metric))
+
+
+def shipped(candidates: Sequence[Candidate], latency: Callable[[Candidate], float], *,
+            max_latency_ms: float | None) -> Candidate:
+    """The candidate to ship: best val score within the latency budget (`pick_shipped`)."""
+    from search.config import TLSearchError
+
+    by_name = {c.name: c for c in candidates}
+    try:
+        choice = pick_shipped([Choice(c.name, c.val_score, latency(c), c.order) for c in candidates],
+                              max_latency_ms=max_latency_ms)
+    except ValueError as e:  # nothing fits the user's budget: bad input, one line
+        raise TLSearchError(str(e)) from None
+    return by_name[choice.name]
+
+
+def heldout_probs(preds: Predictions, c: Candidate, split: str, *, calibrated: bool = True) -> torch.Tensor:
+    """A candidate's probabilities on every image of `split`, with its temperature (or without)."""
+    out = preds.output(c.members, split, tta=c.tta)
+    return (out / (c.temperature if calibrated else 1.0)).softmax(1)
