@@ -40,7 +40,8 @@ from search.runner._progress import ProgressView, ReportRefresher
 from search.runner._search import HonestOptunaSearch, PruneTrackingASHA, make_sampler
 from search.runner._trainable import TrialFn, _trainable
 from search.settings import SearchSettings
-from search.space import SearchSpace
+from search.imbalance import class_counts
+from search.space import SearchSpace, for_dataset
 from search.studies import (
     best_trial,
 )
@@ -78,9 +79,13 @@ def run_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our live view says what matters
     if space is not None:
         settings = settings.replace(space=space)
+    default = settings.space is None
     settings = settings.resolve()
     space = settings.space
     index = preflight(settings, space)
+    if default:  # the default space searches imbalance handling where the training split needs it
+        settings = settings.replace(space=for_dataset(space, class_counts([y for _, y in index.train], len(index.classes))))
+        space = settings.space
     storage = studies.get_storage(settings.storage_url)
     study, created = _open_study(settings, storage, index, space)
     if settings.warm_start and created:
