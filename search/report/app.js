@@ -87,6 +87,30 @@
   filterRows();
   window.tlsearch = {sortTable: function (col, dir) { state.sort = col; state.dir = dir || "desc"; sortRows(); writeHash(); }};
 
+  // ---- other tables (per-class results): click a header to sort, no state in the URL ---------
+  Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), function (t) {
+    var cols = Array.prototype.slice.call(t.tHead.rows[0].cells);
+    cols.forEach(function (th, i) {
+      function activate() {
+        var dir = th.getAttribute("aria-sort") === "descending" ? "ascending" : "descending";
+        cols.forEach(function (h) { h.removeAttribute("aria-sort"); });
+        th.setAttribute("aria-sort", dir);
+        var sign = dir === "ascending" ? 1 : -1;
+        var rows = Array.prototype.slice.call(t.tBodies[0].rows);
+        rows.sort(function (ra, rb) {
+          var a = ra.cells[i], b = rb.cells[i];
+          var va = a.getAttribute("data-v"), vb = b.getAttribute("data-v");
+          if (va === "" || vb === "") return (va === "") - (vb === "");
+          var numeric = a.getAttribute("data-t") === "n" && b.getAttribute("data-t") === "n";
+          return sign * compare(va, vb, numeric);
+        });
+        rows.forEach(function (r) { t.tBodies[0].appendChild(r); });
+      }
+      th.addEventListener("click", activate);
+      th.addEventListener("keydown", function (e) { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); activate(); } });
+    });
+  });
+
   // ---- figures -----------------------------------------------------------------------------
   var payload = JSON.parse(document.getElementById("tl-figures").textContent);
   var ids = Object.keys(payload.figures);
