@@ -157,7 +157,8 @@ def _cached_loaders(
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, DataLoader]:
     """Loaders over `module`'s cached output for each named split ("train" shuffled with the
-    trial's seed or drawn class-balanced, "val" in order); depth: the freeze boundary `module` ends at, None: the body."""
+    trial's seed or drawn class-balanced, "val" in order); depth: the freeze boundary `module`
+    ends at, None: the body."""
     from search.data import default_cache_dir
     from search.imbalance import shuffling
 

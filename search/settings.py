@@ -78,9 +78,8 @@ class SearchSettings:
         if self.mode not in ("max", "min"):
             raise ConfigError(f"mode must be 'max' or 'min', got {self.mode!r}")
         if self.mode != mode_of(self.metric):
-            raise ConfigError(
-                f"mode {self.mode!r} does not fit metric {self.metric}, which is {'maximised' if mode_of(self.metric) == 'max' else 'minimised'}"
-            )
+            way = "maximised" if mode_of(self.metric) == "max" else "minimised"
+            raise ConfigError(f"mode {self.mode!r} does not fit metric {self.metric}, which is {way}")
         if self.max_concurrent is not None:
             _check_range("max_concurrent", self.max_concurrent, 1, 100_000)
         if self.time_budget_s is not None:

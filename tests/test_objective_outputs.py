@@ -75,7 +75,8 @@ def test_show_json_and_export_carry_the_best_trials_per_class_table(tmp_path: Pa
 
     record = yaml.safe_load(path.read_text())
     assert record["trial"] == 1 and record["metric"] == "val_macro_f1"
-    assert record["metrics"]["val_macro_f1"] == pytest.approx(0.80) and record["metrics"]["val_acc"] == pytest.approx(0.85)
+    assert record["metrics"]["val_macro_f1"] == pytest.approx(0.80)
+    assert record["metrics"]["val_acc"] == pytest.approx(0.85)
 
 
 def test_report_writes_per_class_csv_and_a_sortable_table_beside_the_confusion_matrix(tmp_path: Path) -> None:
@@ -105,3 +106,16 @@ def test_report_without_a_best_trial_writes_an_empty_per_class_csv(tmp_path: Pat
     study = optuna.create_study(study_name="empty", storage=get_storage(f"sqlite:///{tmp_path / 'e.db'}"))
     report.write_report(study, out_dir=tmp_path / "out")
     assert (tmp_path / "out" / "per_class.csv").read_text().strip() == "trial,class,precision,recall,f1,support"
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="needs Debian's chromium")
+def test_browser_sorts_the_per_class_table(tmp_path: Path) -> None:
+    from test_report import _chromium
+
+    page = report.write_report(make_study(tmp_path), out_dir=tmp_path / "out")
+    dom = _chromium(tmp_path, page.as_uri() + "#per-class.sort=recall&per-class.dir=asc", "--dump-dom")
+    table = re.search(r'<table id="per-class".*?</table>', dom, re.S).group(0)
+    order = re.findall(r'<tr><td data-v="([^"]*)"', table)
+    # Recalls of the best trial (#1): ants 0.9, bees 0.95, wasps 0.7.
+    assert order == ["&lt;wasps&gt;", "ants", "bees"], order
+    assert 'aria-sort="ascending"' in table

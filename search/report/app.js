@@ -87,12 +87,18 @@
   filterRows();
   window.tlsearch = {sortTable: function (col, dir) { state.sort = col; state.dir = dir || "desc"; sortRows(); writeHash(); }};
 
-  // ---- other tables (per-class results): click a header to sort, no state in the URL ---------
+  // ---- other tables (per-class results): click a header to sort; a link may give the first
+  // order as #<table id>.sort=COL&<table id>.dir=asc|desc (read once, on load) --------------------
   Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), function (t) {
     var cols = Array.prototype.slice.call(t.tHead.rows[0].cells);
+    var first = {};
+    location.hash.replace(/^#/, "").split("&").forEach(function (part) {
+      var kv = part.split("=");
+      if (kv.length === 2 && kv[0].indexOf(t.id + ".") === 0) first[kv[0].slice(t.id.length + 1)] = decodeURIComponent(kv[1]);
+    });
     cols.forEach(function (th, i) {
-      function activate() {
-        var dir = th.getAttribute("aria-sort") === "descending" ? "ascending" : "descending";
+      function activate(wanted) {
+        var dir = wanted || (th.getAttribute("aria-sort") === "descending" ? "ascending" : "descending");
         cols.forEach(function (h) { h.removeAttribute("aria-sort"); });
         th.setAttribute("aria-sort", dir);
         var sign = dir === "ascending" ? 1 : -1;
@@ -106,8 +112,9 @@
         });
         rows.forEach(function (r) { t.tBodies[0].appendChild(r); });
       }
-      th.addEventListener("click", activate);
+      th.addEventListener("click", function () { activate(); });
       th.addEventListener("keydown", function (e) { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); activate(); } });
+      if (first.sort === th.getAttribute("data-col")) activate(first.dir === "asc" ? "ascending" : "descending");
     });
   });
 

@@ -20,6 +20,7 @@ from ray.tune.search import ConcurrencyLimiter
 
 from search import studies
 from search.config import TLSearchError, check_study_name, default_cache_dir, dump_yaml
+from search.imbalance import class_counts
 from search.runner._cluster import (
     _ensure_ray,
     check_nodes_see_data,
@@ -40,7 +41,6 @@ from search.runner._progress import ProgressView, ReportRefresher
 from search.runner._search import HonestOptunaSearch, PruneTrackingASHA, make_sampler
 from search.runner._trainable import TrialFn, _trainable
 from search.settings import SearchSettings
-from search.imbalance import class_counts
 from search.space import SearchSpace, for_dataset
 from search.studies import (
     best_trial,
@@ -84,7 +84,8 @@ def run_search(
     space = settings.space
     index = preflight(settings, space)
     if default:  # the default space searches imbalance handling where the training split needs it
-        settings = settings.replace(space=for_dataset(space, class_counts([y for _, y in index.train], len(index.classes))))
+        counts = class_counts([label for _, label in index.train], len(index.classes))
+        settings = settings.replace(space=for_dataset(space, counts))
         space = settings.space
     storage = studies.get_storage(settings.storage_url)
     study, created = _open_study(settings, storage, index, space)

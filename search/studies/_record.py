@@ -50,7 +50,8 @@ class TrialRecord:
     val_loss: float | None = None  # last epoch's
     val_balanced_acc: float | None = None  # last epoch's
     val_macro_f1: float | None = None  # last epoch's
-    per_class: tuple[Mapping[str, Any], ...] = ()  # last epoch's precision/recall/f1/support per class (metrics.per_class_table)
+    # last epoch's precision, recall, f1 and support per class (metrics.per_class_table)
+    per_class: tuple[Mapping[str, Any], ...] = ()
     best_val_acc: float | None = None  # the best epoch's val_acc (labelled as such where shown)
     params_total: int | None = None  # parameters of the whole model
     params_trainable: int | None = None  # parameters that received gradients
