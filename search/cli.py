@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-cache", action="store_true", help="no image or feature cache")
     c.add_argument("--seed", type=int, default=None, help="sampler and data-split seed (default 0)")
     c.add_argument("--sampler", default=None, help="tpe (default) | random | cmaes | qmc")
+    c.add_argument("--metric", default=None,
+                   help="the objective trials are ranked by: val_acc (default) | val_balanced_acc | val_macro_f1 | "
+                        "val_loss (minimised)")
     c.add_argument("--val-fraction", type=float, default=None, help="validation share when DATA has no val/ (default 0.2)")
 
     c = sub.add_parser("resume", help="continue an interrupted search with its stored settings")
@@ -301,7 +304,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     from search.space import load_space
 
     # Options the user gave; the rest keep SearchSettings' defaults (written there, once).
-    options = {**_search_options(a), "seed": a.seed, "sampler": a.sampler, "val_fraction": a.val_fraction}
+    options = {**_search_options(a), "seed": a.seed, "sampler": a.sampler, "val_fraction": a.val_fraction,
+               "metric": a.metric}
     settings = SearchSettings(
         study=a.study,
         data=a.data,

@@ -39,6 +39,8 @@ FreezeDepth = Union[int, str]  # an int >= 0, or "all" for the backbone's number
 
 OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
 AUGMENTATIONS = ("none", "flip", "trivialaugment", "randaugment", "autoaugment", "augmix")
+# How the training loss weighs each class (search.imbalance computes the weights).
+LOSS_WEIGHTINGS = ("none", "inverse_frequency", "inverse_sqrt")
 
 # Keys `tlsearch export` adds "for the record". A TrialConfig ignores them, so an exported file
 # trains unchanged; `tlsearch train` reads `threads` and `split` (the study's split) itself.
@@ -90,6 +92,9 @@ class TrialConfig:
     # larger rate than pretrained features can take. 1.0: one rate for all, as before it existed.
     backbone_lr_mult: float = 1.0
     seed: int = 0
+    # Class imbalance; the defaults train as before these existed, so older config files retrain the same.
+    loss_weighting: str = "none"  # none | inverse_frequency | inverse_sqrt: class weights of the training loss
+    balanced_sampler: bool = False  # draw training images with replacement, every class equally often
 
     def __post_init__(self) -> None:
         _check_name("backbone", self.backbone)
@@ -99,6 +104,12 @@ class TrialConfig:
             )
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; available: {', '.join(OPTIMIZERS)}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ConfigError(
+                f"unknown loss_weighting {self.loss_weighting!r}; available: {', '.join(LOSS_WEIGHTINGS)}"
+            )
+        if not isinstance(self.balanced_sampler, bool):
+            raise ConfigError(f"balanced_sampler must be true or false, got {self.balanced_sampler!r}")
         fd = self.freeze_depth
         if isinstance(fd, bool) or not (fd == "all" or (isinstance(fd, int) and fd >= 0)):
             raise ConfigError(f"freeze_depth must be an integer >= 0 or 'all', got {fd!r}")

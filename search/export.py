@@ -39,7 +39,8 @@ def trial_record(study: Any, trial: Any) -> dict[str, Any]:
         raise TLSearchError(f"trial {trial.number} of study {study.study_name!r} has no stored config")
     metric, _ = objective_of(study)
     metrics = {metric: rec.value if rec.value is not None else rec.last_value}
-    for key in ("val_acc", "val_balanced_acc", "val_loss", "best_val_acc", "epochs_run", "params_total", "latency_ms"):
+    for key in ("val_acc", "val_balanced_acc", "val_macro_f1", "val_loss", "val_top5_acc", "best_val_acc", "epochs_run",
+                "params_total", "latency_ms"):
         if key in metrics:
             continue
         v = getattr(rec, key, None)

@@ -157,8 +157,10 @@ def _cached_loaders(
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, DataLoader]:
     """Loaders over `module`'s cached output for each named split ("train" shuffled with the
-    trial's seed, "val" in order); depth: the freeze boundary `module` ends at, None: the body."""
+    trial's seed or drawn class-balanced, "val" in order); depth: the freeze boundary `module`
+    ends at, None: the body."""
     from search.data import default_cache_dir
+    from search.imbalance import shuffling
 
     folder = Path(cache_dir or default_cache_dir()) / "features"
     was = bb.model.training
@@ -168,8 +170,8 @@ def _cached_loaders(
         feats, labels = cached_features(folder / f"{key}.pt", module, ds, device=device, dtype=dtype)
         data = TensorDataset(feats, labels)
         if split == "train":
-            loaders[split] = DataLoader(data, batch_size=config.batch_size, shuffle=True,
-                                        generator=torch.Generator().manual_seed(config.seed),
+            # Shuffled with the trial's seed, or drawn class-balanced (the same rule as for images).
+            loaders[split] = DataLoader(data, batch_size=config.batch_size, **shuffling(config, labels.tolist()),
                                         drop_last=len(data) > config.batch_size)
         else:
             loaders[split] = DataLoader(data, batch_size=max(val_batch, config.batch_size), shuffle=False)

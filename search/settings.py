@@ -20,6 +20,7 @@ from search.config import (
     default_cache_dir,
     default_storage_url,
 )
+from search.metrics import check_metric, mode_of
 from search.space import SearchSpace, default_space, with_finetune_priors
 
 
@@ -50,8 +51,8 @@ class SearchSettings:
     cache_dir: str | None = None  # image and feature caches; None: $TLSEARCH_CACHE or ~/.cache/tlsearch
     seed: int = 0
     sampler: str = "tpe"  # tpe | random | cmaes | qmc
-    metric: str = "val_acc"
-    mode: str = "max"  # max | min
+    metric: str = "val_acc"  # the objective: val_acc | val_balanced_acc | val_macro_f1 | val_loss (search.metrics)
+    mode: str | None = None  # max | min; None: the metric's own direction (val_loss is minimised)
     val_fraction: float = 0.2  # validation share when DATA has no val/ folder
     warm_start: bool = True  # a new study's first trial is the space's linear probe (SearchSpace.baseline)
     # With a time budget: no trial starts that cannot reach its last epoch in the time left, and one
@@ -82,8 +83,14 @@ class SearchSettings:
         _check_range("gpus_per_trial", self.gpus_per_trial, 0.0, 64)
         _check_range("val_fraction", self.val_fraction, 0.01, 0.9)
         _check_range("keep_checkpoints", self.keep_checkpoints, 0, 1_000_000)
+        check_metric(self.metric)
+        if self.mode is None:
+            object.__setattr__(self, "mode", mode_of(self.metric))
         if self.mode not in ("max", "min"):
             raise ConfigError(f"mode must be 'max' or 'min', got {self.mode!r}")
+        if self.mode != mode_of(self.metric):
+            way = "maximised" if mode_of(self.metric) == "max" else "minimised"
+            raise ConfigError(f"mode {self.mode!r} does not fit metric {self.metric}, which is {way}")
         if self.max_concurrent is not None:
             _check_range("max_concurrent", self.max_concurrent, 1, 100_000)
         if self.time_budget_s is not None:
@@ -131,7 +138,9 @@ class SearchSettings:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def replace(self, **changes: Any) -> "SearchSettings":
-        """Returns a copy with some fields changed (validated again)."""
+        """Returns a copy with some fields changed (validated again); a new metric brings its own mode."""
+        if "metric" in changes and "mode" not in changes:
+            changes["mode"] = None
         return dataclasses.replace(self, **changes)
 
     @property

@@ -511,6 +511,37 @@ def lr_warnings(space: SearchSpace, *, source: str = "search space") -> list[str
     ]
 
 
+# Searched on an imbalanced training split when the space does not set them itself (`for_dataset`).
+# Plain training comes first in each list: a warm-start trial (`SearchSpace.baseline`) takes it.
+IMBALANCE_DIMENSIONS: dict[str, list[Any]] = {
+    "loss_weighting": ["none", "inverse_sqrt", "inverse_frequency"],
+    "balanced_sampler": [False, True],
+}
+
+
+def for_dataset(space: SearchSpace, class_counts: list[int]) -> SearchSpace:
+    """The default space fitted to a dataset: imbalance handling searched where classes are lopsided.
+
+    When the training split's largest class has at least `imbalance.IMBALANCE_RATIO` times the
+    images of its smallest, loss weighting and the class-balanced sampler become search dimensions
+    (`IMBALANCE_DIMENSIONS`; a dimension the space already sets is kept as it is); otherwise the
+    space is returned unchanged, and neither costs the sampler a dimension.
+
+    Args:
+        space: the default space (a user's space is searched as written).
+        class_counts: training images per class.
+
+    Returns:
+        The space to search.
+    """
+    from search.imbalance import is_imbalanced
+
+    if not is_imbalanced(class_counts):
+        return space
+    missing = {k: v for k, v in IMBALANCE_DIMENSIONS.items() if k not in space.param_dict}
+    return SearchSpace.from_dict({**space.to_dict(), **missing}, source="default space") if missing else space
+
+
 def backbones_in(space: SearchSpace) -> list[str]:
     """The backbones a space can sample, in order."""
     p = space.param_dict.get("backbone")

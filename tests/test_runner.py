@@ -531,3 +531,48 @@ def test_a_trial_cut_by_the_budget_is_pruned_with_its_epochs_and_resume_continue
     assert len(cont) == 1 and cont[0].state == optuna.trial.TrialState.COMPLETE
     assert sorted(cont[0].intermediate_values) == list(range(1, 7)) and cont[0].params == t.params
     assert Path(cont[0].user_attrs["checkpoint"]).read_text() == "6"
+
+
+def f1_stub(config, index, *, report, checkpoint_path=None, **kwargs):
+    """A fake trial whose macro-F1 and accuracy disagree: the larger the lr, the higher the F1 and the lower val_acc."""
+    from search.metrics import per_class_table
+
+    f1 = min(0.95, 0.2 + 0.1 * math.log10(config.lr / 1e-5))
+    for epoch in range(1, config.epochs + 1):
+        m = epoch_metrics(epoch, 1.0 - f1, seconds=0.01, lr=config.lr)
+        confusion = [[8, 0], [3, 1]] if f1 < 0.5 else [[6, 2], [1, 3]]
+        m.update(val_macro_f1=f1 * (1 - 0.5**epoch), confusion_matrix=confusion,
+                 per_class=per_class_table(confusion, index.classes))
+        report(m)
+
+
+def test_metric_choice_ranks_records_and_imbalance_joins_the_default_space(tmp_path: Path, ray_session) -> None:
+    # 12 circles, 3 squares in train: the default space adds the imbalance dimensions.
+    data = make_image_folder(tmp_path / "data", classes=("circle", "square"), per_class=12)
+    for p in sorted((data / "train" / "square").iterdir())[3:]:
+        p.unlink()
+    s = _settings(tmp_path, data, "f1", trials=4, metric="val_macro_f1", seed=2, warm_start=False,
+                  max_epochs=2, grace_period=2)
+    assert s.mode == "max"
+    summary = run_search(s, trial_fn=f1_stub, progress=False)
+    st = _study(s)
+    assert st.metric_names == ["val_macro_f1"] and st.user_attrs["settings"]["metric"] == "val_macro_f1"
+    space = st.user_attrs["space"]
+    assert space["loss_weighting"] == ["none", "inverse_sqrt", "inverse_frequency"]
+    assert space["balanced_sampler"] == [False, True]
+    complete = [t for t in st.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete
+    for t in complete:
+        assert {"loss_weighting", "balanced_sampler"} <= set(t.params)
+        curve = t.user_attrs["curve"]
+        # The objective is the intermediate values; every metric is in the curve.
+        assert [t.intermediate_values[c["epoch"]] for c in curve] == pytest.approx([c["val_macro_f1"] for c in curve])
+        assert all({"val_acc", "val_loss", "val_balanced_acc", "val_macro_f1"} <= set(c) for c in curve)
+        assert t.value == pytest.approx(curve[-1]["val_macro_f1"])
+        assert [r["class"] for r in t.user_attrs["per_class"]] == ["circle", "square"]
+        assert t.user_attrs["val_macro_f1"] == pytest.approx(t.value)
+    best = max(complete, key=lambda t: t.value)
+    assert summary.best_trial == best.number and st.best_trial.number == best.number
+    # The same study cannot go on ranking by another metric.
+    with pytest.raises(TLSearchError, match="ranks trials by val_macro_f1, not val_acc"):
+        run_search(s.replace(metric="val_acc", trials=5), trial_fn=f1_stub, progress=False)

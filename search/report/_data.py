@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from search.metrics import RECORDED
 from search.studies import TrialRecord, best_trial, leaderboard, objective_of, score_of
 
 if TYPE_CHECKING:
@@ -30,10 +31,11 @@ class ReportData:
     attrs: dict  # the study's user_attrs: dataset, dataset_fingerprint, class_names, split, settings
     board: pd.DataFrame  # studies.leaderboard(study): one row per trial, best first
     trials: pd.DataFrame  # per trial: trial, state, backbone, worker, start, end (unix s), score
-    curves: pd.DataFrame  # per trial and epoch: trial, state, epoch, value (intermediate values)
+    curves: pd.DataFrame  # per trial and epoch: trial, state, epoch, value (the objective), then every recorded metric
     importances: dict[str, float] | str  # param -> importance, or why there are none
     confusion: dict | None  # best trial's last epoch {"trial", "matrix", "class_names"}; None: absent
     best_trial: int | None = None  # the best trial's number (studies.best_trial); None: none yet
+    per_class: list[dict] | None = None  # best trial's last epoch: class, precision, recall, f1, support; None: absent
     generated: float = field(default_factory=time.time)  # when the data was read (unix s)
 
 
@@ -64,6 +66,7 @@ def collect(study: "optuna.Study") -> ReportData:
         importances=param_importances(study),
         confusion=_best_confusion(best, class_names=study.user_attrs.get("class_names")),
         best_trial=best.number if best is not None else None,
+        per_class=(best.per_class_results(study.user_attrs.get("class_names")) or None) if best is not None else None,
         generated=now,
     )
 
@@ -96,13 +99,17 @@ def _trials_table(
 
 
 def _curves_table(records: list[TrialRecord]) -> pd.DataFrame:
-    """One row per trial and epoch: trial, state, epoch, value (the objective at that epoch)."""
-    rows = [
-        {"trial": rec.number, "state": rec.state, "epoch": step, "value": value}
-        for rec in records
-        for step, value in sorted(rec.intermediate_values.items())
-    ]
-    return pd.DataFrame(rows, columns=["trial", "state", "epoch", "value"])
+    """One row per trial and epoch: trial, state, epoch, value (the objective at that epoch), then
+    each metric of `metrics.RECORDED` that some trial's curve holds (NaN where one does not)."""
+    metrics = [m for m in RECORDED if any(m in c for rec in records for c in rec.curve)]
+    rows = []
+    for rec in records:
+        by_epoch = {c.get("epoch"): c for c in rec.curve}
+        for step, value in sorted(rec.intermediate_values.items()):
+            point = by_epoch.get(step, {})
+            rows.append({"trial": rec.number, "state": rec.state, "epoch": step, "value": value,
+                         **{m: _as_float(point.get(m)) for m in metrics}})
+    return pd.DataFrame(rows, columns=["trial", "state", "epoch", "value", *metrics])
 
 
 def _best_confusion(best: TrialRecord | None, *, class_names: list[str] | None) -> dict | None:

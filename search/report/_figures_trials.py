@@ -16,8 +16,11 @@ from search.studies import pareto_flags
 def curves_figure(curves: pd.DataFrame, *, metric: str, best_trial: int | None) -> go.Figure:
     """Learning curves: the per-epoch score of every trial; pruned trials dashed, ending in a cross.
 
+    The objective is drawn first; every other metric the trials recorded per epoch (the curves'
+    columns after `value`) is one choice of a menu on the plot, so any of them can be read.
+
     Args:
-        curves: `ReportData.curves` (trial, state, epoch, value).
+        curves: `ReportData.curves` (trial, state, epoch, value, then one column per recorded metric).
         metric: the objective's name (axis title).
         best_trial: the number of the best trial, drawn thick; None when there is none.
 
@@ -26,9 +29,33 @@ def curves_figure(curves: pd.DataFrame, *, metric: str, best_trial: int | None) 
     """
     if not len(curves):
         raise NotEnoughData("no trial has reported a per-epoch value yet")
-    styles = {"COMPLETE": "solid", "PRUNED": "dash", "FAIL": "dot", "RUNNING": "longdash"}
+    fixed = ("trial", "state", "epoch", "value")
+    others = [c for c in curves.columns if c not in fixed and c != metric
+              and pd.to_numeric(curves[c], errors="coerce").notna().any()]
     fig = go.Figure()
+    groups = [(metric, "value")] + [(m, m) for m in others]
+    counts = []
+    for i, (_, column) in enumerate(groups):
+        counts.append(_curve_traces(fig, curves, column, best_trial=best_trial, visible=i == 0))
+    fig.update_xaxes(title_text="epoch", dtick=1)
+    fig.update_yaxes(title_text=_t(metric))
+    if others:
+        buttons = []
+        for i, (name, _) in enumerate(groups):
+            visible = [j == i for j, n in enumerate(counts) for _ in range(n)]
+            label = f"{name} (objective)" if i == 0 else name
+            buttons.append({"label": _t(label), "method": "update",
+                            "args": [{"visible": visible}, {"yaxis.title.text": _t(name)}]})
+        fig.update_layout(updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "xanchor": "right",
+                                        "y": 1.15, "yanchor": "top", "showactive": True}])
+    return _layout(fig, title="Learning curves (per epoch)")
+
+
+def _curve_traces(fig: go.Figure, curves: pd.DataFrame, column: str, *, best_trial: int | None, visible: bool) -> int:
+    """Adds one line per trial of `column` over the epochs; returns how many traces it added."""
+    styles = {"COMPLETE": "solid", "PRUNED": "dash", "FAIL": "dot", "RUNNING": "longdash"}
     shown: set[str] = set()
+    n = 0
     for trial, part in curves.groupby("trial", sort=True):
         part = part.sort_values("epoch")
         state = str(part["state"].iloc[0])
@@ -39,11 +66,12 @@ def curves_figure(curves: pd.DataFrame, *, metric: str, best_trial: int | None) 
         fig.add_trace(
             go.Scatter(
                 x=part["epoch"],
-                y=part["value"],
+                y=part[column],
                 mode="lines+markers",
                 name=name,
                 legendgroup=name,
                 showlegend=name not in shown,
+                visible=visible,
                 line={"color": colour, "dash": styles.get(state, "solid"), "width": 4 if best else 1.5},
                 # A stopped trial ends in a cross, so it reads as cut short, not as converged.
                 marker={"size": [0] * (len(part) - 1) + [11 if stopped else 0], "symbol": "x", "color": colour},
@@ -51,9 +79,8 @@ def curves_figure(curves: pd.DataFrame, *, metric: str, best_trial: int | None) 
             )
         )
         shown.add(name)
-    fig.update_xaxes(title_text="epoch", dtick=1)
-    fig.update_yaxes(title_text=_t(metric))
-    return _layout(fig, title="Learning curves (per epoch)")
+        n += 1
+    return n
 
 
 _COSTS = (("params", "parameters (millions)", 1e-6), ("latency_ms", "batch-1 latency (ms)", 1.0))

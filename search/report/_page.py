@@ -1,6 +1,6 @@
 """Step 3 of the report: the page. `render_page` draws the header, the leaderboard table and the
 figures (or their notes) into one self-contained HTML file; `write_report` runs all three steps
-and writes `index.html` and `leaderboard.csv`.
+and writes `index.html`, `leaderboard.csv` and `per_class.csv` (the best trial's per-class results).
 
 The page's template, styles and script are files of this package (`page.html`, `page.css`,
 `app.js`), inlined into every page: it loads nothing. The Content-Security-Policy lets only the
@@ -29,6 +29,7 @@ from search.config import TLSearchError, atomic_write_text, check_study_name
 from search.report._data import ReportData, collect
 from search.report._figures import Plot, build_figures
 from search.report._plotting import STATE_COLOURS, _fmt
+from search.metrics import PER_CLASS_COLUMNS
 from search.studies import load_study
 
 if TYPE_CHECKING:
@@ -60,7 +61,9 @@ def write_report(
     storage: str | None = None,
     reports_dir: str | Path = "reports",
 ) -> Path:
-    """Writes the report of a study: `index.html` (self-contained) and `leaderboard.csv`.
+    """Writes the report of a study: `index.html` (self-contained), `leaderboard.csv` and
+    `per_class.csv` (the best trial's precision, recall, F1 and support per class, at its last
+    epoch; only the header while there is no best trial).
 
     Args:
         study_or_name: an Optuna study, or the name of one to open.
@@ -87,10 +90,25 @@ def write_report(
     try:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "leaderboard.csv", data.board.to_csv(index=False))
+        atomic_write_text(out / "per_class.csv", per_class_frame(data).to_csv(index=False))
         atomic_write_text(out / "index.html", page)
     except OSError as e:
         raise TLSearchError(f"cannot write the report to {out}: {e.strerror or e}") from None
     return out / "index.html"
+
+
+def per_class_frame(data: ReportData) -> pd.DataFrame:
+    """The best trial's per-class results as a table: trial, class, precision, recall, f1, support.
+
+    Args:
+        data: the report data.
+
+    Returns:
+        One row per class in class-index order (no rows while there is no best trial).
+    """
+    columns = ["trial", *PER_CLASS_COLUMNS]
+    rows = [{"trial": data.best_trial, **{c: r.get(c) for c in PER_CLASS_COLUMNS}} for r in data.per_class or ()]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _script_json(obj: Any) -> str:
@@ -133,6 +151,9 @@ def render_page(data: ReportData, figures: list[tuple[Plot, go.Figure | str]]) -
             f'<section class="card" id="{plot.key}"><h2>{_e(plot.title)}</h2>'
             f'<p class="about">{_e(plot.about)}</p>{body}</section>'
         )
+    per_class = _per_class_html(data)
+    at = next((i for i, (plot, _) in enumerate(figures) if plot.key == "confusion"), len(sections))
+    sections.insert(at, per_class)  # read beside the confusion matrix
     payload = _script_json({"config": _PLOTLY_CONFIG, "figures": specs})
     # Only these two scripts may run (CSP by hash): no injected handler or script can, and no
     # request can leave the page (default-src 'none').
@@ -236,6 +257,32 @@ def _cell(col: str, v: Any) -> tuple[str, str, str]:
     else:
         text = str(v)
     return repr(float(v)), "n", text
+
+
+def _per_class_html(data: ReportData) -> str:
+    """The best trial's per-class table (sortable by any column), or a note while there is none."""
+    about = ("Best trial's last epoch on the validation set: how well each class is found (recall) and how "
+             "trustworthy its predictions are (precision). Click a column header to sort. Also in "
+             "<code>per_class.csv</code> beside this page.")
+    if not data.per_class:
+        body = '<p class="note">No per-class results: there is no best trial yet, or it recorded none.</p>'
+    else:
+        frame = per_class_frame(data).drop(columns=["trial"])
+        head = "".join(f'<th data-col="{_e(c)}" tabindex="0" scope="col">{_e(c)}</th>' for c in frame.columns)
+        rows = []
+        for r in frame.to_dict("records"):
+            cells = []
+            for c in frame.columns:
+                key, kind, text = _cell(c, r[c])
+                if c in ("precision", "recall", "f1") and kind == "n":
+                    text = f"{float(r[c]):.3f}"
+                cells.append(f'<td data-v="{_e(key)}" data-t="{kind}">{_e(text)}</td>')
+            rows.append("<tr>" + "".join(cells) + "</tr>")
+        body = (f'<div class="tablewrap"><table id="per-class" class="sortable"><thead><tr>{head}</tr></thead>'
+                f'<tbody>{"".join(rows)}</tbody></table></div>')
+    trial = f" (trial #{data.best_trial})" if data.best_trial is not None and data.per_class else ""
+    return (f'<section class="card" id="per-class-section"><h2>Per-class results{trial}</h2>'
+            f'<p class="about">{about}</p>{body}</section>')
 
 
 def _table_html(board: pd.DataFrame) -> str:

@@ -87,6 +87,37 @@
   filterRows();
   window.tlsearch = {sortTable: function (col, dir) { state.sort = col; state.dir = dir || "desc"; sortRows(); writeHash(); }};
 
+  // ---- other tables (per-class results): click a header to sort; a link may give the first
+  // order as #<table id>.sort=COL&<table id>.dir=asc|desc (read once, on load) --------------------
+  Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), function (t) {
+    var cols = Array.prototype.slice.call(t.tHead.rows[0].cells);
+    var first = {};
+    location.hash.replace(/^#/, "").split("&").forEach(function (part) {
+      var kv = part.split("=");
+      if (kv.length === 2 && kv[0].indexOf(t.id + ".") === 0) first[kv[0].slice(t.id.length + 1)] = decodeURIComponent(kv[1]);
+    });
+    cols.forEach(function (th, i) {
+      function activate(wanted) {
+        var dir = wanted || (th.getAttribute("aria-sort") === "descending" ? "ascending" : "descending");
+        cols.forEach(function (h) { h.removeAttribute("aria-sort"); });
+        th.setAttribute("aria-sort", dir);
+        var sign = dir === "ascending" ? 1 : -1;
+        var rows = Array.prototype.slice.call(t.tBodies[0].rows);
+        rows.sort(function (ra, rb) {
+          var a = ra.cells[i], b = rb.cells[i];
+          var va = a.getAttribute("data-v"), vb = b.getAttribute("data-v");
+          if (va === "" || vb === "") return (va === "") - (vb === "");
+          var numeric = a.getAttribute("data-t") === "n" && b.getAttribute("data-t") === "n";
+          return sign * compare(va, vb, numeric);
+        });
+        rows.forEach(function (r) { t.tBodies[0].appendChild(r); });
+      }
+      th.addEventListener("click", function () { activate(); });
+      th.addEventListener("keydown", function (e) { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); activate(); } });
+      if (first.sort === th.getAttribute("data-col")) activate(first.dir === "asc" ? "ascending" : "descending");
+    });
+  });
+
   // ---- figures -----------------------------------------------------------------------------
   var payload = JSON.parse(document.getElementById("tl-figures").textContent);
   var ids = Object.keys(payload.figures);

@@ -104,6 +104,13 @@ def _open_study(
         why = SearchSpace.from_dict(attrs["space"], source="stored space").incompatibility(space)
         if why:
             raise TLSearchError(f"study {settings.study!r} cannot continue with this space: {why}; use a new --study name")
+    stored_metric = (attrs.get("settings") or {}).get("metric") if isinstance(attrs.get("settings"), dict) else None
+    if stored_metric and stored_metric != settings.metric:
+        # Its per-epoch values, ASHA's rungs and the sampler's history are all of the stored metric.
+        raise TLSearchError(
+            f"study {settings.study!r} ranks trials by {stored_metric}, not {settings.metric}; "
+            f"use a new --study name (or --metric {stored_metric})"
+        )
     if study.direction != optuna.study.StudyDirection[direction.upper()]:
         raise TLSearchError(f"study {settings.study!r} was created to {study.direction.name.lower()}, not to {direction}")
     with warnings.catch_warnings():  # experimental in Optuna, but what optuna-dashboard reads

@@ -20,6 +20,7 @@ from ray.tune.search import ConcurrencyLimiter
 
 from search import studies
 from search.config import TLSearchError, check_study_name, default_cache_dir, dump_yaml
+from search.imbalance import class_counts
 from search.runner._cluster import (
     _ensure_ray,
     console_log,
@@ -42,7 +43,7 @@ from search.runner._progress import ProgressView, ReportRefresher
 from search.runner._search import HonestOptunaSearch, PruneTrackingASHA, make_sampler
 from search.runner._trainable import TrialFn, _trainable
 from search.settings import SearchSettings
-from search.space import SearchSpace, default_space_at_hand, lr_warnings
+from search.space import SearchSpace, default_space_at_hand, for_dataset, lr_warnings
 from search.studies import (
     best_trial,
 )
@@ -83,6 +84,7 @@ def run_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our live view says what matters
     if space is not None:
         settings = settings.replace(space=space)
+    default = settings.space is None
     if settings.space is None and settings.pretrained:
         # Offline, the default space keeps the backbones whose weights are here (one line on the rest).
         at_hand, note = default_space_at_hand(gpu=settings.gpus_per_trial > 0, weights_dir=settings.weights_dir)
@@ -94,6 +96,10 @@ def run_search(
     for line in lr_warnings(space):
         print(f"warning: {line}", file=sys.stderr)
     index = preflight(settings, space)
+    if default:  # the default space searches imbalance handling where the training split needs it
+        counts = class_counts([label for _, label in index.train], len(index.classes))
+        settings = settings.replace(space=for_dataset(space, counts))
+        space = settings.space
     storage = studies.get_storage(settings.storage_url)
     study, created = _open_study(settings, storage, index, space)
     if settings.warm_start and created:

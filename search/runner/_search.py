@@ -384,11 +384,13 @@ class HonestOptunaSearch(OptunaSearch):
         record = TrialRecord(
             config=cfg_dict,
             epochs_run=int(last.get("epoch", 0)),
-            curve=tuple({k: c.get(k) for k in CURVE_KEYS} for c in curve),
+            curve=tuple({k: c.get(k) for k in CURVE_KEYS if k in c} for c in curve),
             # One epoch for everything: the value, these metrics and the checkpoint are the last epoch's.
             confusion_matrix=last.get("confusion_matrix"),
             val_loss=last.get("val_loss"),
             val_balanced_acc=last.get("val_balanced_acc"),
+            val_macro_f1=last.get("val_macro_f1"),
+            per_class=tuple(last.get("per_class") or ()),
             best_val_acc=last.get("best_val_acc"),
             params_total=src.get("params_total"),
             params_trainable=src.get("params_trainable"),

@@ -39,6 +39,7 @@ LEADERBOARD_COLUMNS = (
     "epochs_run",
     "val_acc",
     "val_balanced_acc",
+    "val_macro_f1",
     "val_loss",
     "params",
     "latency_ms",
@@ -46,8 +47,11 @@ LEADERBOARD_COLUMNS = (
     "error",
 )
 _PARAM_COLUMNS = ("backbone", "freeze_depth", "augmentation", "lr", "batch_size", "image_size")
-_METRIC_COLUMNS = ("val_acc", "val_balanced_acc", "val_loss")
-_FLOAT_COLUMNS = ("lr", "val_acc", "val_balanced_acc", "val_loss", "params", "latency_ms", "seconds")
+_METRIC_COLUMNS = ("val_acc", "val_balanced_acc", "val_macro_f1", "val_loss")
+# Recorded only on some datasets (10 classes or more): a column when some trial has it.
+_OPTIONAL_METRICS = ("val_top5_acc",)
+_FLOAT_COLUMNS = ("lr", "val_acc", "val_balanced_acc", "val_macro_f1", "val_loss", "params", "latency_ms", "seconds",
+                  *_OPTIONAL_METRICS)
 _INT_COLUMNS = ("rank", "trial", "batch_size", "image_size", "epochs_run")
 
 
@@ -108,8 +112,8 @@ def leaderboard(study: "optuna.Study", *, trials: list | None = None) -> "pandas
     COMPLETE trials with a finite value; it is <NA> for every other row.
 
     Columns are `LEADERBOARD_COLUMNS`, then every other search-space param (sorted by name), then
-    the objective's column when the study's metric is not one of val_acc / val_balanced_acc /
-    val_loss. The objective column holds the trial value (COMPLETE) or the best per-epoch value
+    val_top5_acc when some trial recorded it (10 classes or more), then the objective's column when
+    it is none of these. The objective column holds the trial value (COMPLETE) or the best per-epoch value
     (others); the other metrics come from user_attrs (final values), else from the `curve` entry of
     that epoch. `params` is the total parameter count, `seconds` the training time (user_attr
     train_seconds, else the trial's wall time), `error` the failure reason of FAIL trials.
@@ -132,13 +136,16 @@ def leaderboard(study: "optuna.Study", *, trials: list | None = None) -> "pandas
         trials = study.get_trials(deepcopy=False)
     extra_params = sorted({k for t in trials for k in t.params} - set(_PARAM_COLUMNS))
     columns = list(LEADERBOARD_COLUMNS) + [p for p in extra_params if p not in LEADERBOARD_COLUMNS]
+    optional = [m for m in _OPTIONAL_METRICS
+                if any(isinstance(c, dict) and m in c for t in trials for c in t.user_attrs.get("curve") or ())]
+    columns += [m for m in optional if m not in columns]
     if metric not in columns:
         columns.append(metric)
 
     rows = []
     for t in trials:
         score = score_of(t, maximize=maximize)
-        rows.append((_sort_key(t, score, maximize), _leaderboard_row(t, metric, score, maximize)))
+        rows.append((_sort_key(t, score, maximize), _leaderboard_row(t, metric, score, maximize, optional)))
     rows.sort(key=lambda r: r[0])
     rank = 0
     records = []
@@ -149,7 +156,7 @@ def leaderboard(study: "optuna.Study", *, trials: list | None = None) -> "pandas
         records.append(row)
 
     df = pd.DataFrame.from_records(records, columns=columns)
-    for col in _FLOAT_COLUMNS:
+    for col in (c for c in _FLOAT_COLUMNS if c in df.columns):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
     for col in _INT_COLUMNS:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
@@ -171,7 +178,9 @@ def _sort_key(t: "optuna.trial.FrozenTrial", score: float, maximize: bool) -> tu
     return (group, 1, 0.0, t.number)
 
 
-def _leaderboard_row(t: "optuna.trial.FrozenTrial", metric: str, score: float, maximize: bool) -> dict:
+def _leaderboard_row(
+    t: "optuna.trial.FrozenTrial", metric: str, score: float, maximize: bool, optional: list[str] = ()
+) -> dict:
     import math
 
     rec = TrialRecord.from_trial(t)
@@ -188,7 +197,7 @@ def _leaderboard_row(t: "optuna.trial.FrozenTrial", metric: str, score: float, m
     row.update({k: v for k, v in rec.params.items() if k not in _PARAM_COLUMNS})
     row["epochs_run"] = rec.epochs_run if rec.epochs_run is not None else len(rec.intermediate_values) or None
     final = rec.state == "COMPLETE"
-    for m in dict.fromkeys((*_METRIC_COLUMNS, metric)):
+    for m in dict.fromkeys((*_METRIC_COLUMNS, *optional, metric)):
         recorded = getattr(rec, m, None) if m in _RECORD_METRICS else None
         if m == metric:
             row[m] = score
@@ -210,7 +219,7 @@ def _leaderboard_row(t: "optuna.trial.FrozenTrial", metric: str, score: float, m
 
 
 # Metrics a record holds for its last epoch (the rest come from its curve).
-_RECORD_METRICS = ("val_loss", "val_balanced_acc", "best_val_acc")
+_RECORD_METRICS = ("val_loss", "val_balanced_acc", "val_macro_f1", "best_val_acc")
 
 
 def list_studies(*, studies_dir: str | Path = "studies", storage: str | None = None) -> list[dict]:
@@ -285,7 +294,8 @@ def study_summary(study: "optuna.Study") -> dict:
 
     Returns:
         A dict: name, direction, metric, dataset, class_names, n_trials, states (count per state),
-        best (None, or a dict with trial, value, params, config, epochs_run), leaderboard (the
+        best (None, or a dict with trial, value, params, config, epochs_run and per_class: its
+        last epoch's precision, recall, f1 and support per class), leaderboard (the
         rows of `leaderboard(study)` as records, best first).
     """
     metric, maximize = objective_of(study)
@@ -300,6 +310,9 @@ def study_summary(study: "optuna.Study") -> dict:
             "params": {k: _jsonable(v) for k, v in t.params.items()},
             "config": t.user_attrs.get("config"),
             "epochs_run": t.user_attrs.get("epochs_run", len(t.intermediate_values)),
+            # Its last epoch on the validation split, one row per class.
+            "per_class": [{k: _jsonable(v) for k, v in r.items()}
+                          for r in TrialRecord.from_trial(t).per_class_results(study.user_attrs.get("class_names"))],
         }
     return {
         "name": study.study_name,

@@ -22,7 +22,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 # The metrics kept per epoch in a trial's curve.
-CURVE_KEYS = ("epoch", "val_acc", "val_loss", "val_balanced_acc", "train_loss", "epoch_seconds", "images_per_s")
+# Every validation metric is among them (search.metrics.RECORDED), so the report can draw any of them;
+# val_top5_acc only where the dataset has 10 classes or more.
+CURVE_KEYS = ("epoch", "val_acc", "val_loss", "val_balanced_acc", "train_loss", "epoch_seconds", "images_per_s",
+              "val_macro_f1", "val_top5_acc")
 
 
 def is_finite(v: Any) -> bool:
@@ -46,6 +49,9 @@ class TrialRecord:
     confusion_matrix: list | None = None  # the last epoch's (rows: true class)
     val_loss: float | None = None  # last epoch's
     val_balanced_acc: float | None = None  # last epoch's
+    val_macro_f1: float | None = None  # last epoch's
+    # last epoch's precision, recall, f1 and support per class (metrics.per_class_table)
+    per_class: tuple[Mapping[str, Any], ...] = ()
     best_val_acc: float | None = None  # the best epoch's val_acc (labelled as such where shown)
     params_total: int | None = None  # parameters of the whole model
     params_trainable: int | None = None  # parameters that received gradients
@@ -94,6 +100,10 @@ class TrialRecord:
             values["curve"] = tuple(c for c in values["curve"] if isinstance(c, dict))
         elif "curve" in values:
             values["curve"] = ()
+        if isinstance(values.get("per_class"), list):
+            values["per_class"] = tuple(r for r in values["per_class"] if isinstance(r, dict))
+        elif "per_class" in values:
+            values["per_class"] = ()
         if not isinstance(values.get("config"), dict):
             values["config"] = None
         for flag in ("interrupted", "checkpoint_removed", "baseline"):
@@ -113,7 +123,7 @@ class TrialRecord:
             v = getattr(self, f.name)
             if f.name in self._TRIAL_FIELDS or v == getattr(blank, f.name):
                 continue
-            if f.name == "curve":
+            if f.name in ("curve", "per_class"):
                 v = [dict(c) for c in v]
             elif isinstance(v, Mapping):
                 v = dict(v)
@@ -128,6 +138,28 @@ class TrialRecord:
     def backbone(self) -> str | None:
         """The backbone it ran (from its params, else its config)."""
         return self.params.get("backbone", (self.config or {}).get("backbone"))
+
+    def per_class_results(self, class_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Its last epoch's per-class precision, recall, F1 and support (`metrics.per_class_table`).
+
+        Args:
+            class_names: the study's class names, for a trial that recorded only its confusion
+                matrix (one run before per-class results were recorded).
+
+        Returns:
+            One dict per class (class, precision, recall, f1, support, predicted); [] when the
+            trial recorded neither.
+        """
+        if self.per_class:
+            return [dict(r) for r in self.per_class]
+        if not self.confusion_matrix:
+            return []
+        from search.metrics import per_class_table
+
+        try:
+            return per_class_table(self.confusion_matrix, class_names)
+        except (TypeError, ValueError, IndexError):  # a damaged matrix: no table rather than no summary
+            return []
 
     @property
     def last_value(self) -> float | None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from search.config import TrialConfig
+from search.metrics import TOP5_MIN_CLASSES, confusion_scores, per_class_table
 from search.model_io import save_checkpoint, save_val_logits
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ def fine_tune(
     Returns:
         The trial's result with per-epoch history.
     """
-    from search import backbones
+    from search import backbones, imbalance
     from search.data import stored_size
 
     start = time.perf_counter()
@@ -149,6 +150,8 @@ def fine_tune(
 
         mix = batch_mix(config, num_classes)
     scaler = torch.amp.GradScaler("cuda", enabled=dev.type == "cuda")
+    counts = imbalance.class_counts(_train_labels(index, train_on_val=train_on_val), num_classes)
+    weights = imbalance.loss_weight_tensor(config, counts, dev)
 
     result = TrialResult(
         config=config,
@@ -170,7 +173,7 @@ def fine_tune(
         t0 = time.perf_counter()
         train_loss, seen = train_one_epoch(
             plan.train_module(model), train_loader, optimizer, scheduler,
-            label_smoothing=config.label_smoothing, mix=mix, scaler=scaler, device=dev,
+            label_smoothing=config.label_smoothing, mix=mix, scaler=scaler, device=dev, class_weights=weights,
         )
         val = evaluate(plan.eval_module(model), val_loader, num_classes, device=dev)
         seconds = time.perf_counter() - t0
@@ -189,6 +192,8 @@ def fine_tune(
             "val_acc": val["val_acc"],
             "val_loss": val["val_loss"],
             "val_balanced_acc": val["val_balanced_acc"],
+            "val_macro_f1": val["val_macro_f1"],
+            **({"val_top5_acc": val["val_top5_acc"]} if "val_top5_acc" in val else {}),
             "train_loss": train_loss,
             "epoch_seconds": seconds,
             "images_per_s": seen / seconds if seconds > 0 else 0.0,
@@ -197,6 +202,7 @@ def fine_tune(
             "params_trainable": trainable,
             "latency_ms": result.latency_ms,
             "confusion_matrix": val["confusion_matrix"],
+            "per_class": per_class_table(val["confusion_matrix"], index.classes),
             "best_val_acc": best_acc,  # the best epoch so far, labelled as such wherever shown
             "device": str(dev),
             "weights_id": getattr(bb, "weights_id", None),
@@ -208,6 +214,12 @@ def fine_tune(
     if keep_model:
         result.model = model.eval()
     return result
+
+
+def _train_labels(index: DatasetIndex, *, train_on_val: bool) -> list[int]:
+    """Each training sample's label, in the training dataset's order (train, then val for a full fit)."""
+    samples = (*index.train, *index.val) if train_on_val else index.train
+    return [label for _, label in samples]
 
 
 @dataclass
@@ -257,6 +269,7 @@ def load_data(
             cache=cache, cache_dir=cache_dir,
         )[1]
         train_ds = torch.utils.data.ConcatDataset([train_ds, val_as_train])
+    labels = _train_labels(index, train_on_val=train_on_val)
 
     if cache and not train_on_val:
         from search import features
@@ -266,20 +279,25 @@ def load_data(
         if cached is not None:
             train_loader, val_loader, tail = cached
             if train_loader is None:  # augmented training input: only validation is cached
-                return _image_loader(config, train_ds, device, train=True), val_loader, _Plan(tail=tail)
+                return _image_loader(config, train_ds, device, train=True, labels=labels), val_loader, _Plan(tail=tail)
             return train_loader, val_loader, _Plan(tail=tail, train_cached=True)
 
-    return (_image_loader(config, train_ds, device, train=True), _image_loader(config, val_ds, device, train=False),
-            _Plan())
+    return (_image_loader(config, train_ds, device, train=True, labels=labels),
+            _image_loader(config, val_ds, device, train=False), _Plan())
 
 
-def _image_loader(config: TrialConfig, ds: Any, device: torch.device, *, train: bool) -> torch.utils.data.DataLoader:
-    """A loader of decoded images: shuffled with the trial's seed for training, in order for validation."""
+def _image_loader(
+    config: TrialConfig, ds: Any, device: torch.device, *, train: bool, labels: list[int] | None = None,
+) -> torch.utils.data.DataLoader:
+    """A loader of decoded images: for training shuffled with the trial's seed (or drawn class-balanced,
+    `imbalance.shuffling`, from each sample's label), in order for validation."""
+    from search import imbalance
+
     pin = device.type == "cuda"
     workers = _loader_workers(device)
     if train:
         return torch.utils.data.DataLoader(
-            ds, batch_size=config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(config.seed),
+            ds, batch_size=config.batch_size, **imbalance.shuffling(config, labels or []),
             drop_last=len(ds) > config.batch_size, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
         )
     return torch.utils.data.DataLoader(
@@ -298,8 +316,12 @@ def train_one_epoch(
     mix: Callable | None,
     scaler: torch.amp.GradScaler,
     device: torch.device,
+    class_weights: torch.Tensor | None = None,
 ) -> tuple[float, int]:
     """One pass over the training data.
+
+    Args:
+        class_weights: per-class weights of the loss (`imbalance.loss_weight_tensor`); None: unweighted.
 
     Returns:
         (mean training loss, images seen).
@@ -311,7 +333,7 @@ def train_one_epoch(
         if mix is not None and x.dim() == 4 and len(x) > 1:
             x, y = mix(x, y)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(model(x), y, weight=class_weights, label_smoothing=label_smoothing)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"training loss is {loss.item()} (diverged; lower the lr)")
         optimizer.zero_grad(set_to_none=True)
@@ -326,9 +348,11 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: torch.device) -> dict[str, Any]:
-    """Top-1 accuracy, balanced accuracy, loss and confusion matrix on a loader."""
+    """Top-1 accuracy, balanced accuracy, macro-F1, loss (unweighted) and confusion matrix on a loader;
+    top-5 accuracy too with `metrics.TOP5_MIN_CLASSES` classes or more."""
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    loss_sum, n = 0.0, 0
+    loss_sum, n, top5 = 0.0, 0, 0
+    with_top5 = num_classes >= TOP5_MIN_CLASSES
     use_amp = device.type == "cuda"
     for x, y in loader:
         x, y = _to_device(x, y, device)
@@ -337,18 +361,22 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: to
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         n += len(y)
         pred = logits.argmax(1)
+        if with_top5:
+            top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum().item()
         confusion += torch.bincount(
             (y * num_classes + pred).cpu(), minlength=num_classes * num_classes
         ).reshape(num_classes, num_classes)
-    correct = confusion.diag().sum().item()
-    per_class = confusion.diag().float() / confusion.sum(1).clamp(min=1).float()
-    present = confusion.sum(1) > 0
-    return {
-        "val_acc": correct / max(n, 1),
+    scores = confusion_scores(confusion.tolist())
+    out = {
+        "val_acc": scores["acc"],
         "val_loss": loss_sum / max(n, 1),
-        "val_balanced_acc": per_class[present].mean().item() if present.any() else 0.0,
+        "val_balanced_acc": scores["balanced_acc"],
+        "val_macro_f1": scores["macro_f1"],
         "confusion_matrix": confusion.tolist(),
     }
+    if with_top5:
+        out["val_top5_acc"] = top5 / max(n, 1)
+    return out
 
 
 @torch.no_grad()

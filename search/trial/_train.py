@@ -134,7 +134,7 @@ def train(
             own, so that the trial is reproduced exactly), else torch's default.
 
     Returns:
-        Final metrics: val_acc, val_loss, val_balanced_acc, best_val_acc, epochs, seconds,
+        Final metrics: val_acc, val_loss, val_balanced_acc, val_macro_f1, best_val_acc, epochs, seconds,
         params_total, params_trainable, latency_ms, model_dir.
     """
     import sys
@@ -184,6 +184,7 @@ def train(
         "val_acc": final["val_acc"],
         "val_loss": final["val_loss"],
         "val_balanced_acc": final["val_balanced_acc"],
+        "val_macro_f1": final["val_macro_f1"],
         "best_val_acc": final["best_val_acc"],
         "epochs": len(result.history),
         "seconds": round(result.seconds, 2),
