@@ -528,7 +528,7 @@ def test_ensembles_section_appears_when_the_study_folder_has_a_summary(tmp_path:
     summary_path = studies / "demo" / "ensemble.json"
     summary_path.parent.mkdir(parents=True)
     summary_path.write_text(json.dumps(ensemble_summary(HOSTILE)))
-    built = dict((p.key, f) for p, f in report.build_figures(report.collect(study, studies_dir=studies)))
+    built = {p.key: f for p, f in report.build_figures(report.collect(study, studies_dir=studies))}
     assert {p.key for p in report.ENSEMBLE_PLOTS} <= set(built)
     ens, cal = built["ensembles"], built["calibration"]
     assert not isinstance(ens, str) and not isinstance(cal, str), (ens, cal)

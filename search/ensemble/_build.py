@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from search.config import TLSearchError, TrialConfig, atomic_write_text, ensemble_summary_path
+from search.config import (
+    TLSearchError,
+    TrialConfig,
+    atomic_write_text,
+    ensemble_summary_path,
+)
 from search.ensemble._choose import Candidate, choose, heldout_probs, shipped
 from search.ensemble._predict import PoolTrial, Predictions
 from search.ensemble._select import (

@@ -11,7 +11,14 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from search.report._plotting import _BEST_COLOUR, STATE_COLOURS, NotEnoughData, _complete, _layout, _t
+from search.report._plotting import (
+    _BEST_COLOUR,
+    STATE_COLOURS,
+    NotEnoughData,
+    _complete,
+    _layout,
+    _t,
+)
 
 _KIND_COLOURS = {"single": "#2b6cb0", "soup": "#805ad5", "ensemble": "#dd6b20"}
 
