@@ -567,7 +567,7 @@ ENSEMBLE_KEEP = 8  # checkpoints kept per backbone: the pool of soups and ensemb
 BOOTSTRAP = 2000  # paired resamples of the held-out images per difference
 ENSEMBLE_FULL = (
     EnsembleArm("hymenoptera", image_size=128, trials=12, budget_s=540, max_epochs=3, test_from_val=0.5),
-    EnsembleArm("cifar10_mini", image_size=96, trials=10, budget_s=300, max_epochs=3, test_from_val=None,
+    EnsembleArm("cifar10_mini", image_size=96, trials=16, budget_s=300, max_epochs=3, test_from_val=None,
                 val_fraction=0.3),
 )
 ENSEMBLE_QUICK = (
@@ -639,6 +639,7 @@ def ensemble_arm(arm: EnsembleArm, work: Path) -> dict:
                  keep_checkpoints=ENSEMBLE_KEEP, val_fraction=arm.val_fraction)
     print(f"[i] {arm.name}: search, {arm.trials} trials, {arm.budget_s:.0f} s budget ...", file=sys.stderr, flush=True)
     run = run_search(s, progress=False)
+    failures = _failures(s)
 
     # The procedure's own Predictions, kept for the per-image scores below (no second forward pass).
     made: list[Any] = []
@@ -685,7 +686,7 @@ def ensemble_arm(arm: EnsembleArm, work: Path) -> dict:
     gain = shipped["heldout_accuracy"] - next(r for r in out_rows if r["name"] == "best single")["heldout_accuracy"]
     return {
         "data": arm.name, "arm": arm.__dict__, "space": sp, "keep_checkpoints": ENSEMBLE_KEEP,
-        "search": {"wall_s": round(run.wall_seconds, 1), "states": run.counts},
+        "search": {"wall_s": round(run.wall_seconds, 1), "states": run.counts, "failures": failures},
         "pool": sorted({m for r in rows for m in (x["member"] for x in r["members"])}),
         "pool_size": len(preds.trials), "pool_backbones": {
             b: sum(t.config.backbone == b for t in preds.trials.values()) for b in ENSEMBLE_BACKBONES},
@@ -694,6 +695,17 @@ def ensemble_arm(arm: EnsembleArm, work: Path) -> dict:
         "shipped_gain": gain, "goal": "shipped >= best single + 0.01 on test/", "met": gain >= 0.01,
         "test": summary["test"],
     }
+
+
+def _failures(s: Any) -> list[dict]:
+    """The FAIL trials of a benchmark study and why (the study goes with the benchmark's folder)."""
+    import optuna
+
+    from search.studies import TrialRecord
+
+    study = optuna.load_study(study_name=s.study, storage=s.storage_url)
+    return [{"trial": t.number, "config": TrialRecord.from_trial(t).config, "error": TrialRecord.from_trial(t).error}
+            for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.FAIL]
 
 
 def ensembles_markdown(result: dict) -> str:
@@ -715,6 +727,7 @@ def ensembles_markdown(result: dict) -> str:
             f"Pool: {a['pool_size']} kept trials ({pb}). Validation {a['val_images']} images, test {a['test_images']} "
             f"images. build_ensemble: {a['ensemble_s']:.0f} s (1 torch thread).",
             "",
+            *[f"Failed trial {f['trial']}: {f['error']}\n" for f in a["search"].get("failures", [])],
             "| candidate | members | val | test acc | Δ vs best single [95% CI] | ECE before → after T | T "
             "| latency ms | MB | shipped |",
             "|---|---|---|---|---|---|---|---|---|---|",
