@@ -274,15 +274,19 @@ def cmd_predict(a: argparse.Namespace) -> int:
 def cmd_ensemble(a: argparse.Namespace) -> int:
     from search.config import check_study_name
     from search.ensemble import build_ensemble, format_ensemble
+    from search.report import write_report
 
     check_study_name(a.name)
     summary = build_ensemble(a.name, max_members=a.max_members, max_latency_ms=a.max_latency_ms, out=a.out,
                              data=a.data, storage=a.storage, allow_changed_data=a.allow_changed_data,
                              progress=not a.json)
+    # The study's report gets its ensembles section from the summary just written next to the study.
+    page = write_report(a.name, storage=a.storage)
     if a.json:
         _print_json(summary)
     else:
         print(format_ensemble(summary))
+        print(f"report: {page}")
     return EXIT_OK
 
 

@@ -206,6 +206,15 @@ def default_storage_url(study: str, *, studies_dir: str | Path = "studies") -> s
     return f"sqlite:///{Path(studies_dir, study + '.db').resolve()}"
 
 
+# What `tlsearch ensemble` found, in the study's folder: the report draws its ensembles section from it.
+ENSEMBLE_SUMMARY = "ensemble.json"
+
+
+def ensemble_summary_path(study: str, *, studies_dir: str | Path = "studies") -> Path:
+    """Returns `studies/<study>/ensemble.json`: the last `tlsearch ensemble` summary of the study."""
+    return Path(studies_dir, check_study_name(study), ENSEMBLE_SUMMARY)
+
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr|d)?\s*$")
 _UNIT_SECONDS = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hr": 3600, "d": 86400}
 

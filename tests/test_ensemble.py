@@ -328,6 +328,12 @@ def test_tlsearch_ensemble_evaluate_and_predict(pool: list[PoolTrial], data: Pat
     out = capsys.readouterr().out
     assert "held out: test/, 15 images" in out and "shipped (*)" in out
     assert "soup resnet18" in out and "ensemble + flip TTA" in out
+    # The summary is kept next to the study, and the study's report draws its ensembles section from it.
+    kept = json.loads((tmp_path / "studies" / "ens" / "ensemble.json").read_text())
+    assert kept["study"] == "ens" and f"shipped (*): {kept['shipped']};" in out
+    assert "report: " in out
+    page = (tmp_path / "reports" / "ens" / "index.html").read_text()
+    assert 'id="ensembles"' in page and 'id="calibration"' in page
     model = tmp_path / "models" / "ens-ensemble"
     assert json.loads((model / "model.json").read_text())["study"] == "ens"
     assert main(["evaluate", str(model), str(data), "--json"]) == 0

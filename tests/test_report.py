@@ -489,3 +489,59 @@ def test_cost_figure_marks_the_front_in_the_study_direction() -> None:
     front = {tuple(zip(t.x, t.y)) for t in report.cost_figure(board, metric="val_loss", maximize=True).data
              if t.name == "Pareto front"}
     assert front == {((5.0, 0.9),)}
+
+
+# ------------------------------------------------------------------------------------------------
+# The ensembles section (from the summary `tlsearch ensemble` leaves in the study's folder)
+# ------------------------------------------------------------------------------------------------
+
+
+def _bins(pairs: list[tuple[float, float, int]]) -> list[dict]:
+    """Reliability bins as `search.ensemble.reliability_bins` writes them: 15 bins, most of them empty."""
+    out = [{"low": i / 15, "high": (i + 1) / 15, "images": 0, "confidence": None, "accuracy": None} for i in range(15)]
+    for conf, acc, n in pairs:
+        out[min(14, int(conf * 15))].update(images=n, confidence=conf, accuracy=acc)
+    return out
+
+
+def ensemble_summary(name: str = "ensemble") -> dict:
+    def row(cname: str, kind: str, val: float, held: float, ms: float, shipped: bool = False) -> dict:
+        return {"name": cname, "kind": kind, "shipped": shipped, "members": [], "tta": False, "temperature": 0.8,
+                "val_score": val, "heldout_score": held, "heldout_accuracy": held, "val_ece_before": 0.1,
+                "val_ece_after": 0.05, "heldout_ece_before": 0.12, "heldout_ece_after": 0.04, "latency_ms": ms,
+                "size_mb": 10.0}
+
+    return {"study": "demo", "metric": "val_acc", "heldout": {"kind": "test", "images": 40, "optimistic": False},
+            "val_images": 50, "shipped": name,
+            "candidates": [row("best single", "single", 0.90, 0.85, 5.0),
+                           row("soup mobilenet_v3_large", "soup", 0.91, 0.86, 5.1),
+                           row(name, "ensemble", 0.94, 0.88, 14.0, shipped=True)],
+            "reliability": {"before": _bins([(0.7, 0.9, 10), (0.95, 1.0, 30)]),
+                            "after": _bins([(0.8, 0.85, 15), (0.97, 0.96, 25)])}}
+
+
+def test_ensembles_section_appears_when_the_study_folder_has_a_summary(tmp_path: Path) -> None:
+    studies = tmp_path / "studies"
+    study = make_study(f"sqlite:///{studies / 'demo.db'}")
+    page = report.write_report("demo", studies_dir=studies, reports_dir=tmp_path / "reports").read_text()
+    assert 'id="ensembles"' not in page and 'id="calibration"' not in page  # no summary: no section
+    summary_path = studies / "demo" / "ensemble.json"
+    summary_path.parent.mkdir(parents=True)
+    summary_path.write_text(json.dumps(ensemble_summary(HOSTILE)))
+    built = {p.key: f for p, f in report.build_figures(report.collect(study, studies_dir=studies))}
+    assert {p.key for p in report.ENSEMBLE_PLOTS} <= set(built)
+    ens, cal = built["ensembles"], built["calibration"]
+    assert not isinstance(ens, str) and not isinstance(cal, str), (ens, cal)
+    by_name = {t.name: t for t in ens.data}
+    assert list(by_name["ensemble (val)"].y) == [0.94] and list(by_name["ensemble (held out)"].y) == [0.88]
+    assert list(by_name["ensemble (val)"].marker.symbol) == ["star"]  # the shipped one
+    assert len(by_name["trials (val)"].x) == 4  # the complete trials with a latency, next to the candidates
+    curves = {t.name.split(" (")[0]: t for t in cal.data}
+    assert list(curves["before temperature"].x) == [0.7, 0.95]  # empty bins are not drawn
+    assert "ECE 0.040" in next(t.name for t in cal.data if t.name.startswith("after"))
+    page = report.write_report("demo", studies_dir=studies, reports_dir=tmp_path / "reports").read_text()
+    assert 'id="ensembles"' in page and 'id="calibration"' in page
+    assert HOSTILE not in page  # a user string from the summary is escaped like any other
+    summary_path.write_text("{ not json")  # an unreadable summary costs the section, never the report
+    page = report.write_report("demo", studies_dir=studies, reports_dir=tmp_path / "reports").read_text()
+    assert 'id="ensembles"' not in page

@@ -7,14 +7,21 @@ whole procedure runs on one half of validation and is scored on the other, and t
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from search.config import TLSearchError, TrialConfig
+from search.config import (
+    TLSearchError,
+    TrialConfig,
+    atomic_write_text,
+    ensemble_summary_path,
+)
 from search.ensemble._choose import Candidate, choose, heldout_probs, shipped
 from search.ensemble._predict import PoolTrial, Predictions
 from search.ensemble._select import (
@@ -63,7 +70,8 @@ def build_ensemble(
         progress: one line per step on stderr.
 
     Returns:
-        The summary (see `ensemble_pool`), with the study's name.
+        The summary (see `ensemble_pool`), with the study's name; also written to
+        studies/<name>/ensemble.json, where the study's report finds it.
     """
     from search.studies import load_study, objective_of
     from search.trial import training_index
@@ -87,7 +95,17 @@ def build_ensemble(
         max_latency_ms=max_latency_ms, out=Path(out) if out is not None else Path("models", f"{name}-ensemble"),
         device=device, progress=progress, record={"study": name},
     )
-    return {"study": name, **summary}
+    summary = {"study": name, **summary}
+    _keep_summary(summary, ensemble_summary_path(name, studies_dir=studies_dir))
+    return summary
+
+
+def _keep_summary(summary: dict[str, Any], path: Path) -> None:
+    """Writes the summary where the study's report finds it; a failure costs a warning, not the model."""
+    try:
+        atomic_write_text(path, json.dumps({**summary, "written_at": time.time()}, indent=2, default=str) + "\n")
+    except OSError as e:
+        _say(f"warning: could not write {path} (the report will not show this ensemble): {e.strerror or e}")
 
 
 def kept_trials(study: optuna.Study) -> list[PoolTrial]:

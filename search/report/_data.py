@@ -6,14 +6,17 @@ What a trial produced is read through `studies.TrialRecord`, and "the best trial
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from search.config import ConfigError, ensemble_summary_path
 from search.metrics import RECORDED
 from search.studies import TrialRecord, best_trial, leaderboard, objective_of, score_of
 
@@ -36,14 +39,16 @@ class ReportData:
     confusion: dict | None  # best trial's last epoch {"trial", "matrix", "class_names"}; None: absent
     best_trial: int | None = None  # the best trial's number (studies.best_trial); None: none yet
     per_class: list[dict] | None = None  # best trial's last epoch: class, precision, recall, f1, support; None: absent
+    ensemble: dict | None = None  # the last `tlsearch ensemble` summary (studies/<study>/ensemble.json); None: none
     generated: float = field(default_factory=time.time)  # when the data was read (unix s)
 
 
-def collect(study: "optuna.Study") -> ReportData:
+def collect(study: "optuna.Study", *, studies_dir: str | Path | None = None) -> ReportData:
     """Reads a study into the plain tables the report draws.
 
     Args:
         study: the Optuna study.
+        studies_dir: where the study's folder is, to find its ensemble summary; None: not looked for.
 
     Returns:
         The report data.
@@ -68,7 +73,22 @@ def collect(study: "optuna.Study") -> ReportData:
         best_trial=best.number if best is not None else None,
         per_class=(best.per_class_results(study.user_attrs.get("class_names")) or None) if best is not None else None,
         generated=now,
+        ensemble=read_ensemble(study.study_name, studies_dir) if studies_dir is not None else None,
     )
+
+
+def read_ensemble(name: str, studies_dir: str | Path) -> dict | None:
+    """The study's last `tlsearch ensemble` summary, or None when there is none (or it is unreadable:
+    a report never fails over its optional section; the next `tlsearch ensemble` rewrites the file)."""
+    try:
+        path = ensemble_summary_path(name, studies_dir=studies_dir)
+    except ConfigError:  # a name that cannot be a folder has no study folder, so no summary
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and isinstance(summary.get("candidates"), list) else None
 
 
 def _trials_table(

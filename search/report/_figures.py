@@ -14,6 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from search.report._data import ReportData
+from search.report._figures_ensemble import calibration_figure, ensemble_figure
 from search.report._figures_search import backbone_figure, history_figure, importance_figure, parallel_figure
 from search.report._figures_trials import confusion_figure, cost_figure, curves_figure, timeline_figure
 from search.report._plotting import NotEnoughData
@@ -70,8 +71,28 @@ PLOTS: tuple[Plot, ...] = (
 )  # fmt: skip
 
 
+def _ensemble(data: ReportData) -> dict:
+    if data.ensemble is None:  # build_figures leaves these plots out then
+        raise NotEnoughData("no ensemble summary: run `tlsearch ensemble` on this study")
+    return data.ensemble
+
+
+# The ensembles section: drawn only when `tlsearch ensemble` has left a summary in the study's folder.
+ENSEMBLE_PLOTS: tuple[Plot, ...] = (
+    Plot("ensembles", "Ensembles against latency",
+         "tlsearch ensemble's candidates (soups, ensembles, flip TTA) next to the trials: filled at their validation "
+         "score, where every choice was made, open at their held-out score; latency measured by tlsearch ensemble.",
+         lambda d: ensemble_figure(d.board, _ensemble(d), metric=d.metric)),
+    Plot("calibration", "Calibration of the shipped model",
+         "Reliability diagram on held-out images, before and after temperature scaling (fitted on validation); "
+         "on the diagonal, confidence is accuracy.",
+         lambda d: calibration_figure(_ensemble(d))),
+)  # fmt: skip
+
+
 def build_figures(data: ReportData) -> list[tuple[Plot, go.Figure | str]]:
-    """Builds every plot, or the note that replaces it.
+    """Builds every plot, or the note that replaces it (the ensembles section only when the study
+    has an ensemble summary).
 
     Args:
         data: the report data.
@@ -81,7 +102,7 @@ def build_figures(data: ReportData) -> list[tuple[Plot, go.Figure | str]]:
         to draw or failed (a bad plot never stops the report).
     """
     out: list[tuple[Plot, go.Figure | str]] = []
-    for plot in PLOTS:
+    for plot in PLOTS + (ENSEMBLE_PLOTS if data.ensemble is not None else ()):
         try:
             out.append((plot, plot.build(data)))
         except NotEnoughData as e:

@@ -68,7 +68,8 @@ def write_report(
     Args:
         study_or_name: an Optuna study, or the name of one to open.
         out_dir: the folder to write; None: `reports_dir/<study name>/`.
-        studies_dir: where default SQLite studies live (when a name is given).
+        studies_dir: where default SQLite studies live (when a name is given), and the study's
+            folder with its ensemble summary (the ensembles section, when there is one).
         storage: the storage URL (when a name is given); None: `studies_dir/<name>.db`.
         reports_dir: the parent of the default out_dir.
 
@@ -85,7 +86,7 @@ def write_report(
         out = Path(reports_dir, check_study_name(study.study_name))
     else:
         out = Path(out_dir)
-    data = collect(study)
+    data = collect(study, studies_dir=studies_dir)
     page = render_page(data, build_figures(data))
     try:
         out.mkdir(parents=True, exist_ok=True)
