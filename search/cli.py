@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
 
     c = sub.add_parser("evaluate", help="score a saved model on DATA's test split: accuracy, balanced accuracy, "
-                                        "per-class recall, confusion matrix")
+                                        "per-class precision, recall and F1, confusion matrix")
     c.add_argument("model", metavar="MODEL")
     c.add_argument("data", metavar="DATA")
     c.add_argument("--json", action="store_true")

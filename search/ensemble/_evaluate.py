@@ -25,8 +25,8 @@ def evaluate_model(model_dir: str | os.PathLike, data: str | os.PathLike, *, dev
         batch_size: images per forward pass.
 
     Returns:
-        model_dir, dataset, images, accuracy, balanced_accuracy, macro_f1, per_class ({class:
-        {recall, images}}), confusion_matrix (rows: true class), class_names.
+        model_dir, dataset, images, accuracy, balanced_accuracy, macro_f1, per_class (the
+        `search.metrics.per_class_table` rows), confusion_matrix (rows: true class), class_names.
     """
     from search.augment import eval_transform
     from search.data import DatasetError, ImageDataset, SplitSpec, scan_dataset

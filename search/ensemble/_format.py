@@ -48,7 +48,7 @@ def _member(m: dict[str, Any]) -> str:
 
 
 def format_evaluation(result: dict[str, Any], *, title: str | None = None) -> str:
-    """Accuracy, balanced accuracy, macro-F1, per-class recall and the confusion matrix as text.
+    """Accuracy, balanced accuracy, macro-F1, the per-class table and the confusion matrix as text.
 
     Args:
         result: what `evaluate_model` (or `classification_summary`) returns.
@@ -57,16 +57,17 @@ def format_evaluation(result: dict[str, Any], *, title: str | None = None) -> st
     Returns:
         Multi-line text without a trailing newline.
     """
-    names = list(result["per_class"])
+    rows = result["per_class"]
+    names = [r["class"] for r in rows]
     lines = [
         title or f"test/ of {result.get('dataset', '?')}",
         f"  {result['images']} images: accuracy {result['accuracy']:.4f}  balanced accuracy "
         f"{result['balanced_accuracy']:.4f}  macro-F1 {result['macro_f1']:.4f}",
     ]
     width = max(len("class"), *(len(n) for n in names))
-    lines.append(f"  {'class':<{width}}  {'recall':>6}  {'images':>6}  confusion (columns: predicted, in this order)")
-    for name, row in zip(names, result["confusion_matrix"]):
-        r = result["per_class"][name]
-        recall = f"{r['recall']:.3f}" if r["recall"] is not None else "-"
-        lines.append(f"  {name:<{width}}  {recall:>6}  {r['images']:>6}  " + " ".join(f"{v:>4}" for v in row))
+    lines.append(f"  {'class':<{width}}  {'precision':>9}  {'recall':>6}  {'F1':>6}  {'images':>6}  "
+                 "confusion (columns: predicted, in this order)")
+    for r, row in zip(rows, result["confusion_matrix"]):
+        lines.append(f"  {r['class']:<{width}}  {r['precision']:>9.3f}  {r['recall']:>6.3f}  {r['f1']:>6.3f}  "
+                     f"{r['support']:>6}  " + " ".join(f"{v:>4}" for v in row))
     return "\n".join(lines)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from search.metrics import confusion_scores, per_class_table
+
 # Metrics a choice can rank by (larger is better for all of them; val_loss is negated).
 METRICS = ("val_acc", "val_balanced_acc", "val_macro_f1", "val_loss")
 # Bins of the expected calibration error (Guo et al. 2017 use 15).
@@ -41,14 +43,8 @@ def score(probs: torch.Tensor, labels: torch.Tensor, metric: str = "val_acc") ->
     pred = probs.argmax(1)
     if metric == "val_acc":
         return (pred == labels).float().mean().item()
-    cm = confusion_matrix(pred, labels, probs.shape[1])
-    present = cm.sum(1) > 0
-    recall = cm.diag().float() / cm.sum(1).clamp(min=1).float()
-    if metric == "val_balanced_acc":
-        return recall[present].mean().item()
-    precision = cm.diag().float() / cm.sum(0).clamp(min=1).float()
-    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-    return f1[present].mean().item()
+    scores = confusion_scores(confusion_matrix(pred, labels, probs.shape[1]).tolist())  # as trials score
+    return scores["balanced_acc"] if metric == "val_balanced_acc" else scores["macro_f1"]
 
 
 def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -66,22 +62,19 @@ def classification_summary(probs: torch.Tensor, labels: torch.Tensor, class_name
         class_names: index -> name.
 
     Returns:
-        A JSON-ready dict: images, accuracy, balanced_accuracy, macro_f1, per_class (name ->
-        {recall, images}), confusion_matrix (rows: true class).
+        A JSON-ready dict: images, accuracy, balanced_accuracy, macro_f1, per_class
+        (`search.metrics.per_class_table`: class, precision, recall, f1, support, predicted),
+        confusion_matrix (rows: true class).
     """
-    cm = confusion_matrix(probs.argmax(1), labels, probs.shape[1])
-    per_class = {
-        name: {"recall": (cm[i, i].item() / cm[i].sum().item()) if cm[i].sum() > 0 else None,
-               "images": int(cm[i].sum().item())}
-        for i, name in enumerate(class_names)
-    }
+    cm = confusion_matrix(probs.argmax(1), labels, probs.shape[1]).tolist()
+    scores = confusion_scores(cm)
     return {
         "images": len(labels),
-        "accuracy": score(probs, labels, "val_acc"),
-        "balanced_accuracy": score(probs, labels, "val_balanced_acc"),
-        "macro_f1": score(probs, labels, "val_macro_f1"),
-        "per_class": per_class,
-        "confusion_matrix": cm.tolist(),
+        "accuracy": scores["acc"],
+        "balanced_accuracy": scores["balanced_acc"],
+        "macro_f1": scores["macro_f1"],
+        "per_class": per_class_table(cm, class_names),  # the table trials and `show --json` give
+        "confusion_matrix": cm,
     }
 
 
