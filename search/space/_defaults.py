@@ -1,0 +1,210 @@
+"""The built-in spaces and what fills a user's space: fine-tuning priors, imbalance dimensions."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from search.space._params import _describe, _lowest, _stages, _values
+from search.space._space import SearchSpace, _can_fine_tune, backbones_in
+
+
+
+def default_space(*, gpu: bool) -> SearchSpace:
+    """The built-in space: small backbones and images on CPU, larger ones on GPU.
+
+    Args:
+        gpu: whether trials get GPUs.
+
+    Returns:
+        The default space.
+    """
+    common: dict[str, Any] = {
+        "augmentation": ["none", "flip", "trivialaugment"],
+        "optimizer": "adamw",
+        "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+        "weight_decay": {"low": 1e-6, "high": 1e-2, "log": True},
+        "label_smoothing": [0.0, 0.1],
+    }
+    if gpu:
+        d = {
+            "backbone": ["resnet50", "convnext_tiny", "efficientnet_b2", "vit_b_16"],
+            "freeze_depth": [0, 2, 4, "all"],
+            **common,
+            "batch_size": [32, 64],
+            "image_size": 224,
+            "max_epochs": 10,
+        }
+    else:
+        d = {
+            "backbone": ["resnet18", "mobilenet_v3_large", "efficientnet_b0"],
+            # 4: the last stages only (resnet18's layer4; the last blocks of the others).
+            "freeze_depth": [0, 2, 4, "all"],
+            **common,
+            "batch_size": [16, 32],
+            "image_size": 128,
+            "max_epochs": 6,
+        }
+    return SearchSpace.from_dict(d, source="default space")
+
+
+def default_space_at_hand(*, gpu: bool, weights_dir: str | None) -> tuple[SearchSpace, str | None]:
+    """The default space over the backbones whose pretrained weights are at hand.
+
+    At hand: a default backbone found in `weights_dir` or the torch/timm caches, and every
+    `weights_dir/<name>.pth` that names a registered backbone or a timm model (as `timm/<name>`).
+    Offline, a default backbone without weights would stop the search at its pre-flight check;
+    with nothing at hand at all, the defaults stay (an online machine downloads them).
+
+    Args:
+        gpu: whether trials get GPUs (`default_space`).
+        weights_dir: the --weights-dir folder, or None.
+
+    Returns:
+        (the space, one line naming the defaults left out, or None when none were).
+    """
+    from search import backbones
+
+    space = default_space(gpu=gpu)
+    defaults = backbones_in(space)
+    at_hand = [n for n in defaults if backbones.weights_status(n, weights_dir) != "missing"]
+    extra = [n for n in _backbones_in_dir(weights_dir) if n not in at_hand]
+    chosen = at_hand + extra
+    left_out = [n for n in defaults if n not in at_hand]
+    if not chosen or chosen == defaults:
+        return space, None
+    most = max(_stages(n) for n in chosen)
+    depths = [v for v in space.param_dict["freeze_depth"].values if v == "all" or int(v) <= most]
+    space = space.fixed(backbone=chosen, freeze_depth=depths)
+    note = None
+    if left_out:
+        where = f"{weights_dir} nor the torch/timm caches" if weights_dir else "the torch/timm caches"
+        note = (f"default space: left out {', '.join(left_out)} (no pretrained weights in {where}); "
+                f"searching {', '.join(chosen)}")
+    return space, note
+
+
+def _backbones_in_dir(weights_dir: str | None) -> list[str]:
+    """Backbone names of the `<name>.pth` files in a weights folder (registered or timm), sorted."""
+    from search import backbones
+
+    if not weights_dir or not Path(weights_dir).is_dir():
+        return []
+    names = []
+    for f in sorted(Path(weights_dir).glob("*.pth")):
+        for name in (f.stem, f"{backbones.TIMM_PREFIX}{f.stem}"):
+            try:
+                backbones.get_spec(name)
+            except Exception:  # not a model either library knows
+                continue
+            names.append(name)
+            break
+    return names
+
+
+# ----- fine-tuning priors -----------------------------------------------------------------------
+#
+# Where they come from (read in the sources, values adapted to a search over a few epochs):
+# - AutoGluon AutoMM's fine-tuning defaults (docs "Customize AutoMM", optimization.*): AdamW,
+#   learning_rate 1e-4 for the backbone, lr_choice "layerwise_decay" with lr_decay 0.9 per layer,
+#   or "two_stages" with the head at lr_mult x the backbone's rate; cosine_decay schedule,
+#   warmup over the first 10% of steps (warmup_steps 0.1), weight_decay 1e-3.
+# - the torchvision references (references/classification/train.py): linear warm-up
+#   (--lr-warmup-epochs) then cosine annealing; the transfer-learning tutorial fine-tunes a
+#   pretrained ResNet at lr 1e-3 (SGD, momentum 0.9), far below the 0.1 used from scratch.
+# - timm's fine-tuning practice (train.py --layer-decay, warm-up epochs, cosine schedule;
+#   pretrained weights fine-tuned with AdamW at 1e-4..5e-4, heads at a larger rate).
+# Our stages are groups of layers (5 to 12 per backbone), so the per-stage decay range reaches
+# lower than AutoGluon's per-layer 0.9.
+
+# What a space that does not mention them gets: the head's rate is `lr`; the backbone's is a
+# fraction of it (two_stages: head = 10 x backbone sits in the middle), decayed per stage.
+FINETUNE_PRIORS: dict[str, Any] = {
+    "backbone_lr_mult": {"low": 0.01, "high": 0.3, "log": True},
+    "lr_decay": {"low": 0.6, "high": 1.0},
+}
+WARMUP_FRACTION = 0.1  # of the trial's epochs (AutoGluon's warmup_steps 0.1)
+# Above these, pretrained stages are wrecked in the first steps (seen: AdamW at 3e-3 and more
+# fine-tuning EfficientNet-Lite stages ends at chance); the head alone takes far more.
+FINETUNE_LR_LIMIT = {"adamw": 3e-3, "adam": 3e-3, "rmsprop": 3e-3, "sgd": 0.1}
+
+
+def with_finetune_priors(space: SearchSpace) -> SearchSpace:
+    """The space with the fine-tuning priors it does not mention (what it states is kept).
+
+    `lr` is then the head's rate, and backbone stages train at `lr * backbone_lr_mult *
+    lr_decay**d` (d = 1 next to the head); warm-up over the first tenth of the epochs, then cosine
+    decay. A space that fixes them (e.g. `backbone_lr_mult: 1.0`, `warmup_epochs: 0`) keeps its values.
+
+    Args:
+        space: a validated space.
+
+    Returns:
+        The space with `backbone_lr_mult`, `lr_decay` and `warmup_epochs` filled in.
+    """
+    stated = space.to_dict()
+    added = {k: v for k, v in FINETUNE_PRIORS.items() if k not in stated}
+    if "warmup_epochs" not in stated:
+        added["warmup_epochs"] = round(WARMUP_FRACTION * space.max_epochs, 3)
+    return SearchSpace.from_dict({**stated, **added}) if added else space
+
+
+def lr_warnings(space: SearchSpace, *, source: str = "search space") -> list[str]:
+    """One line when the space's learning rates cannot fine-tune backbone stages.
+
+    The lowest rate a fine-tuning trial can give the stage next to the head (`lr *
+    backbone_lr_mult * lr_decay`) is compared with `FINETUNE_LR_LIMIT` for each optimizer the
+    space can use; a space whose every draw is above it would only ever diverge.
+
+    Args:
+        space: the space (after `with_finetune_priors`, or as the user wrote it).
+        source: what to call it in the message.
+
+    Returns:
+        Zero or one warning line.
+    """
+    params = space.param_dict
+    if not _can_fine_tune(space):
+        return []
+    lowest = _lowest("lr", params) * _lowest("backbone_lr_mult", params) * _lowest("lr_decay", params)
+    bad = [o for o in _values("optimizer", params) if lowest > FINETUNE_LR_LIMIT.get(str(o), math.inf)]
+    if not bad:
+        return []
+    opt = bad[0]
+    return [
+        f"{source}: lr {_describe(params.get('lr'))} with backbone_lr_mult {_describe(params.get('backbone_lr_mult'))} trains "
+        f"backbone stages at {lowest:.2g} or more with {opt}; fine-tuning diverges above about "
+        f"{FINETUNE_LR_LIMIT[opt]:g}: lower lr, or leave backbone_lr_mult out (its default scales the backbone's rate down)"
+    ]
+
+
+# Searched on an imbalanced training split when the space does not set them itself (`for_dataset`).
+# Plain training comes first in each list: a warm-start trial (`SearchSpace.baseline`) takes it.
+IMBALANCE_DIMENSIONS: dict[str, list[Any]] = {
+    "loss_weighting": ["none", "inverse_sqrt", "inverse_frequency"],
+    "balanced_sampler": [False, True],
+}
+
+
+def for_dataset(space: SearchSpace, class_counts: list[int]) -> SearchSpace:
+    """The default space fitted to a dataset: imbalance handling searched where classes are lopsided.
+
+    When the training split's largest class has at least `imbalance.IMBALANCE_RATIO` times the
+    images of its smallest, loss weighting and the class-balanced sampler become search dimensions
+    (`IMBALANCE_DIMENSIONS`; a dimension the space already sets is kept as it is); otherwise the
+    space is returned unchanged, and neither costs the sampler a dimension.
+
+    Args:
+        space: the default space (a user's space is searched as written).
+        class_counts: training images per class.
+
+    Returns:
+        The space to search.
+    """
+    from search.imbalance import is_imbalanced
+
+    if not is_imbalanced(class_counts):
+        return space
+    missing = {k: v for k, v in IMBALANCE_DIMENSIONS.items() if k not in space.param_dict}
+    return SearchSpace.from_dict({**space.to_dict(), **missing}, source="default space") if missing else space
