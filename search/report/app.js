@@ -41,13 +41,9 @@
     if (numeric) return parseFloat(a) - parseFloat(b);
     return a.localeCompare(b, undefined, {numeric: true, sensitivity: "base"});
   }
-  function sortRows() {
-    var i = heads.findIndex(function (th) { return th.getAttribute("data-col") === state.sort; });
-    heads.forEach(function (th) { th.removeAttribute("aria-sort"); });
-    if (i < 0) return;
-    heads[i].setAttribute("aria-sort", state.dir === "asc" ? "ascending" : "descending");
-    var sign = state.dir === "asc" ? 1 : -1;
-    var rows = Array.prototype.slice.call(tbody.rows);
+  // Orders a table body by column i (sign 1: ascending, -1: descending), by each cell's data-v.
+  function orderRows(body, i, sign) {
+    var rows = Array.prototype.slice.call(body.rows);
     rows.sort(function (ra, rb) {
       var a = ra.cells[i], b = rb.cells[i];
       var va = a.getAttribute("data-v"), vb = b.getAttribute("data-v");
@@ -56,7 +52,14 @@
       var numeric = a.getAttribute("data-t") === "n" && b.getAttribute("data-t") === "n";
       return sign * compare(va, vb, numeric);
     });
-    rows.forEach(function (r) { tbody.appendChild(r); });
+    rows.forEach(function (r) { body.appendChild(r); });
+  }
+  function sortRows() {
+    var i = heads.findIndex(function (th) { return th.getAttribute("data-col") === state.sort; });
+    heads.forEach(function (th) { th.removeAttribute("aria-sort"); });
+    if (i < 0) return;
+    heads[i].setAttribute("aria-sort", state.dir === "asc" ? "ascending" : "descending");
+    orderRows(tbody, i, state.dir === "asc" ? 1 : -1);
   }
   function filterRows() {
     var terms = state.filter.toLowerCase().split(/\s+/).filter(Boolean);
@@ -101,16 +104,7 @@
         var dir = wanted || (th.getAttribute("aria-sort") === "descending" ? "ascending" : "descending");
         cols.forEach(function (h) { h.removeAttribute("aria-sort"); });
         th.setAttribute("aria-sort", dir);
-        var sign = dir === "ascending" ? 1 : -1;
-        var rows = Array.prototype.slice.call(t.tBodies[0].rows);
-        rows.sort(function (ra, rb) {
-          var a = ra.cells[i], b = rb.cells[i];
-          var va = a.getAttribute("data-v"), vb = b.getAttribute("data-v");
-          if (va === "" || vb === "") return (va === "") - (vb === "");
-          var numeric = a.getAttribute("data-t") === "n" && b.getAttribute("data-t") === "n";
-          return sign * compare(va, vb, numeric);
-        });
-        rows.forEach(function (r) { t.tBodies[0].appendChild(r); });
+        orderRows(t.tBodies[0], i, dir === "ascending" ? 1 : -1);
       }
       th.addEventListener("click", function () { activate(); });
       th.addEventListener("keydown", function (e) { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); activate(); } });
