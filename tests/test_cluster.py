@@ -320,6 +320,29 @@ def test_stale_trials_only_are_reconciled(postgres: str | None, tmp_path: Path) 
         assert [r.system_attrs["fixed_params"] for r in trials if r.user_attrs.get("retry_of") == t.number] == [t.params]
 
 
+def test_a_retry_lost_between_tell_and_enqueue_is_enqueued_once(tmp_path: Path) -> None:
+    """A driver stopped after telling a trial interrupted but before enqueuing its retry (a second
+    Ctrl-C): the next reconcile enqueues the retry, once; crowded-out and not-started trials get none."""
+    pytest.importorskip("ray")
+    from search.runner import INTERRUPTED, SURPLUS, reconcile
+
+    study = optuna.create_study(study_name="lost", storage=f"sqlite:///{tmp_path / 'lost.db'}", direction="maximize")
+    kinds = {"lost": {"error": INTERRUPTED}, "surplus": {"error": SURPLUS}, "not started": {"not_started": True}}
+    numbers = {}
+    for what, attrs in kinds.items():
+        t = study.ask()
+        t.suggest_float("lr", 1e-4, 1e-2, log=True)
+        for k, v in {"interrupted": True, **attrs}.items():
+            t.set_user_attr(k, v)
+        study.tell(t, state=optuna.trial.TrialState.FAIL)
+        numbers[what] = t.number
+    for _ in range(2):  # idempotent: the second reconcile adds nothing
+        assert reconcile(study) == 0
+    trials = study.get_trials()
+    retries = [(r.user_attrs["retry_of"], r.system_attrs["fixed_params"]) for r in trials if "retry_of" in r.user_attrs]
+    assert retries == [(numbers["lost"], trials[numbers["lost"]].params)]
+
+
 def test_surplus_trial_of_a_race_is_closed(tmp_path: Path) -> None:
     """Two drivers asking for the last trial at once: the later trial number is closed, not run."""
     pytest.importorskip("ray")
@@ -446,3 +469,16 @@ def test_dataset_checked_on_every_node(cluster: LoopbackCluster, tmp_path: Path)
     probe[0] = (probe[0][0], probe[0][1] + 1)
     probe[1] = (probe[1][0] + ".gone", probe[1][1])
     assert _node_sees(str(data), probe, None) == {"root": True, "missing": 2, "checked": len(files), "experiment_dir": False}
+
+
+def test_processes_opening_a_fresh_study_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """Two drivers (or a driver and a reader) creating one new SQLite file's tables at the same
+    moment: the loser of the race opens the tables the winner made, instead of failing."""
+    code = "import sys; from search.studies import get_storage; get_storage(sys.argv[1]); print('ok')"
+    root = Path(__file__).resolve().parents[1]
+    for k in range(3):
+        url = f"sqlite:///{tmp_path / f'fresh{k}.db'}"
+        procs = [subprocess.Popen([sys.executable, "-c", code, url], cwd=root, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert all(out.strip() == "ok" for out, _ in outs), [err.strip().splitlines()[-1:] for _, err in outs]

@@ -230,11 +230,40 @@ def continue_budget_cut(study: optuna.Study) -> int:
     return n
 
 
+def enqueue_retry(study: optuna.Study, trial: Any) -> bool:
+    """Enqueues a retry of an interrupted trial (same params, user_attr `retry_of`) unless one exists.
+
+    Idempotent, so that a driver stopped between telling a trial and enqueuing its retry (a second
+    Ctrl-C, kill -9) loses nothing: the next `reconcile` enqueues what is missing, once.
+
+    Args:
+        study: the study.
+        trial: the interrupted trial (frozen or live); one without params is not retried.
+
+    Returns:
+        Whether a retry was enqueued.
+    """
+    if not trial.params:
+        return False
+    if any(t.user_attrs.get("retry_of") == trial.number for t in study.get_trials(deepcopy=False)):
+        return False
+    study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+    return True
+
+
+def _needs_retry(t: Any) -> bool:
+    """An interrupted trial that ran or was about to run (not crowded out, not refused by the budget)."""
+    a = t.user_attrs
+    return (t.state == TrialState.FAIL and bool(a.get("interrupted")) and bool(t.params)
+            and a.get("error") != SURPLUS and not a.get("not_started"))
+
+
 def reconcile(study: optuna.Study, *, driver: str | None = None) -> int:
     """Marks trials left RUNNING by a stopped driver FAIL ("interrupted") and enqueues their params.
 
     Other drivers may be running on the study: their live trials are left alone; only stale
-    trials (see `is_stale`) and this driver's own are reconciled.
+    trials (see `is_stale`) and this driver's own are reconciled. An interrupted trial whose retry
+    was never enqueued (its driver stopped in between) gets it now.
 
     Args:
         study: the study.
@@ -253,10 +282,16 @@ def reconcile(study: optuna.Study, *, driver: str | None = None) -> int:
         trial.set_user_attr("error", INTERRUPTED)
         trial.set_user_attr("interrupted", True)
         trial.set_user_attr("epochs_run", len(t.intermediate_values))
+        enqueue_retry(study, t)  # before the tell: a stop in between leaves it RUNNING, retried once
         study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        if t.params:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
         n += 1
+    # Live drivers enqueue before they tell (see HonestOptunaSearch._finish), so a retry missing
+    # here belongs to a driver that stopped in between.
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for t in trials:
+        if _needs_retry(t) and t.number not in retried:
+            enqueue_retry(study, t)
     return n
 
 

@@ -30,6 +30,7 @@ from search.runner._ledger import (
     _other_drivers,
     _Tally,
     _unflatten,
+    enqueue_retry,
     trial_outcome,
 )
 from search.space import SearchSpace
@@ -356,14 +357,12 @@ class HonestOptunaSearch(OptunaSearch):
             stopped_by = "asha" if trial_id in self._asha_stopped else BUDGET_CUT
         self._set_attrs(ot_trial, config, curve, last, final, error, interrupted, stopped_by)
         self._bound_checkpoints(ot_trial, state, value, config, interrupted, final)
+        if interrupted:  # before the tell: a driver stopped in between leaves a RUNNING trial, retried once
+            enqueue_retry(self._ot_study, ot_trial)
         try:
             self._ot_study.tell(ot_trial, float(value) if state == TrialState.COMPLETE else None, state=state)
         except Exception as e:  # a storage hiccup must not end the search
             print(f"warning: could not record trial {ot_trial.number}: {e}", file=sys.stderr)
-        if interrupted:
-            params = ot_trial.params
-            if params:
-                self._ot_study.enqueue_trial(params, user_attrs={"retry_of": ot_trial.number})
         self._completed_trials.add(trial_id)
         self._update_tally(state, interrupted, value, config, final)
 

@@ -7,6 +7,7 @@ on shared storage.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
 # SQLite waits this long for a lock instead of failing with "database is locked" when a reader
 # (tlsearch show, optuna-dashboard) and the search touch the file at once.
 SQLITE_TIMEOUT_S = 60
+# Opening a fresh database that another process is creating at that moment: tries, a moment apart.
+SCHEMA_RACE_TRIES = 4
 
 
 def get_storage(url: str) -> "optuna.storages.BaseStorage":
@@ -45,12 +48,25 @@ def get_storage(url: str) -> "optuna.storages.BaseStorage":
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    except ImportError as e:
-        raise TLSearchError(f"storage {_redact(url)} needs a database driver: {e}") from None
-    except Exception as e:  # sqlalchemy raises many kinds for a bad URL or an unreachable server
-        raise TLSearchError(f"cannot open storage {_redact(url)}: {str(e).splitlines()[0]}") from None
+    for attempt in range(SCHEMA_RACE_TRIES):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except ImportError as e:
+            raise TLSearchError(f"storage {_redact(url)} needs a database driver: {e}") from None
+        except Exception as e:  # sqlalchemy raises many kinds for a bad URL or an unreachable server
+            if _schema_race(e) and attempt + 1 < SCHEMA_RACE_TRIES:
+                time.sleep(0.2 * (attempt + 1))  # the other process has created the tables by now
+                continue
+            raise TLSearchError(f"cannot open storage {_redact(url)}: {str(e).splitlines()[0]}") from None
+    raise AssertionError("unreachable")
+
+
+def _schema_race(e: Exception) -> bool:
+    """Whether opening a new database failed because another process created its tables at the
+    same moment (two drivers, or a driver and a reader, on a fresh study file)."""
+    text = str(e)
+    return type(e).__name__ in ("IntegrityError", "OperationalError") and (
+        "alembic_version" in text or "already exists" in text)
 
 
 def load_study(
