@@ -529,7 +529,7 @@ def defaults_markdown(result: dict) -> str:
 
 
 def run_defaults(quick: bool, out: Path, data: Path) -> int:
-    """Runs part g alone and writes benchmarks/results/defaults(.quick).json and .md."""
+    """Runs part g alone and writes benchmarks/results/defaults[-DATASET][-quick].json and .md."""
     plan = DEFAULTS_QUICK if quick else DEFAULTS_FULL
     work = Path(tempfile.mkdtemp(prefix="tlsearch-bench-g-"))
     t0 = time.time()
@@ -539,7 +539,9 @@ def run_defaults(quick: bool, out: Path, data: Path) -> int:
         shutil.rmtree(work, ignore_errors=True)
     result.update(quick=quick, total_s=round(time.time() - t0, 1), finished=time.strftime("%Y-%m-%d %H:%M"),
                   machine={"cpus": os.cpu_count(), "load_end": load_avg()})
-    stem = "defaults-quick" if quick else "defaults"
+    # The dataset the defaults were chosen on keeps the plain name; another one's run sits beside it.
+    stem = "defaults" if data.resolve() == DATA.resolve() else f"defaults-{data.name}"
+    stem += "-quick" if quick else ""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     table = defaults_markdown(result)
