@@ -230,6 +230,57 @@ def test_no_choice_reads_held_out_labels(pool: list[PoolTrial], data: Path, cach
     assert sum(c["shipped"] for c in clean["candidates"]) == 1
 
 
+class _Logits:
+    """Predictions' interface over fixed logits: one backbone per trial (so no soups)."""
+
+    def __init__(self, logits: dict[int, torch.Tensor], labels: torch.Tensor) -> None:
+        from types import SimpleNamespace
+
+        self._l = {f"trial {n}": v for n, v in logits.items()}
+        self.labels = {"val": labels}
+        self.trials = {n: SimpleNamespace(config=SimpleNamespace(backbone=f"net{n}")) for n in logits}
+        self.index = SimpleNamespace(classes=[str(c) for c in range(next(iter(logits.values())).shape[1])])
+
+    def trial_key(self, n: int) -> str:
+        return f"trial {n}"
+
+    def soup_key(self, trials) -> str:
+        return self.trial_key(trials[0])
+
+    def probs(self, key: str, split: str, *, tta: bool = False) -> torch.Tensor:
+        return self._l[key].softmax(1)
+
+    output = Predictions.output
+
+
+def test_the_combination_ships_only_when_it_beats_the_best_single_out_of_sample() -> None:
+    from search.ensemble import decide
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 2
+    rows = torch.arange(60)
+    ok = dict(metric="val_acc", max_members=6, latency=lambda c: 1.0, max_latency_ms=None)
+
+    # A 70% model and eight models of pure noise: selection finds noise that helps on these 60 images
+    # by chance, and the guard sees it does not hold on the other half.
+    good = torch.where(torch.rand(60, generator=g) < 0.7, y, 1 - y)
+    logits = {0: torch.nn.functional.one_hot(good, 2).float() * 1.5}
+    logits.update({n: torch.randn(60, 2, generator=g) * 2 for n in range(1, 9)})
+    cands, ship, guard = decide(_Logits(logits, y), rows, **ok)
+    best_on_val = max(cands, key=lambda c: (c.val_score, -c.order))
+    assert best_on_val.name != "best single" and best_on_val.val_score > cands[0].val_score
+    assert guard["val_best"] == best_on_val.name and guard["shipped_single"] and guard["gain"] <= 0
+    assert ship.name == "best single" and ship.members == (("trial 0", 1.0),)
+
+    # Two experts, each sure and right on one class and unsure on the other: together they are right
+    # everywhere, on any half.
+    expert0 = torch.stack([torch.where(y == 0, 4.0, 0.5), torch.zeros(60)], 1)  # class 1: leans to 0, wrongly
+    expert1 = torch.stack([torch.zeros(60), torch.where(y == 1, 4.0, 0.5)], 1)
+    cands, ship, guard = decide(_Logits({0: expert0, 1: expert1}, y), rows, **ok)
+    assert ship.kind == "ensemble" and not guard["shipped_single"] and guard["gain"] > 0
+    assert {k for k, _ in ship.members} == {"trial 0", "trial 1"}
+
+
 def test_cross_fitted_choices_read_only_their_half(pool: list[PoolTrial], data: Path, cache: str) -> None:
     index = scan_dataset(data)
     preds = Predictions(pool, index, device=torch.device("cpu"))

@@ -21,7 +21,7 @@ from search.ensemble._build import (
     ensemble_pool,
     kept_trials,
 )
-from search.ensemble._choose import Candidate, choose
+from search.ensemble._choose import Candidate, choose, decide
 from search.ensemble._evaluate import evaluate_model
 from search.ensemble._format import format_ensemble, format_evaluation
 from search.ensemble._module import (
@@ -64,6 +64,7 @@ __all__ = [
     "build_ensemble",
     "choose",
     "classification_summary",
+    "decide",
     "ensemble_pool",
     "evaluate_model",
     "expected_calibration_error",

@@ -22,7 +22,7 @@ from search.config import (
     atomic_write_text,
     ensemble_summary_path,
 )
-from search.ensemble._choose import Candidate, choose, heldout_probs, shipped
+from search.ensemble._choose import Candidate, decide, heldout_probs
 from search.ensemble._predict import PoolTrial, Predictions
 from search.ensemble._select import (
     METRICS,
@@ -158,7 +158,9 @@ def ensemble_pool(
         metric; heldout (kind "test" or "cross-fitted", images, optimistic); val_images;
         candidates (name, kind, members, tta, temperature, val_score, heldout_score,
         heldout_accuracy, ece before/after on validation and held out, latency_ms, size_mb,
-        shipped); shipped (name); shipped_heldout_score (of the whole procedure); test (the
+        shipped); shipped (name); guard (`decide`: the best on validation, its out-of-sample gain
+        over the best single trial on validation halves, whether the single trial ships instead);
+        shipped_heldout_score (of the whole procedure); test (the
         shipped model's accuracy, balanced accuracy, per-class recall, confusion matrix, when
         there is test/); reliability (of the shipped model on held-out images, before and after
         temperature); model_dir.
@@ -186,8 +188,8 @@ def ensemble_pool(
 
     everything = torch.arange(len(index.val))
     say("choosing on validation")
-    final = choose(preds, everything, metric=metric, max_members=max_members)
-    ship = shipped(final, latency, max_latency_ms=max_latency_ms)
+    final, ship, guard = decide(preds, everything, metric=metric, max_members=max_members, latency=latency,
+                                max_latency_ms=max_latency_ms)
     if len(index.test):
         say(f"scoring on test/ ({len(index.test)} images)")
         heldout = _test_scores(preds, final, ship, metric)
@@ -217,6 +219,7 @@ def ensemble_pool(
         "val_images": len(index.val),
         "candidates": rows,
         "shipped": ship.name,
+        "guard": guard,
         "shipped_heldout_score": heldout["shipped_score"],
         "reliability": heldout["reliability"],
         "test": heldout.get("test"),
@@ -255,12 +258,12 @@ def _crossfit_scores(preds: Predictions, final: Sequence[Candidate], metric: str
     pooled: dict[str, list[torch.Tensor]] = {c.name: [torch.zeros(n, classes), torch.zeros(n, classes)] for c in final}
     ship_probs = [torch.zeros(n, classes), torch.zeros(n, classes)]
     for fit, held in ((a, b), (b, a)):
-        chosen = choose(preds, fit, metric=metric, max_members=max_members)
+        chosen, ship, _ = decide(preds, fit, metric=metric, max_members=max_members, latency=latency,
+                                 max_latency_ms=max_latency_ms)
         for c in chosen:
             if c.name in pooled:
                 pooled[c.name][0][held] = heldout_probs(preds, c, "val", calibrated=False)[held]
                 pooled[c.name][1][held] = heldout_probs(preds, c, "val")[held]
-        ship = shipped(chosen, latency, max_latency_ms=max_latency_ms)
         ship_probs[0][held] = heldout_probs(preds, ship, "val", calibrated=False)[held]
         ship_probs[1][held] = heldout_probs(preds, ship, "val")[held]
     cands = {name: _heldout_row(p[0], p[1], y, metric) for name, p in pooled.items()}

@@ -18,7 +18,9 @@ from search.ensemble._select import (
     fit_temperature,
     greedy_selection,
     greedy_soup,
+    halves,
     pick_shipped,
+    rank_key,
     score,
 )
 
@@ -56,10 +58,11 @@ def choose(preds: Predictions, rows: torch.Tensor, *, metric: str, max_members: 
     """
     y = preds.labels["val"][rows]
 
-    def member_score(key: str) -> float:
-        return score(preds.probs(key, "val")[rows], y, metric)
+    def member_score(key: str) -> tuple[float, float]:
+        return rank_key(preds.probs(key, "val")[rows], y, metric)
 
-    numbers = sorted(preds.trials, key=lambda n: (-member_score(preds.trial_key(n)), n))
+    ranked = {n: member_score(preds.trial_key(n)) for n in preds.trials}
+    numbers = sorted(preds.trials, key=lambda n: (-ranked[n][0], -ranked[n][1], n))
     singles = [preds.trial_key(n) for n in numbers]
     out = [Candidate("best single", "single", ((singles[0], 1.0),))]
     soups = []
@@ -101,6 +104,40 @@ def shipped(candidates: Sequence[Candidate], latency: Callable[[Candidate], floa
     except ValueError as e:  # nothing fits the user's budget: bad input, one line
         raise TLSearchError(str(e)) from None
     return by_name[choice.name]
+
+
+def decide(preds: Predictions, rows: torch.Tensor, *, metric: str, max_members: int,
+           latency: Callable[[Candidate], float], max_latency_ms: float | None) -> tuple[list[Candidate], Candidate, dict]:
+    """The whole procedure on the val `rows`: the candidates (`choose`) and the one to ship.
+
+    The best on `rows` ships only if it also beats the best single trial out of sample: the
+    procedure is run on each half of `rows` and scored on the other, and the combination ships
+    when its pooled score there is higher than that of the best single trial chosen the same way.
+    On a few dozen images the best of several candidates often wins by chance (it was picked
+    because it scored high on those images); the simpler model is then the safer one to ship.
+
+    Returns:
+        (candidates, the shipped one, the guard: {"val_best", "gain", "images", "shipped_single"}).
+    """
+    cands = choose(preds, rows, metric=metric, max_members=max_members)
+    best = shipped(cands, latency, max_latency_ms=max_latency_ms)
+    single = cands[0]
+    guard = {"val_best": best.name, "gain": None, "images": len(rows), "shipped_single": False}
+    if best.name == single.name or (max_latency_ms is not None and latency(single) > max_latency_ms):
+        return cands, best, guard
+    y = preds.labels["val"]
+    n, classes = len(y), len(preds.index.classes)
+    pooled = {"single": torch.zeros(n, classes), "best": torch.zeros(n, classes)}
+    a, b = halves(y[rows])
+    for fit, held in ((rows[a], rows[b]), (rows[b], rows[a])):
+        if len(fit) == 0 or len(held) == 0:
+            continue
+        inner = choose(preds, fit, metric=metric, max_members=max_members)
+        pooled["single"][held] = heldout_probs(preds, inner[0], "val")[held]
+        pooled["best"][held] = heldout_probs(preds, shipped(inner, latency, max_latency_ms=max_latency_ms), "val")[held]
+    gain = score(pooled["best"][rows], y[rows], metric) - score(pooled["single"][rows], y[rows], metric)
+    guard.update(gain=gain, shipped_single=not gain > 0)
+    return cands, (best if gain > 0 else single), guard
 
 
 def heldout_probs(preds: Predictions, c: Candidate, split: str, *, calibrated: bool = True) -> torch.Tensor:

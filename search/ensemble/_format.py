@@ -35,6 +35,11 @@ def format_ensemble(summary: dict[str, Any]) -> str:
     lines += ["", f"shipped (*): {summary['shipped']}; held-out {metric} of the whole procedure "
                   f"{summary['shipped_heldout_score']:.4f} on {held['images']} images"
                   + (" (optimistic)" if held.get("optimistic") else "")]
+    guard = summary.get("guard") or {}
+    if guard.get("shipped_single"):
+        lines.append(f"  ({guard['val_best']} scored best on validation but did not beat the best single trial "
+                     f"out of sample on validation halves ({metric} {guard['gain']:+.4f} on {guard['images']} "
+                     "images): the single trial ships)")
     if summary.get("test"):
         lines += ["", format_evaluation(summary["test"], title="test/ (shipped model)")]
     if summary.get("model_dir"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,17 @@ def score(probs: torch.Tensor, labels: torch.Tensor, metric: str = "val_acc") ->
         return (pred == labels).float().mean().item()
     scores = confusion_scores(confusion_matrix(pred, labels, probs.shape[1]).tolist())  # as trials score
     return scores["balanced_acc"] if metric == "val_balanced_acc" else scores["macro_f1"]
+
+
+def rank_key(probs: torch.Tensor, labels: torch.Tensor, metric: str = "val_acc") -> tuple[float, float]:
+    """What the greedy choices compare: the metric, ties broken by the lower log loss.
+
+    On a few dozen validation images many candidates tie on accuracy; the log loss tells them apart
+    by how confident they are where they are right (Caruana et al. 2004 hill-climb on any metric;
+    the loss is the smooth one).
+    """
+    nll = F.nll_loss(probs.clamp_min(1e-12).log(), labels).item() if len(labels) else 0.0
+    return score(probs, labels, metric), -nll
 
 
 def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -83,9 +95,10 @@ def greedy_selection(
 ) -> list[int]:
     """Greedy ensemble selection with replacement (Caruana et al. 2004) on averaged probabilities.
 
-    Each step adds the pool entry whose addition scores best (ties: the earlier entry; put the
-    best single model first); the result is the best-scoring prefix (ties: the shorter one), so it
-    is never worse on these rows than the best single entry.
+    Each step adds the pool entry whose addition scores best (`rank_key`: the metric, then the log
+    loss; ties: the earlier entry; put the best single model first); the result is the
+    best-scoring prefix (ties: the shorter one), so it is never worse on these rows than the best
+    single entry.
 
     Args:
         pool: per candidate member, its N x classes probabilities on the rows chosen on.
@@ -102,9 +115,9 @@ def greedy_selection(
         raise ValueError("greedy selection needs at least one model in the pool")
     chosen: list[int] = []
     total = torch.zeros_like(pool[0])
-    best_prefix, best_score = 0, -math.inf
+    best_prefix, best_score = 0, (-math.inf, -math.inf)
     for step in range(1, max_members + 1):
-        scores = [score((total + p) / step, labels, metric) for p in pool]
+        scores = [rank_key((total + p) / step, labels, metric) for p in pool]
         pick = max(range(len(pool)), key=lambda i: (scores[i], -i))
         chosen.append(pick)
         total = total + pool[pick]
@@ -114,14 +127,15 @@ def greedy_selection(
 
 
 def greedy_soup(
-    ingredients: Sequence[int], score_of: Callable[[tuple[int, ...]], float],
+    ingredients: Sequence[int], score_of: Callable[[tuple[int, ...]], Any],
 ) -> tuple[int, ...]:
     """Greedy soup (Wortsman et al. 2022): ingredients in order, best first; each is kept only if
     the soup with it scores at least as well as without it.
 
     Args:
         ingredients: trial numbers sorted best first by their own validation score.
-        score_of: the validation score of the soup of a tuple of trials (weights averaged).
+        score_of: the validation score of the soup of a tuple of trials (weights averaged); any
+            comparable value (e.g. `rank_key`'s pair).
 
     Returns:
         The trials in the soup (the first one always).
