@@ -800,7 +800,7 @@ def ensemble_arm(arm: EnsembleArm, work: Path) -> dict:
         "pool_size": len(preds.trials), "pool_backbones": {
             b: sum(t.config.backbone == b for t in preds.trials.values()) for b in ENSEMBLE_BACKBONES},
         "ensemble_s": round(ensemble_s, 1), "val_images": summary["val_images"], "heldout": summary["heldout"],
-        "test_images": len(y), "candidates": out_rows, "shipped": summary["shipped"],
+        "test_images": len(y), "candidates": out_rows, "shipped": summary["shipped"], "guard": summary.get("guard"),
         "shipped_gain": gain, "goal": "shipped >= best single + 0.01 on test/", "met": gain >= 0.01,
         "test": summary["test"],
     }
@@ -848,6 +848,11 @@ def ensembles_markdown(result: dict) -> str:
                 f"| {100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] "
                 f"| {r['heldout_ece_before']:.3f} → {r['heldout_ece_after']:.3f} | {r['temperature']:.2f} "
                 f"| {r['latency_ms']:.1f} | {r['size_mb']:.1f} | {'**yes**' if r['shipped'] else ''} |")
+        g = a.get("guard") or {}
+        if g.get("gain") is not None:
+            lines += ["", f"Best on validation: {g['val_best']}; against the best single trial out of sample on "
+                          f"validation halves ({g['images']} images): {100 * g['gain']:+.1f} points, so "
+                          f"{'the best single trial ships' if g['shipped_single'] else 'it ships'}."]
         lines += ["", f"Shipped: {a['shipped']}, {100 * a['shipped_gain']:+.1f} points vs the best single trial on "
                       f"test/ (goal ≥ +1.0: {_met(a['met'])}).", ""]
     return "\n".join(lines)
