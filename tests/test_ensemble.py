@@ -267,7 +267,7 @@ def test_the_combination_ships_only_when_it_beats_the_best_single_out_of_sample(
     logits = {0: torch.nn.functional.one_hot(good, 2).float() * 1.5}
     logits.update({n: torch.randn(60, 2, generator=g) * 2 for n in range(1, 9)})
     cands, ship, guard = decide(_Logits(logits, y), rows, **ok)
-    best_on_val = max(cands, key=lambda c: (c.val_score, -c.order))
+    best_on_val = max(cands, key=lambda c: (c.val_score, -c.val_loss, -c.order))
     assert best_on_val.name != "best single" and best_on_val.val_score > cands[0].val_score
     assert guard["val_best"] == best_on_val.name and guard["shipped_single"] and guard["gain"] <= 0
     assert ship.name == "best single" and ship.members == (("trial 0", 1.0),)

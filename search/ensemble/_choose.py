@@ -38,6 +38,7 @@ class Candidate:
     tta: bool = False  # average over the image and its mirror image
     temperature: float = 1.0  # fitted on the rows the choices were made on
     val_score: float = 0.0  # the metric on those rows
+    val_loss: float = 0.0  # the log loss on those rows, after the temperature (breaks ties)
 
     @property
     def order(self) -> int:
@@ -89,7 +90,8 @@ def _calibrated(preds: Predictions, c: Candidate, rows: torch.Tensor, metric: st
     y = preds.labels["val"][rows]
     out = preds.output(c.members, "val", tta=c.tta)[rows]
     t = fit_temperature(out, y)
-    return dataclasses.replace(c, temperature=t, val_score=score((out / t).softmax(1), y, metric))
+    metric_value, neg_loss = rank_key((out / t).softmax(1), y, metric)
+    return dataclasses.replace(c, temperature=t, val_score=metric_value, val_loss=-neg_loss)
 
 
 def shipped(candidates: Sequence[Candidate], latency: Callable[[Candidate], float], *,
@@ -99,7 +101,7 @@ def shipped(candidates: Sequence[Candidate], latency: Callable[[Candidate], floa
 
     by_name = {c.name: c for c in candidates}
     try:
-        choice = pick_shipped([Choice(c.name, c.val_score, latency(c), c.order) for c in candidates],
+        choice = pick_shipped([Choice(c.name, c.val_score, latency(c), c.order, c.val_loss) for c in candidates],
                               max_latency_ms=max_latency_ms)
     except ValueError as e:  # nothing fits the user's budget: bad input, one line
         raise TLSearchError(str(e)) from None
@@ -110,14 +112,16 @@ def decide(preds: Predictions, rows: torch.Tensor, *, metric: str, max_members: 
            latency: Callable[[Candidate], float], max_latency_ms: float | None) -> tuple[list[Candidate], Candidate, dict]:
     """The whole procedure on the val `rows`: the candidates (`choose`) and the one to ship.
 
-    The best on `rows` ships only if it also beats the best single trial out of sample: the
-    procedure is run on each half of `rows` and scored on the other, and the combination ships
-    when its pooled score there is higher than that of the best single trial chosen the same way.
+    The best on `rows` (the metric, ties: the lower log loss, then the simpler) ships only if it
+    also beats the best single trial out of sample: the procedure is run on each half of `rows` and
+    scored on the other, and the combination ships when its pooled score there is higher than that
+    of the best single trial chosen the same way (equal scores: when its log loss there is lower).
     On a few dozen images the best of several candidates often wins by chance (it was picked
     because it scored high on those images); the simpler model is then the safer one to ship.
 
     Returns:
-        (candidates, the shipped one, the guard: {"val_best", "gain", "images", "shipped_single"}).
+        (candidates, the shipped one, the guard: {"val_best", "gain" (in the metric), "loss_gain"
+        (log loss of the best single minus that of the best), "images", "shipped_single"}).
     """
     cands = choose(preds, rows, metric=metric, max_members=max_members)
     best = shipped(cands, latency, max_latency_ms=max_latency_ms)
@@ -135,9 +139,10 @@ def decide(preds: Predictions, rows: torch.Tensor, *, metric: str, max_members: 
         inner = choose(preds, fit, metric=metric, max_members=max_members)
         pooled["single"][held] = heldout_probs(preds, inner[0], "val")[held]
         pooled["best"][held] = heldout_probs(preds, shipped(inner, latency, max_latency_ms=max_latency_ms), "val")[held]
-    gain = score(pooled["best"][rows], y[rows], metric) - score(pooled["single"][rows], y[rows], metric)
-    guard.update(gain=gain, shipped_single=not gain > 0)
-    return cands, (best if gain > 0 else single), guard
+    best_key, single_key = (rank_key(pooled[k][rows], y[rows], metric) for k in ("best", "single"))
+    better = best_key > single_key  # the metric, then the log loss, out of sample
+    guard.update(gain=best_key[0] - single_key[0], loss_gain=single_key[1] - best_key[1], shipped_single=not better)
+    return cands, (best if better else single), guard
 
 
 def heldout_probs(preds: Predictions, c: Candidate, split: str, *, calibrated: bool = True) -> torch.Tensor:

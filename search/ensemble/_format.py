@@ -38,8 +38,8 @@ def format_ensemble(summary: dict[str, Any]) -> str:
     guard = summary.get("guard") or {}
     if guard.get("shipped_single"):
         lines.append(f"  ({guard['val_best']} scored best on validation but did not beat the best single trial "
-                     f"out of sample on validation halves ({metric} {guard['gain']:+.4f} on {guard['images']} "
-                     "images): the single trial ships)")
+                     f"out of sample on validation halves ({metric} {guard['gain']:+.4f}, log loss "
+                     f"{-guard.get('loss_gain', 0.0):+.4f} on {guard['images']} images): the single trial ships)")
     if summary.get("test"):
         lines += ["", format_evaluation(summary["test"], title="test/ (shipped model)")]
     if summary.get("model_dir"):

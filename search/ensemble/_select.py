@@ -235,11 +235,12 @@ class Choice:
     val_score: float  # on the rows the choices were made on
     latency_ms: float  # batch-1 inference time
     order: int  # simpler first: single < soup < ensemble; without TTA before with
+    val_loss: float = 0.0  # log loss on those rows (after the temperature): breaks ties of val_score
 
 
 def pick_shipped(choices: Sequence[Choice], *, max_latency_ms: float | None = None) -> Choice:
     """The candidate to ship: the best validation score within the latency budget (ties: the
-    simpler one, then the faster one).
+    lower log loss, then the simpler one, then the faster one).
 
     Args:
         choices: the candidates.
@@ -258,4 +259,4 @@ def pick_shipped(choices: Sequence[Choice], *, max_latency_ms: float | None = No
         fastest = min(choices, key=lambda c: c.latency_ms)
         raise ValueError(f"no candidate runs within --max-latency-ms {max_latency_ms:g}; the fastest, "
                          f"{fastest.name}, takes {fastest.latency_ms:.1f} ms")
-    return max(fits, key=lambda c: (c.val_score, -c.order, -c.latency_ms))
+    return max(fits, key=lambda c: (c.val_score, -c.val_loss, -c.order, -c.latency_ms))
