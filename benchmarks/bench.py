@@ -852,7 +852,7 @@ def ensembles_markdown(result: dict) -> str:
         if g.get("gain") is not None:
             lines += ["", f"Best on validation: {g['val_best']}; against the best single trial out of sample on "
                           f"validation halves ({g['images']} images): {100 * g['gain']:+.1f} points, log loss "
-                          f"{-g.get('loss_gain', 0.0):+.3f}, so "
+                          f"{-g.get('loss_gain', 0.0):+.3f} (lower is better), so "
                           f"{'the best single trial ships' if g['shipped_single'] else 'it ships'}."]
         lines += ["", f"Shipped: {a['shipped']}, {100 * a['shipped_gain']:+.1f} points vs the best single trial on "
                       f"test/ (goal ≥ +1.0: {_met(a['met'])}).", ""]

@@ -141,7 +141,7 @@ def decide(preds: Predictions, rows: torch.Tensor, *, metric: str, max_members: 
         pooled["best"][held] = heldout_probs(preds, shipped(inner, latency, max_latency_ms=max_latency_ms), "val")[held]
     best_key, single_key = (rank_key(pooled[k][rows], y[rows], metric) for k in ("best", "single"))
     better = best_key > single_key  # the metric, then the log loss, out of sample
-    guard.update(gain=best_key[0] - single_key[0], loss_gain=single_key[1] - best_key[1], shipped_single=not better)
+    guard.update(gain=best_key[0] - single_key[0], loss_gain=best_key[1] - single_key[1], shipped_single=not better)
     return cands, (best if better else single), guard
 
 
