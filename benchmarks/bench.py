@@ -441,6 +441,8 @@ def defaults_arm(arm: str, seed: int, plan: DefaultsPlan, work: Path, data: Path
     if arm == "old":
         s = settings(run_dir, f"g-old-{seed}", space=load_space(OLD_DEFAULT_SPACE), portfolio=False,
                      budget_aware=False, finetune_grace=1, **common)
+    elif arm == "new-nograce":  # the new defaults, but ASHA may stop fine-tuning trials after epoch 1
+        s = settings(run_dir, f"g-nograce-{seed}", finetune_grace=1, **common)
     else:
         s = settings(run_dir, f"g-new-{seed}", **common)  # no space: the default space at hand
     print(f"[g] {arm} defaults, seed {seed}, {plan.budget_s:.0f} s ...", file=sys.stderr, flush=True)
@@ -484,18 +486,22 @@ def time_to(log: list[dict], target: float | None) -> float | None:
     return round(min(hits), 1) if hits else None
 
 
-def part_g(plan: DefaultsPlan, work: Path, data: Path) -> dict:
-    """Old vs new defaults, interleaved per seed (the order alternates so that neither arm always
-    runs on a machine warmed by the other)."""
+DEFAULTS_ARMS = ("old", "new", "new-nograce")
+
+
+def part_g(plan: DefaultsPlan, work: Path, data: Path, arms: tuple[str, str] = ("old", "new")) -> dict:
+    """Two arms (`DEFAULTS_ARMS`: old vs new defaults, or new with vs without the fine-tuning
+    grace), interleaved per seed (the order alternates so that neither arm always runs on a
+    machine warmed by the other)."""
     runs = []
     for i, seed in enumerate(plan.seeds):
-        for arm in (("old", "new") if i % 2 == 0 else ("new", "old")):
+        for arm in (arms if i % 2 == 0 else arms[::-1]):
             runs.append(defaults_arm(arm, seed, plan, work, data))
     rows = []
     for seed in plan.seeds:
         pair = {r["arm"]: r for r in runs if r["seed"] == seed}
         best = max((e.get("val_acc") or 0.0 for r in pair.values() for e in r["log"]), default=None)
-        for arm in ("old", "new"):
+        for arm in arms:
             r = pair[arm]
             rows.append({
                 "seed": seed, "arm": arm, "best_value": r["best_value"],
@@ -505,13 +511,15 @@ def part_g(plan: DefaultsPlan, work: Path, data: Path) -> dict:
                 "time_to_99_s": time_to(r["log"], 0.99 * best if best else None),
                 "fine_tuning": r["fine_tuning"], "counts": r["counts"], "wall_s": r["wall_s"],
             })
-    return {"budget_s": plan.budget_s, "seeds": list(plan.seeds), "data": str(data), "rows": rows}
+    return {"budget_s": plan.budget_s, "seeds": list(plan.seeds), "data": str(data), "arms": list(arms), "rows": rows,
+            "logs": [{"arm": r["arm"], "seed": r["seed"], "log": r["log"]} for r in runs]}
 
 
 def defaults_markdown(result: dict) -> str:
     """Part g's side-by-side table."""
     lines = [
-        f"Same search, old vs new defaults: {result['data']}, {result['budget_s']:.0f} s budget per search, "
+        f"Same search, {' vs '.join(result.get('arms', ['old', 'new']))} defaults: {result['data']}, "
+        f"{result['budget_s']:.0f} s budget per search, "
         f"seeds {', '.join(map(str, result['seeds']))}, cold caches, arms interleaved. "
         "Times are to 95% / 99% of the best per-epoch val_acc either arm reached in that seed.",
         "",
@@ -528,19 +536,20 @@ def defaults_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_defaults(quick: bool, out: Path, data: Path) -> int:
-    """Runs part g alone and writes benchmarks/results/defaults[-DATASET][-quick].json and .md."""
+def run_defaults(quick: bool, out: Path, data: Path, arms: tuple[str, str] = ("old", "new")) -> int:
+    """Runs part g alone and writes benchmarks/results/defaults[-DATASET][-ARMS][-quick].json and .md."""
     plan = DEFAULTS_QUICK if quick else DEFAULTS_FULL
     work = Path(tempfile.mkdtemp(prefix="tlsearch-bench-g-"))
     t0 = time.time()
     try:
-        result = part_g(plan, work, data)
+        result = part_g(plan, work, data, arms)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.update(quick=quick, total_s=round(time.time() - t0, 1), finished=time.strftime("%Y-%m-%d %H:%M"),
                   machine={"cpus": os.cpu_count(), "load_end": load_avg()})
     # The dataset the defaults were chosen on keeps the plain name; another one's run sits beside it.
     stem = "defaults" if data.resolve() == DATA.resolve() else f"defaults-{data.name}"
+    stem += "" if arms == ("old", "new") else "-" + "-vs-".join(arms)
     stem += "-quick" if quick else ""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
@@ -1037,6 +1046,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README's Performance table")
     ap.add_argument("--defaults", action="store_true", help="part g alone: the search's old vs new defaults")
     ap.add_argument("--data", default=str(DATA), help="part g's dataset (default: ../shared/data/hymenoptera)")
+    ap.add_argument("--arms", default="old,new",
+                    help=f"part g's two arms, of {','.join(DEFAULTS_ARMS)} (new-nograce: the new defaults "
+                         "without the fine-tuning grace of ASHA)")
     ap.add_argument("--ensembles", action="store_true",
                     help="part i alone (also --only i): soups, ensembles, TTA, temperature vs the best trial")
     args = ap.parse_args(argv)
@@ -1049,7 +1061,11 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.data).exists() or not (WEIGHTS_DIR / "tf_efficientnet_lite1.pth").exists():
             print(f"skipped: {args.data} or {WEIGHTS_DIR} is absent (part g needs ../shared)", file=sys.stderr)
             return 0
-        return run_defaults(args.quick, Path(args.out), Path(args.data))
+        arms = tuple(a.strip() for a in args.arms.split(","))
+        if len(arms) != 2 or not set(arms) <= set(DEFAULTS_ARMS):
+            print(f"error: --arms takes two of {', '.join(DEFAULTS_ARMS)}", file=sys.stderr)
+            return 2
+        return run_defaults(args.quick, Path(args.out), Path(args.data), arms)  # type: ignore[arg-type]
     parts = [p.strip() for p in args.only.split(",") if p.strip()] or list(PARTS)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
