@@ -165,7 +165,9 @@ def test_out_of_memory_is_fail_and_memory_comes_back(run: Run) -> None:
     assert t.user_attrs["epochs_run"] == 1
     # Trials started after it begin at the baseline: its 256 MB went with its worker.
     oom_pid, _, oom_rss = run.pids[1]
-    later = [rss for n, (_, b, rss) in run.pids.items() if n > 1 and b == "resnet18"]
+    # Any backbone: the stub trials hold no model, and which backbones the sampler draws after
+    # trial 1 varies (a driver joining a study it did not create mixes its id into the seed).
+    later = [rss for n, (_, b, rss) in run.pids.items() if n > 1]
     assert later, run.pids
     assert max(later) < oom_rss + 100_000, (oom_rss, later)
     assert not Path(f"/proc/{oom_pid}").exists()
