@@ -230,7 +230,7 @@ def continue_budget_cut(study: optuna.Study) -> int:
     return n
 
 
-def enqueue_retry(study: optuna.Study, trial: Any) -> bool:
+def enqueue_retry(study: optuna.Study, trial: Any, *, retried: set | None = None) -> bool:
     """Enqueues a retry of an interrupted trial (same params, user_attr `retry_of`) unless one exists.
 
     Idempotent, so that a driver stopped between telling a trial and enqueuing its retry (a second
@@ -239,15 +239,20 @@ def enqueue_retry(study: optuna.Study, trial: Any) -> bool:
     Args:
         study: the study.
         trial: the interrupted trial (frozen or live); one without params is not retried.
+        retried: the trial numbers that already have a retry, when the caller has read them;
+            None: read from the study.
 
     Returns:
         Whether a retry was enqueued.
     """
     if not trial.params:
         return False
-    if any(t.user_attrs.get("retry_of") == trial.number for t in study.get_trials(deepcopy=False)):
+    if retried is None:
+        retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
+    if trial.number in retried:
         return False
     study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+    retried.add(trial.number)
     return True
 
 
@@ -290,8 +295,8 @@ def reconcile(study: optuna.Study, *, driver: str | None = None) -> int:
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     for t in trials:
-        if _needs_retry(t) and t.number not in retried:
-            enqueue_retry(study, t)
+        if _needs_retry(t):
+            enqueue_retry(study, t, retried=retried)
     return n
 
 
