@@ -41,6 +41,12 @@ OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
 AUGMENTATIONS = ("none", "flip", "trivialaugment", "randaugment", "autoaugment", "augmix")
 # How the training loss weighs each class (search.imbalance computes the weights).
 LOSS_WEIGHTINGS = ("none", "inverse_frequency", "inverse_sqrt")
+# How the rate moves after the warm-up (search.trial.lr_multiplier): "cosine" steps a cosine once
+# per epoch (the torchvision references' CosineAnnealingLR, timm's per-epoch scheduler), so the
+# first epoch trains at the full rate however many epochs follow; "cosine_steps" decays it every
+# batch to zero at the last one (what every trial did before "cosine" existed, and what a
+# config exported then retrains with); "constant" keeps it (the tutorials' loop).
+LR_SCHEDULES = ("cosine", "cosine_steps", "constant")
 
 # Keys `tlsearch export` adds "for the record". A TrialConfig ignores them, so an exported file
 # trains unchanged; `tlsearch train` reads `threads` and `split` (the study's split) itself.
@@ -86,11 +92,18 @@ class TrialConfig:
     momentum: float = 0.9  # sgd and rmsprop only
     label_smoothing: float = 0.0
     warmup_epochs: float = 0.0  # linear warmup before the cosine decay, in epochs
+    lr_schedule: str = "cosine"  # after the warm-up: cosine (per epoch) | cosine_steps | constant
     dropout: float = 0.0  # dropout before the new classifier
     lr_decay: float = 1.0  # discriminative lr: stage i from the head gets lr * lr_decay**i
     # The backbone's stages train at lr * backbone_lr_mult (times lr_decay**i): the new head needs a
     # larger rate than pretrained features can take. 1.0: one rate for all, as before it existed.
     backbone_lr_mult: float = 1.0
+    # LP-FT (Kumar et al., ICLR 2022): a trial that trains stages first trains its new head alone
+    # for `lp_epochs` on the frozen, un-augmented features (the linear probe, on cached features:
+    # seconds), then fine-tunes from that head, so a random head's gradients do not distort the
+    # pretrained features and the first epoch starts high. 0: the head starts random.
+    lp_epochs: int = 0
+    lp_lr: float = 3e-3  # the probe's rate (its schedule: cosine, no warm-up)
     seed: int = 0
     # Class imbalance; the defaults train as before these existed, so older config files retrain the same.
     loss_weighting: str = "none"  # none | inverse_frequency | inverse_sqrt: class weights of the training loss
@@ -104,6 +117,8 @@ class TrialConfig:
             )
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; available: {', '.join(OPTIMIZERS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; available: {', '.join(LR_SCHEDULES)}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise ConfigError(
                 f"unknown loss_weighting {self.loss_weighting!r}; available: {', '.join(LOSS_WEIGHTINGS)}"
@@ -119,6 +134,8 @@ class TrialConfig:
         _check_range("randaugment_num_ops", self.randaugment_num_ops, 1, 10)
         _check_range("randaugment_magnitude", self.randaugment_magnitude, 0, 30)
         _check_range("augmix_severity", self.augmix_severity, 1, 10)
+        _check_range("lp_epochs", self.lp_epochs, 0, 10_000)
+        _check_positive("lp_lr", self.lp_lr)
         _check_positive("lr", self.lr)
         for name in ("weight_decay", "momentum", "mixup_alpha", "cutmix_alpha", "warmup_epochs"):
             _check_range(name, getattr(self, name), 0.0, math.inf)
@@ -151,6 +168,10 @@ class TrialConfig:
                 f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(known)}"
             )
         kwargs = {k: _coerce(k, v, known[k].type, source) for k, v in d.items() if k in known}
+        if "lr_schedule" not in d and RECORD_KEYS.intersection(d):
+            # Exported before the schedule was a field: it trained with the per-batch cosine, and
+            # `tlsearch train` must reproduce that trial.
+            kwargs["lr_schedule"] = "cosine_steps"
         return cls(**kwargs)
 
     def replace(self, **changes: Any) -> "TrialConfig":

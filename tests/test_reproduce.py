@@ -270,3 +270,35 @@ def test_run_export_train_predict_on_a_label_file(tmp_path: Path) -> None:
     r = cli("predict", "model", str(data / "circle" / "circle_0.png"))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\t")[1].split()[0] in names.values()
+
+
+def test_lp_ft_head_is_rebuilt_by_export_then_train(tmp_path: Path, flat_data: Path) -> None:
+    """An LP-FT trial (head probed first, then every stage fine-tuned) is reproduced exactly by
+    export -> train: the probe's head travels as its config (`lp_epochs`, `lp_lr`) and is rebuilt."""
+    from search.trial import fine_tune
+
+    index = scan_dataset(flat_data, val_fraction=FRACTION, seed=SEED, warn=Warnings())
+    # A fine-tuning rate too small to move anything: what the model knows at epoch 1 is the probe's.
+    lpft = CONFIG.replace(freeze_depth=0, lp_epochs=2, lp_lr=0.05, lr=1e-12, epochs=1)
+    trial = fine_tune(lpft, index, cache=False, keep_model=True)
+    m = trial.final
+    assert m["lp_val_acc"] is not None and m["val_acc"] == pytest.approx(m["lp_val_acc"])
+    cold = fine_tune(lpft.replace(lp_epochs=0), index, cache=False, keep_model=True)
+    assert not torch_equal(trial.model.head.state_dict(), cold.model.head.state_dict())  # the head was probed
+
+    study = _study(tmp_path, index)
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-13, 1e-1, log=True)}
+    study.add_trial(optuna.trial.create_trial(
+        params={"lr": 1e-12}, distributions=dist, value=1.0, user_attrs={"config": lpft.to_dict()},
+        intermediate_values={1: m["val_acc"]},
+    ))
+    [path] = export_trial("repro", studies_dir=tmp_path / "studies", reports_dir=tmp_path / "reports")
+    assert load_yaml(path)["lp_epochs"] == 2 and load_trial_config(path) == lpft
+    out = trial_module.train(path, flat_data, out=tmp_path / "model", progress=False, cache=False)
+    assert out["val_acc"] == m["val_acc"] and out["val_loss"] == pytest.approx(m["val_loss"], abs=1e-6)
+
+
+def torch_equal(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -223,10 +223,18 @@ def test_priors_fill_only_what_the_space_does_not_state() -> None:
         "lr_decay": 0.9, "max_epochs": 5,
     }))
     d = space.to_dict()
-    assert d["lr"] == {"low": 1e-4, "high": 3e-2, "log": True}  # read as the head's rate, kept
+    assert d["lr"] == {"low": 1e-4, "high": 3e-2, "log": True}  # kept
     assert d["lr_decay"] == 0.9  # stated: kept
-    assert d["backbone_lr_mult"] == {"low": 0.01, "high": 0.3, "log": True}  # not stated: the prior
+    # A user's lr trains every layer, as in the plain loop it came from: no fraction of it.
+    assert d["backbone_lr_mult"] == 1.0
     assert d["warmup_epochs"] == pytest.approx(0.5)  # a tenth of the epochs, then cosine
+    # LP-FT: fine-tunes start from the space's linear probe (its epochs, its rate within lr's range).
+    assert d["lp_epochs"] == 5 and d["lp_lr"] == pytest.approx(3e-3)
+    # The default space's lr is the head's rate; the backbone's share is its own prior.
+    from search.space import default_space
+
+    dflt = with_finetune_priors(default_space(gpu=False)).to_dict()
+    assert dflt["backbone_lr_mult"] == {"low": 0.01, "high": 0.3, "log": True}
     fixed = with_finetune_priors(SearchSpace.from_dict({"backbone_lr_mult": 1.0, "warmup_epochs": 0}))
     assert fixed.param_dict["backbone_lr_mult"] == Constant(1.0) and fixed.param_dict["warmup_epochs"] == Constant(0.0)
     # An old best.yaml (no backbone_lr_mult) trains every stage at lr, as before.
@@ -234,7 +242,8 @@ def test_priors_fill_only_what_the_space_does_not_state() -> None:
 
 
 def test_backbone_rate_is_only_drawn_when_stages_train() -> None:
-    space = with_finetune_priors(SearchSpace.from_dict({"backbone": "resnet18", "freeze_depth": ["all", 0]}))
+    space = with_finetune_priors(SearchSpace.from_dict({"backbone": "resnet18", "freeze_depth": ["all", 0],
+                                                        "backbone_lr_mult": {"low": 0.01, "high": 0.3, "log": True}}))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(12):
         trial = study.ask()
@@ -254,8 +263,11 @@ def test_warning_for_a_learning_rate_that_cannot_fine_tune() -> None:
     lines = lr_warnings(bad, source="space.yaml")
     assert len(lines) == 1 and "\n" not in lines[0]
     assert lines[0].startswith("space.yaml: lr 0.01") and "adamw" in lines[0] and "backbone_lr_mult" in lines[0]
-    # The same lr as the head's rate, the backbone's from the prior: fine.
-    assert lr_warnings(with_finetune_priors(SearchSpace.from_dict({"lr": 1e-2, "freeze_depth": 0}))) == []
+    # The same lr as the head's rate, the backbone's at a fraction: fine.
+    assert lr_warnings(with_finetune_priors(SearchSpace.from_dict(
+        {"lr": 1e-2, "freeze_depth": 0, "backbone_lr_mult": {"low": 0.01, "high": 0.3, "log": True}}))) == []
+    # A user's lr of 1e-2 trains every layer at it: the warning.
+    assert len(lr_warnings(with_finetune_priors(SearchSpace.from_dict({"lr": 1e-2, "freeze_depth": 0})))) == 1
     # A range that reaches sensible rates: fine; a linear probe at 1e-2: fine.
     assert lr_warnings(SearchSpace.from_dict({"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "backbone_lr_mult": 1.0})) == []
     assert lr_warnings(SearchSpace.from_dict({"lr": 1e-2, "freeze_depth": "all", "backbone_lr_mult": 1.0})) == []
@@ -267,6 +279,7 @@ def test_portfolio_runs_proven_recipes_cheapest_first_within_the_space() -> None
     space = with_finetune_priors(SearchSpace.from_dict({
         "backbone": LITE, "freeze_depth": ["all", 2, 0], "augmentation": ["none", "flip", "trivialaugment"],
         "lr": {"low": 1e-4, "high": 2e-3, "log": True}, "image_size": 160,
+        "backbone_lr_mult": {"low": 0.01, "high": 0.3, "log": True},
     }))
     recipes = space.portfolio(6)
     names = [r for r, _ in recipes]

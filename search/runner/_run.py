@@ -43,7 +43,7 @@ from search.runner._progress import ProgressView, ReportRefresher
 from search.runner._search import HonestOptunaSearch, PruneTrackingASHA, make_sampler
 from search.runner._trainable import TrialFn, _trainable
 from search.settings import SearchSettings
-from search.space import SearchSpace, default_space_at_hand, for_dataset, lr_warnings
+from search.space import RECIPES, SearchSpace, backbones_in, default_space_at_hand, for_dataset, lr_warnings
 from search.studies import (
     best_trial,
 )
@@ -108,8 +108,11 @@ def run_search(
         # minutes; TPE learns from them as from any trial. Only the driver that created the study
         # enqueues them, so two drivers never both do.
         if settings.portfolio:
-            for recipe, params in space.portfolio(portfolio_size(settings.trials)):
+            for recipe, params in warm_start(space, settings.trials):
                 study.enqueue_trial(params, user_attrs={"baseline": True, "recipe": recipe})
+            # The fine-tunes follow the probes' ranking, decided as the probes end (every run of
+            # this study, resumes included, goes on with that plan).
+            study.set_user_attr("probe_plan", any(r == PROBE for r, _ in warm_start(space, settings.trials)))
         else:
             study.enqueue_trial(space.baseline(), user_attrs={"baseline": True})
     elif not created:
@@ -144,6 +147,17 @@ def run_search(
 def portfolio_size(trials: int) -> int:
     """Warm-start recipes for a search of `trials` trials: about a third of them, at least one."""
     return max(1, round(trials / 3))
+
+
+PROBE = RECIPES[0].name  # "linear probe"
+
+
+def warm_start(space: SearchSpace, trials: int) -> list[tuple[str, dict]]:
+    """What a new study enqueues first: every backbone's linear probe where the space has one
+    (the fine-tunes come later, in the order the probes rank the backbones); a space without a
+    probe gets the fixed portfolio of fine-tuning recipes, cut at `portfolio_size(trials)`."""
+    probes = [(r, p) for r, p in space.portfolio(len(backbones_in(space))) if r == PROBE]
+    return probes or space.portfolio(portfolio_size(trials))
 
 
 def _bound_disk(settings: SearchSettings, study: optuna.Study) -> None:
@@ -184,6 +198,9 @@ def _tune(
         study_name=settings.study, storage=storage, asha_stopped=asha_stopped, tally=tally,
         driver=driver, target=settings.trials, keep_checkpoints=settings.keep_checkpoints,
         deadline=deadline if settings.budget_aware else None,
+        plan=bool(study.user_attrs.get("probe_plan")),
+        # With a time budget the plan runs what fits; without one, the portfolio's share of the trials.
+        plan_cap=None if settings.time_budget_s else portfolio_size(settings.trials),
     )
     searcher.learn_times()
     concurrency = settings.max_concurrent or default_concurrency(
@@ -237,7 +254,9 @@ def _tune(
         beating.set()
         for callback in callbacks:  # a live display gives the terminal back even on Ctrl-C
             getattr(callback, "close", lambda: None)()
-        budget_reached = bool(settings.time_budget_s) and time.time() - start >= settings.time_budget_s * 0.98
+        # Ended by the budget: its time ran out, or nothing more fitted in what was left of it.
+        budget_reached = bool(settings.time_budget_s) and (
+            time.time() - start >= settings.time_budget_s * 0.98 or searcher.out_of_time)
         left = searcher.finish_leftovers(budget_cut=budget_reached and settings.budget_aware)
     # Trials other drivers still run count as done here: the study reaches its count through them.
     claimed = _claimed(study.get_trials(deepcopy=False), driver=driver)

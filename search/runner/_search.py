@@ -33,7 +33,16 @@ from search.runner._ledger import (
     enqueue_retry,
     trial_outcome,
 )
-from search.space import SearchSpace
+from search.space import (
+    FINETUNE_CHILDREN,
+    POLICY_CHILDREN,
+    WAIT,
+    Choice,
+    Probe,
+    SearchSpace,
+    backbones_in,
+    next_fine_tune,
+)
 from search.studies import (
     CURVE_KEYS,
     TrialRecord,
@@ -159,11 +168,17 @@ class HonestOptunaSearch(OptunaSearch):
         target: int | None = None,
         keep_checkpoints: int | None = None,
         deadline: float | None = None,
+        plan: bool = False,
+        plan_cap: int | None = None,
     ) -> None:
         self._search_space = space
         self._deadline = deadline  # unix time the run's time budget ends; None: no budget
         self._times = EpochTimes()
         self._skips = 0
+        # Probes first, then fine-tunes of the best-probed backbones (`space.next_fine_tune`).
+        self._plan = plan
+        self._plan_cap = plan_cap  # fine-tuning recipes in all; None: as many as the budget fits
+        self.out_of_time = False  # drawing stopped because nothing fits the time left
         self._asha_stopped = asha_stopped
         self._tally = tally
         self._driver = driver  # this driver's id, stamped on every trial it runs
@@ -187,6 +202,8 @@ class HonestOptunaSearch(OptunaSearch):
                 # Drivers seeded alike would sample the same params: diverge from here on.
                 self._ot_study.sampler.reseed_rng()
                 self._reseeded = True
+        if self._plan and trial_id not in self._ot_trials and self._plan_next() == WAIT:
+            return None  # a probe still runs: the fine-tunes wait for the ranking
         params = super().suggest(trial_id)
         if params is None:
             return None
@@ -199,7 +216,10 @@ class HonestOptunaSearch(OptunaSearch):
         self._curves[trial_id] = {}
         start_epoch = self._continuation(trial_id, params)
         if not self._fits(trial_id, params, start_epoch):
-            return self.FINISHED if self._skips >= self.MAX_SKIPS else None
+            if self._skips >= self.MAX_SKIPS:
+                self.out_of_time = True
+                return self.FINISHED
+            return None
         self._configs[trial_id] = dict(params)
         self._tally.running += 1
         return params
@@ -239,20 +259,87 @@ class HonestOptunaSearch(OptunaSearch):
                 ot_trial.report(float(c[self.metric]), step=c["epoch"])
         return start
 
+    def _plan_next(self) -> str | None:
+        """Enqueues the next fine-tuning recipe the probes point to, if any is due.
+
+        Returns:
+            `WAIT` while a probe runs and none waits to start; otherwise None.
+        """
+        trials = self._ot_study.get_trials(deepcopy=False)
+        only = backbones_in(self._search_space)[0]
+        probes, planned, probe_waiting = [], set(), False
+        for t in trials:
+            recipe = t.user_attrs.get("recipe")
+            if not recipe:
+                continue
+            params = t.params or t.system_attrs.get("fixed_params") or {}
+            backbone = params.get("backbone", only)
+            if recipe != "linear probe":
+                planned.add((recipe, backbone))
+                continue
+            finished = t.state.is_finished()
+            probe_waiting |= t.state == TrialState.WAITING
+            value = t.value if t.state == TrialState.COMPLETE else None
+            if value is None and t.state == TrialState.PRUNED and t.intermediate_values:
+                value = t.intermediate_values[max(t.intermediate_values)]
+            probes.append(Probe(backbone=backbone, value=value, finished=finished))
+        left = None if self._deadline is None else self._deadline - time.time()
+        choice = next_fine_tune(
+            self._search_space, probes, planned, maximize=self.mode == "max", time_left=left,
+            estimate=self._estimate, cap=self._plan_cap,
+        )
+        if choice == WAIT:
+            return None if probe_waiting else WAIT
+        if choice is not None:
+            name, params = choice
+            self._ot_study.enqueue_trial(params, user_attrs={"baseline": True, "recipe": name})
+        return None
+
+    def _estimate(self, params: dict, start_epoch: int = 0) -> float | None:
+        """Seconds a trial of these params needs to its last epoch, from alike trials; None: unknown."""
+        try:
+            cfg = self._search_space.to_trial_config(params).to_dict()
+        except Exception:
+            return None
+        return self._times.estimate(timing_key(cfg), cfg["epochs"] - start_epoch)
+
+    def _cheaper(self, params: dict) -> dict | None:
+        """The drawn params as a linear probe (head alone, un-augmented: seconds on cached
+        features) when the space offers one and its measured time fits what is left; else None."""
+        if self._deadline is None:
+            return None
+        space = self._search_space.param_dict
+        drawn = {k: v for k, v in params.items() if not k.startswith("_")}
+        cheap = {k: v for k, v in drawn.items() if k not in FINETUNE_CHILDREN and k not in POLICY_CHILDREN}
+        for name, value in (("freeze_depth", "all"), ("augmentation", "none")):
+            p = space.get(name)
+            if isinstance(p, Choice) and value in p.values:
+                cheap[name] = value
+        if cheap.get("freeze_depth") != "all" or cheap == drawn:
+            return None  # no probe in the space, or the draw is one already
+        needed = self._estimate(cheap)
+        if needed is None or needed > self._deadline - time.time():
+            return None
+        return cheap
+
     def _fits(self, trial_id: str, params: dict, start_epoch: int) -> bool:
         """Whether the drawn trial can reach its last epoch in the time left; one that cannot is
         told FAIL (not started; not counted, not retried) and left out."""
         if self._deadline is None:
             return True
         try:
-            cfg = self._search_space.to_trial_config(params).to_dict()
+            self._search_space.to_trial_config(params)
         except Exception:
             return True  # the trial reports its own config error
-        estimate = self._times.estimate(timing_key(cfg), cfg["epochs"] - start_epoch)
+        estimate = self._estimate(params, start_epoch)
         left = self._deadline - time.time()
         if fits_budget(estimate, left):
             self._skips = 0
             return True
+        cheap = self._cheaper(params)
+        if cheap is not None:  # a cheap trial that still fits runs before the run gives up
+            self._ot_study.enqueue_trial(cheap, user_attrs={"recipe": "linear probe (fits the time left)"})
+            self._skips -= 1
         ot_trial = self._ot_trials.pop(trial_id)
         ot_trial.set_user_attr("error", f"{NOT_STARTED} (needs ~{estimate:.0f}s, {max(0.0, left):.0f}s left)")
         ot_trial.set_user_attr("interrupted", True)  # does not count toward the trials

@@ -37,7 +37,8 @@ from search.space._params import (
     Param,
     Range,
 )
-from search.space._space import RECIPES, Recipe, SearchSpace, backbones_in, load_space
+from search.space._plan import WAIT, Probe, next_fine_tune, rank_backbones
+from search.space._space import PROBE_LR, RECIPES, Recipe, SearchSpace, backbones_in, load_space
 
 __all__ = [
     "DEFAULT_MAX_EPOCHS",
@@ -46,8 +47,11 @@ __all__ = [
     "FINETUNE_PRIORS",
     "IMBALANCE_DIMENSIONS",
     "POLICY_CHILDREN",
+    "PROBE_LR",
+    "Probe",
     "RECIPES",
     "VALID_KEYS",
+    "WAIT",
     "WARMUP_FRACTION",
     "Choice",
     "Constant",
@@ -61,5 +65,7 @@ __all__ = [
     "for_dataset",
     "load_space",
     "lr_warnings",
+    "next_fine_tune",
+    "rank_backbones",
     "with_finetune_priors",
 ]

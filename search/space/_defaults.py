@@ -6,8 +6,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from search.space._params import _describe, _lowest, _stages, _values
-from search.space._space import SearchSpace, _can_fine_tune, backbones_in
+from search.config import TrialConfig
+from search.space._params import Constant, _describe, _lowest, _nearest, _stages, _values
+from search.space._space import PROBE_LR, SearchSpace, _can_fine_tune, backbones_in
 
 
 
@@ -23,7 +24,10 @@ def default_space(*, gpu: bool) -> SearchSpace:
     common: dict[str, Any] = {
         "augmentation": ["none", "flip", "trivialaugment"],
         "optimizer": "adamw",
+        # The head's rate; stages train at a fraction of it (the prior below), drawn only by
+        # trials that train stages. A user's own `lr` is every layer's rate (`with_finetune_priors`).
         "lr": {"low": 1e-4, "high": 1e-2, "log": True},
+        "backbone_lr_mult": BACKBONE_LR_MULT_PRIOR,
         "weight_decay": {"low": 1e-6, "high": 1e-2, "log": True},
         "label_smoothing": [0.0, 0.1],
     }
@@ -120,8 +124,16 @@ def _backbones_in_dir(weights_dir: str | None) -> list[str]:
 
 # What a space that does not mention them gets: the head's rate is `lr`; the backbone's is a
 # fraction of it (two_stages: head = 10 x backbone sits in the middle), decayed per stage.
+#
+# The backbone's rate as a fraction of the head's is a prior of the default space only, whose `lr`
+# range (1e-4..1e-2) is the head's. A user's space that states `lr` and not `backbone_lr_mult`
+# came from a plain loop where that rate trains every layer: read as the head's rate with the
+# backbone at 0.01-0.3 of it, a range that works there (1e-4..1e-3 for a full fine-tune) could
+# not learn (seen: one-epoch fine-tunes at 0.20-0.26 where the plain loop reached 0.87). So
+# there `backbone_lr_mult` is 1.0: the stated rate trains the stage next to the head, as it did.
+BACKBONE_LR_MULT_PRIOR: dict[str, Any] = {"low": 0.01, "high": 0.3, "log": True}
 FINETUNE_PRIORS: dict[str, Any] = {
-    "backbone_lr_mult": {"low": 0.01, "high": 0.3, "log": True},
+    "backbone_lr_mult": 1.0,
     "lr_decay": {"low": 0.6, "high": 1.0},
 }
 WARMUP_FRACTION = 0.1  # of the trial's epochs (AutoGluon's warmup_steps 0.1)
@@ -147,6 +159,12 @@ def with_finetune_priors(space: SearchSpace) -> SearchSpace:
     added = {k: v for k, v in FINETUNE_PRIORS.items() if k not in stated}
     if "warmup_epochs" not in stated:
         added["warmup_epochs"] = round(WARMUP_FRACTION * space.max_epochs, 3)
+    if "lp_epochs" not in stated and _can_fine_tune(space):
+        # LP-FT: fine-tunes start from the head the space's linear probe trains (the portfolio's
+        # probe recipe: the space's epochs, its rate moved into the space's `lr` range).
+        added["lp_epochs"] = space.max_epochs
+        if "lp_lr" not in stated:
+            added["lp_lr"] = float(_nearest(space.param_dict.get("lr", Constant(TrialConfig.lr)), PROBE_LR))
     return SearchSpace.from_dict({**stated, **added}) if added else space
 
 

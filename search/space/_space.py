@@ -208,6 +208,11 @@ class SearchSpace:
         b = _current("backbone", params, {"backbone": backbone} if "backbone" in params else {})
         if _nearest_depth(depth, recipe.freeze_from_head, b) is None:
             return None  # the space has no freeze depth of this recipe's kind
+        mult = params.get("backbone_lr_mult")
+        if isinstance(mult, Constant) and "backbone_lr_mult" in targets:
+            # The space fixes the backbone's share (a user's lr is every layer's): the recipe's
+            # backbone rate is what it keeps, so the stated `lr` is moved there.
+            targets["lr"] = targets["lr"] * targets["backbone_lr_mult"] / float(mult.value)
         for name, p in self.params:
             policy = POLICY_CHILDREN.get(name)
             if policy is not None and _current("augmentation", params, values) != policy:
@@ -292,14 +297,18 @@ class Recipe:
         return self.trainable_stages
 
 
+PROBE_LR = 3e-3  # the linear probe's rate, before it is moved into the space's `lr` range
+
 RECIPES = (
     # Head only on un-augmented images: cached frozen features, seconds per epoch.
-    Recipe("linear probe", 0, {"augmentation": "none", "lr": 3e-3}),
+    Recipe("linear probe", 0, {"augmentation": "none", "lr": PROBE_LR}),
     # The last two stages and the head, the backbone at a tenth of the head's rate (AutoGluon's
     # two_stages with lr_mult 10; the torchvision tutorial's 1e-3 at the head).
     Recipe("last stages", 2, {"augmentation": "flip", "lr": 1e-3, "backbone_lr_mult": 0.1, "lr_decay": 1.0}),
     # Every stage, with layer-wise decay (AutoGluon's default lr_choice) from 1e-4 next to the head.
-    Recipe("full fine-tune", None, {"augmentation": "flip", "lr": 1e-3, "backbone_lr_mult": 0.1, "lr_decay": 0.8}),
+    # The backbone at 2e-4 next to the head: the rate plain loops fine-tune EfficientNets and
+    # ResNets with in a few epochs (AdamW); the head starts from the probe's (LP-FT).
+    Recipe("full fine-tune", None, {"augmentation": "flip", "lr": 2e-3, "backbone_lr_mult": 0.1, "lr_decay": 0.8}),
 )
 
 

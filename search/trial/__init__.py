@@ -25,6 +25,7 @@ from search.trial._loop import (
     pick_device,
     seed_everything,
     train_one_epoch,
+    lr_multiplier,
     warmup_cosine,
 )
 from search.trial._train import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION, train, training_index
@@ -48,5 +49,6 @@ __all__ = [
     "train",
     "train_one_epoch",
     "training_index",
+    "lr_multiplier",
     "warmup_cosine",
 ]

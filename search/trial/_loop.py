@@ -120,10 +120,16 @@ def fine_tune(
         dropout=config.dropout,
     )
     trainable = backbones.freeze(bb, config.freeze_depth)
+    lp_val_acc = None
     if resume_from:
         from search.model_io import load_checkpoint
 
         bb.model.load_state_dict(load_checkpoint(resume_from))
+    elif config.lp_epochs > 0 and backbones.resolve_depth(bb, config.freeze_depth) < len(bb.stages):
+        probe = fine_tune(probe_config(config), index, weights_dir=weights_dir, cache=cache, cache_dir=cache_dir,
+                          device=device, threads=threads, keep_model=True)
+        bb.model.head.load_state_dict(probe.model.head.state_dict())
+        lp_val_acc = probe.final["val_acc"]
     model = bb.model.to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -139,9 +145,9 @@ def fine_tune(
     done = start_epoch * steps_per_epoch  # a continued trial picks up its schedule where it was
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: warmup_cosine(
-            step + done, warmup_steps=round(config.warmup_epochs * steps_per_epoch),
-            total_steps=config.epochs * steps_per_epoch,
+        lambda step: lr_multiplier(
+            step + done, schedule=config.lr_schedule, steps_per_epoch=steps_per_epoch,
+            warmup_steps=round(config.warmup_epochs * steps_per_epoch), epochs=config.epochs,
         ),
     )
     mix = None
@@ -204,6 +210,7 @@ def fine_tune(
             "confusion_matrix": val["confusion_matrix"],
             "per_class": per_class_table(val["confusion_matrix"], index.classes),
             "best_val_acc": best_acc,  # the best epoch so far, labelled as such wherever shown
+            "lp_val_acc": lp_val_acc,  # LP-FT: the probe's val_acc, where the fine-tune started from
             "device": str(dev),
             "weights_id": getattr(bb, "weights_id", None),
         }
@@ -214,6 +221,23 @@ def fine_tune(
     if keep_model:
         result.model = model.eval()
     return result
+
+
+def probe_config(config: TrialConfig) -> TrialConfig:
+    """The linear probe an LP-FT trial starts with: its head alone, un-augmented, `lp_epochs` at
+    `lp_lr`; batch size, weight decay, loss and seed are the trial's, so `train` rebuilds the same head.
+
+    Args:
+        config: a config with `lp_epochs` > 0.
+
+    Returns:
+        The probe's config (head only, on cached features where the cache is on).
+    """
+    return config.replace(
+        freeze_depth="all", augmentation="none", mixup_alpha=0.0, cutmix_alpha=0.0, lr=config.lp_lr,
+        epochs=config.lp_epochs, warmup_epochs=0.0, lr_schedule="cosine", backbone_lr_mult=1.0, lr_decay=1.0,
+        lp_epochs=0,
+    )
 
 
 def _train_labels(index: DatasetIndex, *, train_on_val: bool) -> list[int]:
@@ -405,6 +429,36 @@ OPTIMIZER_BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 def build_optimizer(config: TrialConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     """The config's optimizer over parameter groups (trainable parameters only)."""
     return OPTIMIZER_BUILDERS[config.optimizer](groups, config)
+
+
+def lr_multiplier(step: int, *, schedule: str, steps_per_epoch: int, warmup_steps: int, epochs: int) -> float:
+    """Learning-rate multiplier at a training step (0-based): linear warm-up, then the schedule.
+
+    "cosine" holds the rate through each epoch and lowers it between epochs, epoch e (0-based) of
+    E at (1 + cos(pi e / E)) / 2, as the torchvision references step CosineAnnealingLR and timm
+    its scheduler: the first epoch trains at the full rate however many follow. A cosine to zero
+    at the last batch ("cosine_steps") spends half of a short trial's steps at a fraction of the
+    rate: measured on spoken_digits (benchmarks/parity.py), one epoch of a full fine-tune at the
+    rate of a plain loop ended 22 points below it. "constant" is the plain loop's.
+
+    Args:
+        step: optimizer steps taken so far.
+        schedule: a `config.LR_SCHEDULES` name.
+        steps_per_epoch: optimizer steps in one epoch.
+        warmup_steps: steps of the linear warm-up (0: none).
+        epochs: the trial's planned epochs.
+
+    Returns:
+        The factor of every parameter group's peak rate.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine_steps":
+        return warmup_cosine(step, warmup_steps=warmup_steps, total_steps=epochs * steps_per_epoch)
+    epoch = min(step // max(1, steps_per_epoch), max(0, epochs - 1))
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / max(1, epochs)))
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
