@@ -196,6 +196,50 @@ def test_a_soup_recomputes_batchnorm_statistics_that_differ(tmp_path: Path, data
     assert torch.equal(soup["body.bn1.running_mean"], load_checkpoint(a.checkpoint)["body.bn1.running_mean"])
 
 
+def _tones_folder(root: Path, *, per_class: int) -> Path:
+    """Three classes of noise images, dark, grey and bright: their features differ most between
+    the classes, so a variance measured within one class is far below the data's."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", per_class), ("val", 2)):
+        for name, low in (("bright", 190), ("dark", 0), ("grey", 95)):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(low, low + 66, (24, 24, 3), generator=g, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{name}_{i:02d}.png")
+    return root
+
+
+def test_a_soups_batchnorm_statistics_come_from_batches_that_mix_the_classes(tmp_path: Path, cache: str) -> None:
+    from search.model_io import load_checkpoint
+
+    index = scan_dataset(_tones_folder(tmp_path / "data", per_class=24))
+    a = _trial(tmp_path / "ckpt", 0)
+    state = load_checkpoint(a.checkpoint)
+    state["body.bn1.running_var"] = state["body.bn1.running_var"] + 1.0  # differs: recomputed for the soup
+    b = _trial(tmp_path / "ckpt", 1, state=state)
+    preds = Predictions([a, b], index, device=torch.device("cpu"), batch_size=8)
+    member = preds.module(preds.soup_key((0, 1)))
+    bn = member.model.body.bn1
+    # bn1's input (the stem convolution's output) does not depend on any BatchNorm statistics: its
+    # variance over all training images is what the recomputed running variance estimates.
+    inputs: list[torch.Tensor] = []
+    hook = bn.register_forward_hook(lambda _m, args, _out: inputs.append(args[0]))
+    x, y = next(iter(torch.utils.data.DataLoader(preds._dataset(index.train), batch_size=len(index.train))))
+    with torch.no_grad():
+        member(x.float() / 255.0)
+    hook.remove()
+    features = inputs[0].transpose(0, 1).flatten(1)  # channels x (images, rows, columns)
+    by_class = inputs[0].transpose(0, 1)
+    within = torch.stack([by_class[:, y == c].flatten(1).var(1) for c in range(3)]).mean(0)
+    true = features.var(1)
+    assert within.sum() < 0.5 * true.sum()  # the classes differ: one class alone misses most of it
+    # Measured: 12.3 from shuffled batches, 1.47 (the within-class variance) from batches sorted by path.
+    assert bn.running_var.sum().item() == pytest.approx(true.sum().item(), rel=0.15)
+
+
 def test_kept_validation_logits_are_used_when_the_trial_saw_the_same_images(
         tmp_path: Path, data: Path, cache: str) -> None:
     t = _trial(tmp_path, 0)
