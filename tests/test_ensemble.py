@@ -22,6 +22,7 @@ from search.ensemble import (
     ensemble_pool,
     expected_calibration_error,
     fit_temperature,
+    format_ensemble,
     greedy_selection,
     greedy_soup,
     halves,
@@ -323,6 +324,54 @@ def test_the_combination_ships_only_when_it_beats_the_best_single_out_of_sample(
     cands, ship, guard = decide(_Logits({0: expert0, 1: expert1}, y), rows, **ok)
     assert ship.kind == "ensemble" and not guard["shipped_single"] and guard["gain"] > 0
     assert {k for k, _ in ship.members} == {"trial 0", "trial 1"}
+
+
+def _summary(metric: str = "val_acc", **fields) -> dict:
+    """A summary as `ensemble_pool` returns it, one candidate, for the text `format_ensemble` makes."""
+    row = {"name": "best single", "kind": "single", "shipped": True, "members": [{"member": "trial 1", "weight": 1.0}],
+           "tta": False, "temperature": 1.0, "val_score": 0.5, "heldout_score": 0.5, "heldout_accuracy": 0.5,
+           "heldout_ece_before": 0.1, "heldout_ece_after": 0.1, "latency_ms": 5.0, "size_mb": 1.0}
+    return {"metric": metric, "heldout": {"kind": "test", "images": 10, "optimistic": False}, "val_images": 20,
+            "candidates": [row], "shipped": "best single", "guard": {}, "shipped_heldout_score": 0.5,
+            "test": None, "model_dir": None, **fields}
+
+
+def test_a_latency_budget_leaves_slow_trials_out_of_every_choice_halves_included() -> None:
+    from search.config import TLSearchError
+    from search.ensemble import decide
+
+    y = torch.arange(60) % 2
+    rows = torch.arange(60)
+    a, _ = halves(y)
+    in_a = torch.zeros(60, dtype=torch.bool)
+    in_a[a] = True
+    right = 2 * y - 1  # +1 for class 1, -1 for class 0: a logit margin toward the true class
+
+    def margins(m: torch.Tensor) -> torch.Tensor:
+        return torch.stack([-m * right, m * right], 1) / 2
+
+    hard = rows % 5 == 0  # where trial 1 is wrong
+    logits = {
+        0: margins(torch.where(in_a, 3.0, -2.0)),  # slow: right on half A only, so best single there
+        1: margins(torch.where(hard, -0.5, 1.0)),  # 80%, the best single on all rows
+        2: margins(torch.where(hard, 3.0, -0.3)),  # 20%, but sure where trial 1 is wrong: together 100%
+    }
+    ms = {"trial 0": 50.0, "trial 1": 5.0, "trial 2": 5.0}
+
+    def latency(c) -> float:
+        return sum(ms[k] for k, _ in c.members) * (2 if c.tta else 1)
+
+    preds = _Logits(logits, y)
+    cands, ship, guard = decide(preds, rows, metric="val_acc", max_members=4, latency=latency, max_latency_ms=20)
+    assert not any(k == "trial 0" for c in cands for k, _ in c.members)
+    assert ship.kind == "ensemble" and {k for k, _ in ship.members} == {"trial 1", "trial 2"}
+    assert latency(ship) <= 20 and not guard["shipped_single"] and guard["over_latency"] == [0]
+    # As if the slow trial were not in the pool (on half A it is the best single, and all chosen there hold it).
+    assert cands == decide(_Logits({1: logits[1], 2: logits[2]}, y), rows, metric="val_acc", max_members=4,
+                           latency=latency, max_latency_ms=None)[0]
+    with pytest.raises(TLSearchError, match="within --max-latency-ms 4; the fastest, trial 1 alone, takes 5.0 ms"):
+        decide(preds, rows, metric="val_acc", max_members=4, latency=latency, max_latency_ms=4)
+    assert "(left out, slower alone than --max-latency-ms: trial 0)" in format_ensemble(_summary(guard=guard))
 
 
 def test_cross_fitted_choices_read_only_their_half(pool: list[PoolTrial], data: Path, cache: str) -> None:

@@ -159,7 +159,8 @@ def ensemble_pool(
         candidates (name, kind, members, tta, temperature, val_score, heldout_score,
         heldout_accuracy, ece before/after on validation and held out, latency_ms, size_mb,
         shipped); shipped (name); guard (`decide`: the best on validation, its out-of-sample gain
-        over the best single trial on validation halves, whether the single trial ships instead);
+        over the best single trial on validation halves, whether the single trial ships instead,
+        the trials left out as slower alone than `max_latency_ms`);
         shipped_heldout_score (of the whole procedure); test (the
         shipped model's accuracy, balanced accuracy, per-class recall, confusion matrix, when
         there is test/); reliability (of the shipped model on held-out images, before and after

@@ -36,6 +36,9 @@ def format_ensemble(summary: dict[str, Any]) -> str:
                   f"{summary['shipped_heldout_score']:.4f} on {held['images']} images"
                   + (" (optimistic)" if held.get("optimistic") else "")]
     guard = summary.get("guard") or {}
+    if guard.get("over_latency"):
+        lines.append(f"  (left out, slower alone than --max-latency-ms: "
+                     f"{', '.join(f'trial {n}' for n in guard['over_latency'])})")
     if guard.get("shipped_single"):
         lines.append(f"  ({guard['val_best']} scored best on validation but did not beat the best single trial "
                      f"out of sample on validation halves ({metric} {guard['gain']:+.4f}, log loss "
