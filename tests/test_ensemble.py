@@ -418,6 +418,8 @@ def test_ensemble_folder_predicts_evaluates_and_its_onnx_agrees(
         expected = net(x)
         assert torch.allclose(model(x), expected, atol=1e-5)
         assert torch.allclose(torch.jit.load(str(ens / "model.torchscript"))(x), expected, atol=1e-4)
+    # The TorchScript file runs wherever it is moved: nothing in its graph names a device.
+    assert _device_constants(torch.jit.load(str(ens / "model.torchscript")).inlined_graph) == []
     from onnx.reference import ReferenceEvaluator
 
     onnx_out = ReferenceEvaluator(str(ens / "model.onnx")).run(None, {"image": x.numpy()})[0]
@@ -431,6 +433,36 @@ def test_ensemble_folder_predicts_evaluates_and_its_onnx_agrees(
     shipped = next(c for c in summary["candidates"] if c["shipped"])
     assert ev["images"] == 15 and ev["accuracy"] == pytest.approx(shipped["heldout_accuracy"], abs=1e-6)
     assert sum(map(sum, ev["confusion_matrix"])) == 15 and [r["class"] for r in ev["per_class"]] == list(CLASSES)
+
+
+def _device_constants(graph: torch.Graph) -> list[str]:
+    """Constants that tie a traced graph to one device: a device, or a tensor that is not a scalar
+    (a CPU scalar tensor combines with tensors on any device)."""
+    out = []
+    for node in graph.nodes():
+        if node.kind() == "prim::Constant":
+            value = node.output().toIValue()
+            if isinstance(value, torch.device) or (isinstance(value, torch.Tensor) and value.dim() > 0):
+                out.append(str(node).strip())
+    return out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ensemble_torchscript_runs_on_cuda(pool: list[PoolTrial], data: Path, tmp_path: Path, cache: str) -> None:
+    from search.ensemble import save_ensemble
+
+    index = scan_dataset(data)
+    preds = Predictions(pool, index, device=torch.device("cpu"))
+    members = [("trial 0", 2.0), ("trial 3", 1.0)]
+    net = preds.network(members, tta=True, temperature=1.7)
+    save_ensemble(net, [preds.specs[k] for k, _ in members], tmp_path / "ens", class_names=index.classes, record={})
+    x = torch.rand(2, 3, preds.canvas, preds.canvas)
+    with torch.no_grad():
+        expected = net.cpu()(x)
+        scripted = torch.jit.load(str(tmp_path / "ens" / "model.torchscript")).to("cuda")
+        got = scripted(x.to("cuda"))
+    assert got.device.type == "cuda"
+    assert torch.allclose(got.cpu(), expected, atol=1e-3)
 
 
 # ----- the command ---------------------------------------------------------------------------------
