@@ -388,6 +388,36 @@ def test_cross_fitted_choices_read_only_their_half(pool: list[PoolTrial], data: 
     assert summary["test"] is None
 
 
+def test_a_val_loss_ensemble_shows_and_stores_losses(pool: list[PoolTrial], data: Path, tmp_path: Path,
+                                                    cache: str) -> None:
+    import pandas as pd
+
+    from search.report._figures_ensemble import ensemble_figure
+
+    summary = ensemble_pool(pool[:2], scan_dataset(data), metric="val_loss", max_members=2, out=tmp_path / "m")
+    rows = summary["candidates"]
+    # Log losses of near-random 3-class models: about log(3), never negative.
+    assert all(0.5 < r[k] < 3.0 for r in rows for k in ("val_score", "heldout_score"))
+    assert 0.5 < summary["shipped_heldout_score"] < 3.0
+    shipped = next(r for r in rows if r["shipped"])
+    stored = json.loads((tmp_path / "m" / "model.json").read_text())["metrics"]
+    assert (stored["val_score"], stored["heldout_score"]) == (shipped["val_score"], shipped["heldout_score"])
+    text = format_ensemble(summary)
+    assert f"{shipped['val_score']:.4f}  {shipped['heldout_score']:>8.4f}" in text
+    assert f"held-out val_loss of the whole procedure {summary['shipped_heldout_score']:.4f}" in text
+    # The report draws the same values the table shows, on the trials' val_loss axis.
+    board = pd.DataFrame({"trial": [], "state": [], "backbone": [], "val_loss": [], "latency_ms": []})
+    drawn = {t.name: list(t.y) for t in ensemble_figure(board, summary, metric="val_loss").data}
+    assert drawn["single (val)"] == [r["val_score"] for r in rows if r["kind"] == "single"]
+
+    # The guard's line: the combination's change against the single trial, once, in the loss's own sign.
+    guard = {"val_best": "ensemble", "gain": -0.0123, "loss_gain": -0.0123, "images": 30, "shipped_single": True}
+    line = format_ensemble(_summary("val_loss", guard=guard)).splitlines()[-1]
+    assert "(val_loss +0.0123 on 30 images)" in line and "-0.0123" not in line
+    guard = {**guard, "gain": -0.01, "loss_gain": 0.005}
+    assert "(val_acc -0.0100, log loss -0.0050 on 30 images)" in format_ensemble(_summary(guard=guard))
+
+
 # ----- the shipped folder ----------------------------------------------------------------------------
 
 

@@ -151,8 +151,9 @@ def decide(preds: Predictions, rows: torch.Tensor, *, metric: str, max_members: 
     here and in the out-of-sample check; a candidate over the budget is never shipped.
 
     Returns:
-        (candidates, the shipped one, the guard: {"val_best", "gain" (in the metric), "loss_gain"
-        (log loss of the best single minus that of the best), "images", "shipped_single",
+        (candidates, the shipped one, the guard: {"val_best", "gain" (the metric's improvement
+        over the best single, larger is better: for val_loss, its loss minus the best's),
+        "loss_gain" (log loss of the best single minus that of the best), "images", "shipped_single",
         "over_latency" (trials left out, slower alone than the budget)}).
     """
     allowed = trials_within(preds, latency, max_latency_ms)
