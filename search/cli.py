@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-members", type=int, default=5, metavar="K",
                    help="greedy ensemble selection steps, members counted with repetition (default 5)")
     c.add_argument("--max-latency-ms", type=float, default=None, metavar="X",
-                   help="ship only a candidate at most this slow (batch 1, this machine)")
+                   help="ship only a candidate at most this slow (batch 1, this machine); "
+                        "trials slower alone are left out")
     c.add_argument("--out", default=None, help="model folder (default models/NAME-ensemble)")
     c.add_argument("--data", default=None, help="the dataset, when not where the study recorded it")
     c.add_argument("--allow-changed-data", action="store_true",

@@ -264,7 +264,9 @@ def run_demo(workdir: Path, *, weights_dir: str | None = None, trials: int | Non
     from search.outputs import after_search
     from search.runner import run_search
 
-    # Paths the user typed mean what they meant before the demo changes folder.
+    # Paths the user typed mean what they meant before the demo changes folder, and the paths it
+    # prints at the end work from that folder.
+    here = Path.cwd()
     weights_dir = absolute_path(weights_dir) if weights_dir else None
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -292,6 +294,6 @@ def run_demo(workdir: Path, *, weights_dir: str | None = None, trials: int | Non
         seed=0,
     )
     summary = run_search(settings, progress=progress, verbose=verbose)
-    code = after_search(summary, study, None)
+    code = after_search(summary, study, None, here=here)
     print(f"demo finished in {time.time() - t0:.0f}s")
     return code

@@ -4,6 +4,7 @@ best config, and how to continue an interrupted search."""
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ def run_log() -> Path | None:
     return _run_log[0] if _run_log and _run_log[0].is_file() else None
 
 
-def after_search(summary: Any, study: str, storage: str | None) -> int:
+def after_search(summary: Any, study: str, storage: str | None, *, here: Path | None = None) -> int:
     """Ends `run`, `resume` and `demo`: the top of the leaderboard, the report and best config, and
     the exact commands that come next (or how to resume an interrupted search).
 
@@ -37,6 +38,8 @@ def after_search(summary: Any, study: str, storage: str | None) -> int:
         summary: the run's `RunSummary`.
         study: the study name.
         storage: the study's storage URL (None: studies/<study>.db).
+        here: the folder the user typed the command in, when the search ran in another (the
+            demo's --dir); printed paths and commands work from there. None: the working folder.
 
     Returns:
         The exit code.
@@ -46,12 +49,14 @@ def after_search(summary: Any, study: str, storage: str | None) -> int:
     st = load_study(study, storage=storage)
     df = leaderboard(st)
     print(format_top(df, top=TOP_SHOWN))
-    paths = write_outputs(study, storage)
+    paths = write_outputs(study, storage, here=here)
     if getattr(summary, "interrupted", False):
-        print(f"interrupted; continue with: tlsearch resume {study}{_storage_flag(storage)}", file=sys.stderr)
+        # resume finds the search's own folder (studies/<study>/) from where the search ran.
+        cd = f"cd {_quote(_short(Path.cwd(), here))} && " if _elsewhere(here) else ""
+        print(f"interrupted; continue with: {cd}tlsearch resume {study}{_storage_flag(storage)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(next_steps(study, storage, paths, dataset=st.user_attrs.get("dataset"),
-                     weights_dir=(st.user_attrs.get("settings") or {}).get("weights_dir")))
+                     weights_dir=(st.user_attrs.get("settings") or {}).get("weights_dir"), here=here))
     return EXIT_OK
 
 
@@ -90,7 +95,7 @@ def format_top(df: Any, *, top: int = TOP_SHOWN) -> str:
 
 
 def next_steps(study: str, storage: str | None, paths: dict[str, Path], *, dataset: str | None = None,
-               weights_dir: str | None = None) -> str:
+               weights_dir: str | None = None, here: Path | None = None) -> str:
     """The exact commands that take a finished study to a model, with this study's own names.
 
     Args:
@@ -99,22 +104,27 @@ def next_steps(study: str, storage: str | None, paths: dict[str, Path], *, datas
         paths: what `write_outputs` wrote ("report", "best").
         dataset: the study's dataset folder (from the study's user_attrs).
         weights_dir: the --weights-dir the search used; train needs it too.
+        here: the folder the commands are typed in (None: the working folder); paths are
+            relative to it when inside it, else absolute.
 
     Returns:
         A few lines: show/export/train/predict commands.
     """
+    if storage is None and _elsewhere(here):  # the default studies/<study>.db is not under `here`
+        storage = f"sqlite:///{_short(Path('studies', study + '.db'), here)}"
     flag = _storage_flag(storage)
-    data = _short(dataset) if dataset else "DATA"
-    best = _short(paths["best"]) if "best" in paths else f"reports/{study}/best.yaml"
-    model = f"models/{study}"
-    weights = f" --weights-dir {_quote(_short(weights_dir))}" if weights_dir else ""
-    image = _an_image(dataset) if dataset else None
+    data = _short(dataset, here) if dataset else "DATA"
+    best = _short(paths.get("best", Path("reports", study, "best.yaml")), here)
+    model = _short(Path("models", study), here)
+    weights = f" --weights-dir {_quote(_short(weights_dir, here))}" if weights_dir else ""
+    found = _an_image(dataset) if dataset else None
+    image = _quote(_short(found, here)) if found else "IMAGE..."
     lines = ["next:"]
     lines += [
         f"  tlsearch show {study}{flag}   # the whole leaderboard",
         f"  tlsearch export {study}{flag} --trial N   # another trial's config (the best one is {best})",
-        f"  tlsearch train {_quote(best)} {_quote(data)} --out {model}{weights}   # retrain it, save a model",
-        f"  tlsearch predict {model} {_quote(_short(image)) if image else 'IMAGE...'}   # classify images",
+        f"  tlsearch train {_quote(best)} {_quote(data)} --out {_quote(model)}{weights}   # retrain it, save a model",
+        f"  tlsearch predict {_quote(model)} {image}   # classify images",
     ]
     return "\n".join(lines)
 
@@ -123,13 +133,22 @@ def _storage_flag(storage: str | None) -> str:
     return f" --storage {_quote(storage)}" if storage else ""
 
 
-def _short(path: str | Path) -> str:
-    """A path relative to the working folder when it is inside it (shorter to read and type)."""
-    p = Path(path)
+def _short(path: str | Path, here: Path | None = None) -> str:
+    """A path (relative ones: to the working folder) as typed in `here` (None: the working folder):
+    relative to it when inside it (shorter to read and type), else absolute."""
+    p = Path(os.path.abspath(path))
     try:
-        return str(p.resolve().relative_to(Path.cwd().resolve()))
+        return str(p.resolve().relative_to(Path(here or Path.cwd()).resolve()))
     except (ValueError, OSError):
         return str(p)
+
+
+def _elsewhere(here: Path | None) -> bool:
+    """Whether the user's folder is not the working folder, so the default paths do not apply there."""
+    try:
+        return here is not None and Path(here).resolve() != Path.cwd().resolve()
+    except OSError:
+        return True
 
 
 def _quote(text: str) -> str:
@@ -149,21 +168,22 @@ def _an_image(dataset: str) -> Path | None:
     return None
 
 
-def write_outputs(study: str, storage: str | None) -> dict[str, Path]:
-    """Writes the report and, when there is a COMPLETE trial, best.yaml; returns their paths."""
+def write_outputs(study: str, storage: str | None, *, here: Path | None = None) -> dict[str, Path]:
+    """Writes the report and, when there is a COMPLETE trial, best.yaml; returns their paths
+    (printed as seen from `here`, see `after_search`)."""
     paths: dict[str, Path] = {}
     try:
         from search.report import write_report
 
         paths["report"] = write_report(study, storage=storage)
-        print(f"report: {_short(paths['report'])}")
+        print(f"report: {_short(paths['report'], here)}")
     except ImportError:
         pass
     try:
         from search.export import export_trial
 
         paths["best"] = export_trial(study, storage=storage)[0]
-        print(f"best config: {_short(paths['best'])}")
+        print(f"best config: {_short(paths['best'], here)}")
     except TLSearchError as e:
         print(f"no best config: {e}", file=sys.stderr)
     return paths

@@ -201,6 +201,15 @@ def test_param_groups_vit_stages_with_parameter_paths() -> None:
     assert bb.model.body.encoder.layers[0].ln_1.weight.requires_grad
     groups = B.param_groups(bb, lr=1.0, weight_decay=0.0, lr_decay=0.9)
     assert {g["name"] for g in groups} >= {"head", "norm.no_decay", "block0"}
+    # One rate per stage (its no_decay group included), 0.9 less per stage away from the head:
+    # norm 0.9, block11 0.81, ..., block0 0.9**13; the frozen stem has no group.
+    lrs: dict[str, set[float]] = {}
+    for g in groups:
+        lrs.setdefault(g["name"].removesuffix(".no_decay"), set()).add(g["lr"])
+    assert list(lrs) == ["head", "norm", *(f"block{i}" for i in range(11, -1, -1))]
+    assert all(len(rates) == 1 for rates in lrs.values())
+    expected = {"head": 1.0, "norm": 0.9, "block11": 0.81, "block10": 0.729, "block0": 0.9**13}
+    assert {name: lrs[name].pop() for name in expected} == pytest.approx(expected)
 
 
 def test_weights_dir_loads_state_dict(tmp_path: Path) -> None:

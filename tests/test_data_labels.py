@@ -251,6 +251,20 @@ def test_check_names_both_pairs_duplicated_across_train_and_val(tmp_path: Path, 
     assert summary["imbalance_ratio"] == 1.0 and summary["images"]["images"] == 22
 
 
+def test_check_names_the_split_of_each_duplicate_in_a_random_split(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_image_folder(tmp_path / "d", classes=("a", "b"), per_class=8, size=16, splits=())
+    for i in range(8):  # every image of a twice: the random draw puts some pairs across train and val
+        shutil.copy(root / "a" / f"a_{i}.png", root / "a" / f"copy_{i}.png")
+    assert main(["check", str(root), "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["duplicates_across_splits"]
+    assert groups
+    assert main(["check", str(root)]) == 0
+    text = capsys.readouterr().out
+    for group in groups:  # the paths (a/...) do not say which split each file is in: the line does
+        assert " == ".join(f"{Path(f['path']).relative_to(root)} ({f['split']})" for f in group) in text
+
+
 def test_check_on_a_label_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     labels = _csv(tmp_path / "d", split=True)
     # the same picture listed under another path, once as train and once as val: a leak

@@ -99,6 +99,25 @@ def test_prune_study_checkpoints_records_what_it_removed(tmp_path: Path) -> None
     assert disk.prune_study_checkpoints(study, keep=1)[0] == []
 
 
+def test_prune_study_checkpoints_keeps_a_minimising_studys_best(tmp_path: Path) -> None:
+    """A val_loss study: the lowest values are the best, and their checkpoints stay."""
+    study = optuna.create_study(direction="minimize")
+    for i, value in enumerate([0.9, 0.2, 0.5, 0.1]):
+        (tmp_path / f"trial-{i}.pt").write_bytes(b"x")
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE, value=value, params={"backbone": "r18"},
+            distributions={"backbone": optuna.distributions.CategoricalDistribution(["r18"])},
+            user_attrs={"checkpoint": str(tmp_path / f"trial-{i}.pt")},
+        ))
+    removed, _ = disk.prune_study_checkpoints(study, keep=2)
+    assert removed == [0, 2]
+    assert [(tmp_path / f"trial-{i}.pt").exists() for i in range(4)] == [False, True, False, True]
+    # The trial ending now is ranked the same way: a loss above the kept two loses its checkpoint.
+    ending = T(4, "COMPLETE", 0.3, "r18")
+    assert disk.prune_study_checkpoints(study, keep=2, ending=ending) == ([], True)
+    assert disk.prune_study_checkpoints(study, keep=2, ending=T(5, "COMPLETE", 0.05, "r18")) == ([1], False)
+
+
 # ----- temporary files ------------------------------------------------------------------------------
 
 

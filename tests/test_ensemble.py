@@ -22,6 +22,7 @@ from search.ensemble import (
     ensemble_pool,
     expected_calibration_error,
     fit_temperature,
+    format_ensemble,
     greedy_selection,
     greedy_soup,
     halves,
@@ -196,6 +197,50 @@ def test_a_soup_recomputes_batchnorm_statistics_that_differ(tmp_path: Path, data
     assert torch.equal(soup["body.bn1.running_mean"], load_checkpoint(a.checkpoint)["body.bn1.running_mean"])
 
 
+def _tones_folder(root: Path, *, per_class: int) -> Path:
+    """Three classes of noise images, dark, grey and bright: their features differ most between
+    the classes, so a variance measured within one class is far below the data's."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", per_class), ("val", 2)):
+        for name, low in (("bright", 190), ("dark", 0), ("grey", 95)):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(low, low + 66, (24, 24, 3), generator=g, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{name}_{i:02d}.png")
+    return root
+
+
+def test_a_soups_batchnorm_statistics_come_from_batches_that_mix_the_classes(tmp_path: Path, cache: str) -> None:
+    from search.model_io import load_checkpoint
+
+    index = scan_dataset(_tones_folder(tmp_path / "data", per_class=24))
+    a = _trial(tmp_path / "ckpt", 0)
+    state = load_checkpoint(a.checkpoint)
+    state["body.bn1.running_var"] = state["body.bn1.running_var"] + 1.0  # differs: recomputed for the soup
+    b = _trial(tmp_path / "ckpt", 1, state=state)
+    preds = Predictions([a, b], index, device=torch.device("cpu"), batch_size=8)
+    member = preds.module(preds.soup_key((0, 1)))
+    bn = member.model.body.bn1
+    # bn1's input (the stem convolution's output) does not depend on any BatchNorm statistics: its
+    # variance over all training images is what the recomputed running variance estimates.
+    inputs: list[torch.Tensor] = []
+    hook = bn.register_forward_hook(lambda _m, args, _out: inputs.append(args[0]))
+    x, y = next(iter(torch.utils.data.DataLoader(preds._dataset(index.train), batch_size=len(index.train))))
+    with torch.no_grad():
+        member(x.float() / 255.0)
+    hook.remove()
+    features = inputs[0].transpose(0, 1).flatten(1)  # channels x (images, rows, columns)
+    by_class = inputs[0].transpose(0, 1)
+    within = torch.stack([by_class[:, y == c].flatten(1).var(1) for c in range(3)]).mean(0)
+    true = features.var(1)
+    assert within.sum() < 0.5 * true.sum()  # the classes differ: one class alone misses most of it
+    # Measured: 12.3 from shuffled batches, 1.47 (the within-class variance) from batches sorted by path.
+    assert bn.running_var.sum().item() == pytest.approx(true.sum().item(), rel=0.15)
+
+
 def test_kept_validation_logits_are_used_when_the_trial_saw_the_same_images(
         tmp_path: Path, data: Path, cache: str) -> None:
     t = _trial(tmp_path, 0)
@@ -281,6 +326,54 @@ def test_the_combination_ships_only_when_it_beats_the_best_single_out_of_sample(
     assert {k for k, _ in ship.members} == {"trial 0", "trial 1"}
 
 
+def _summary(metric: str = "val_acc", **fields) -> dict:
+    """A summary as `ensemble_pool` returns it, one candidate, for the text `format_ensemble` makes."""
+    row = {"name": "best single", "kind": "single", "shipped": True, "members": [{"member": "trial 1", "weight": 1.0}],
+           "tta": False, "temperature": 1.0, "val_score": 0.5, "heldout_score": 0.5, "heldout_accuracy": 0.5,
+           "heldout_ece_before": 0.1, "heldout_ece_after": 0.1, "latency_ms": 5.0, "size_mb": 1.0}
+    return {"metric": metric, "heldout": {"kind": "test", "images": 10, "optimistic": False}, "val_images": 20,
+            "candidates": [row], "shipped": "best single", "guard": {}, "shipped_heldout_score": 0.5,
+            "test": None, "model_dir": None, **fields}
+
+
+def test_a_latency_budget_leaves_slow_trials_out_of_every_choice_halves_included() -> None:
+    from search.config import TLSearchError
+    from search.ensemble import decide
+
+    y = torch.arange(60) % 2
+    rows = torch.arange(60)
+    a, _ = halves(y)
+    in_a = torch.zeros(60, dtype=torch.bool)
+    in_a[a] = True
+    right = 2 * y - 1  # +1 for class 1, -1 for class 0: a logit margin toward the true class
+
+    def margins(m: torch.Tensor) -> torch.Tensor:
+        return torch.stack([-m * right, m * right], 1) / 2
+
+    hard = rows % 5 == 0  # where trial 1 is wrong
+    logits = {
+        0: margins(torch.where(in_a, 3.0, -2.0)),  # slow: right on half A only, so best single there
+        1: margins(torch.where(hard, -0.5, 1.0)),  # 80%, the best single on all rows
+        2: margins(torch.where(hard, 3.0, -0.3)),  # 20%, but sure where trial 1 is wrong: together 100%
+    }
+    ms = {"trial 0": 50.0, "trial 1": 5.0, "trial 2": 5.0}
+
+    def latency(c) -> float:
+        return sum(ms[k] for k, _ in c.members) * (2 if c.tta else 1)
+
+    preds = _Logits(logits, y)
+    cands, ship, guard = decide(preds, rows, metric="val_acc", max_members=4, latency=latency, max_latency_ms=20)
+    assert not any(k == "trial 0" for c in cands for k, _ in c.members)
+    assert ship.kind == "ensemble" and {k for k, _ in ship.members} == {"trial 1", "trial 2"}
+    assert latency(ship) <= 20 and not guard["shipped_single"] and guard["over_latency"] == [0]
+    # As if the slow trial were not in the pool (on half A it is the best single, and all chosen there hold it).
+    assert cands == decide(_Logits({1: logits[1], 2: logits[2]}, y), rows, metric="val_acc", max_members=4,
+                           latency=latency, max_latency_ms=None)[0]
+    with pytest.raises(TLSearchError, match="within --max-latency-ms 4; the fastest, trial 1 alone, takes 5.0 ms"):
+        decide(preds, rows, metric="val_acc", max_members=4, latency=latency, max_latency_ms=4)
+    assert "(left out, slower alone than --max-latency-ms: trial 0)" in format_ensemble(_summary(guard=guard))
+
+
 def test_cross_fitted_choices_read_only_their_half(pool: list[PoolTrial], data: Path, cache: str) -> None:
     index = scan_dataset(data)
     preds = Predictions(pool, index, device=torch.device("cpu"))
@@ -293,6 +386,36 @@ def test_cross_fitted_choices_read_only_their_half(pool: list[PoolTrial], data: 
     assert summary["heldout"]["kind"] == "cross-fitted" and summary["heldout"]["optimistic"] is True
     assert summary["heldout"]["images"] == len(index.val)
     assert summary["test"] is None
+
+
+def test_a_val_loss_ensemble_shows_and_stores_losses(pool: list[PoolTrial], data: Path, tmp_path: Path,
+                                                    cache: str) -> None:
+    import pandas as pd
+
+    from search.report._figures_ensemble import ensemble_figure
+
+    summary = ensemble_pool(pool[:2], scan_dataset(data), metric="val_loss", max_members=2, out=tmp_path / "m")
+    rows = summary["candidates"]
+    # Log losses of near-random 3-class models: about log(3), never negative.
+    assert all(0.5 < r[k] < 3.0 for r in rows for k in ("val_score", "heldout_score"))
+    assert 0.5 < summary["shipped_heldout_score"] < 3.0
+    shipped = next(r for r in rows if r["shipped"])
+    stored = json.loads((tmp_path / "m" / "model.json").read_text())["metrics"]
+    assert (stored["val_score"], stored["heldout_score"]) == (shipped["val_score"], shipped["heldout_score"])
+    text = format_ensemble(summary)
+    assert f"{shipped['val_score']:.4f}  {shipped['heldout_score']:>8.4f}" in text
+    assert f"held-out val_loss of the whole procedure {summary['shipped_heldout_score']:.4f}" in text
+    # The report draws the same values the table shows, on the trials' val_loss axis.
+    board = pd.DataFrame({"trial": [], "state": [], "backbone": [], "val_loss": [], "latency_ms": []})
+    drawn = {t.name: list(t.y) for t in ensemble_figure(board, summary, metric="val_loss").data}
+    assert drawn["single (val)"] == [r["val_score"] for r in rows if r["kind"] == "single"]
+
+    # The guard's line: the combination's change against the single trial, once, in the loss's own sign.
+    guard = {"val_best": "ensemble", "gain": -0.0123, "loss_gain": -0.0123, "images": 30, "shipped_single": True}
+    line = format_ensemble(_summary("val_loss", guard=guard)).splitlines()[-1]
+    assert "(val_loss +0.0123 on 30 images)" in line and "-0.0123" not in line
+    guard = {**guard, "gain": -0.01, "loss_gain": 0.005}
+    assert "(val_acc -0.0100, log loss -0.0050 on 30 images)" in format_ensemble(_summary(guard=guard))
 
 
 # ----- the shipped folder ----------------------------------------------------------------------------
@@ -325,6 +448,8 @@ def test_ensemble_folder_predicts_evaluates_and_its_onnx_agrees(
         expected = net(x)
         assert torch.allclose(model(x), expected, atol=1e-5)
         assert torch.allclose(torch.jit.load(str(ens / "model.torchscript"))(x), expected, atol=1e-4)
+    # The TorchScript file runs wherever it is moved: nothing in its graph names a device.
+    assert _device_constants(torch.jit.load(str(ens / "model.torchscript")).inlined_graph) == []
     from onnx.reference import ReferenceEvaluator
 
     onnx_out = ReferenceEvaluator(str(ens / "model.onnx")).run(None, {"image": x.numpy()})[0]
@@ -338,6 +463,36 @@ def test_ensemble_folder_predicts_evaluates_and_its_onnx_agrees(
     shipped = next(c for c in summary["candidates"] if c["shipped"])
     assert ev["images"] == 15 and ev["accuracy"] == pytest.approx(shipped["heldout_accuracy"], abs=1e-6)
     assert sum(map(sum, ev["confusion_matrix"])) == 15 and [r["class"] for r in ev["per_class"]] == list(CLASSES)
+
+
+def _device_constants(graph: torch.Graph) -> list[str]:
+    """Constants that tie a traced graph to one device: a device, or a tensor that is not a scalar
+    (a CPU scalar tensor combines with tensors on any device)."""
+    out = []
+    for node in graph.nodes():
+        if node.kind() == "prim::Constant":
+            value = node.output().toIValue()
+            if isinstance(value, torch.device) or (isinstance(value, torch.Tensor) and value.dim() > 0):
+                out.append(str(node).strip())
+    return out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ensemble_torchscript_runs_on_cuda(pool: list[PoolTrial], data: Path, tmp_path: Path, cache: str) -> None:
+    from search.ensemble import save_ensemble
+
+    index = scan_dataset(data)
+    preds = Predictions(pool, index, device=torch.device("cpu"))
+    members = [("trial 0", 2.0), ("trial 3", 1.0)]
+    net = preds.network(members, tta=True, temperature=1.7)
+    save_ensemble(net, [preds.specs[k] for k, _ in members], tmp_path / "ens", class_names=index.classes, record={})
+    x = torch.rand(2, 3, preds.canvas, preds.canvas)
+    with torch.no_grad():
+        expected = net.cpu()(x)
+        scripted = torch.jit.load(str(tmp_path / "ens" / "model.torchscript")).to("cuda")
+        got = scripted(x.to("cuda"))
+    assert got.device.type == "cuda"
+    assert torch.allclose(got.cpu(), expected, atol=1e-3)
 
 
 # ----- the command ---------------------------------------------------------------------------------

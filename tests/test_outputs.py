@@ -65,7 +65,7 @@ def test_after_search_prints_top_report_and_commands(tmp_path: Path, monkeypatch
     monkeypatch.chdir(tmp_path)
     storage = _study(tmp_path, "pets")
     monkeypatch.setattr("search.outputs.write_outputs",
-                        lambda study, storage: {"report": tmp_path / "reports" / study / "index.html"})
+                        lambda study, storage, **kw: {"report": tmp_path / "reports" / study / "index.html"})
     assert after_search(SimpleNamespace(interrupted=False), "pets", storage) == 0
     out = capsys.readouterr().out
     assert "top 5 of 7 trials" in out and "next:" in out

@@ -296,10 +296,12 @@ def _health_lines(index: DatasetIndex) -> list[str]:
     else:
         lines.append(f"duplicates across splits: {len(across)} group(s) of identical files "
                      "(they inflate validation scores; remove one of each):")
+        # Only a split made of folders shows in the paths; a label file's rows and a random split's
+        # draw do not: name each file's split.
+        named = index.split_spec is not None and index.split_spec.layout == "folders"
         for group in across:
-            # A label file's paths do not say their split: name it.
             lines.append("  " + " == ".join(
-                f"{_relative(p, index.root)}" + (f" ({split})" if index.label_file else "") for split, p in group
+                f"{_relative(p, index.root)}" + ("" if named else f" ({split})") for split, p in group
             ))
     if within:
         lines.append(f"duplicates within one split: {within} group(s) of identical files")

@@ -29,6 +29,7 @@ from search.ensemble._select import (
     classification_summary,
     expected_calibration_error,
     halves,
+    metric_value,
     reliability_bins,
     score,
 )
@@ -159,11 +160,13 @@ def ensemble_pool(
         candidates (name, kind, members, tta, temperature, val_score, heldout_score,
         heldout_accuracy, ece before/after on validation and held out, latency_ms, size_mb,
         shipped); shipped (name); guard (`decide`: the best on validation, its out-of-sample gain
-        over the best single trial on validation halves, whether the single trial ships instead);
+        over the best single trial on validation halves, whether the single trial ships instead,
+        the trials left out as slower alone than `max_latency_ms`);
         shipped_heldout_score (of the whole procedure); test (the
         shipped model's accuracy, balanced accuracy, per-class recall, confusion matrix, when
         there is test/); reliability (of the shipped model on held-out images, before and after
-        temperature); model_dir.
+        temperature); model_dir. Scores are in the metric's own sign (val_loss: the log loss,
+        lower is better); the guard's gains are larger-is-better.
     """
     from search.trial import measure_latency, pick_device
 
@@ -206,7 +209,8 @@ def ensemble_pool(
             "members": [{"member": k, "trials": list(preds.specs[k].trials), "backbone": preds.specs[k].backbone,
                          "weight": w} for k, w in c.members],
             "tta": c.tta, "temperature": round(c.temperature, 4),
-            "val_score": c.val_score, "heldout_score": h["score"], "heldout_accuracy": h["accuracy"],
+            "val_score": metric_value(c.val_score, metric), "heldout_score": metric_value(h["score"], metric),
+            "heldout_accuracy": h["accuracy"],
             "val_ece_before": expected_calibration_error(val_out.softmax(1), y),
             "val_ece_after": expected_calibration_error((val_out / c.temperature).softmax(1), y),
             "heldout_ece_before": h["ece_before"], "heldout_ece_after": h["ece_after"],
@@ -220,7 +224,7 @@ def ensemble_pool(
         "candidates": rows,
         "shipped": ship.name,
         "guard": guard,
-        "shipped_heldout_score": heldout["shipped_score"],
+        "shipped_heldout_score": metric_value(heldout["shipped_score"], metric),
         "reliability": heldout["reliability"],
         "test": heldout.get("test"),
         "model_dir": None,

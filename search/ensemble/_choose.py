@@ -45,7 +45,8 @@ class Candidate:
         return 2 * KIND_ORDER[self.kind] + int(self.tta)
 
 
-def choose(preds: Predictions, rows: torch.Tensor, *, metric: str, max_members: int) -> list[Candidate]:
+def choose(preds: Predictions, rows: torch.Tensor, *, metric: str, max_members: int,
+           trials: Sequence[int] | None = None) -> list[Candidate]:
     """Every candidate, its members, TTA and temperature chosen on the val `rows` only.
 
     Args:
@@ -53,6 +54,7 @@ def choose(preds: Predictions, rows: torch.Tensor, *, metric: str, max_members: 
         rows: indices of the validation images the choices may look at.
         metric: what the choices maximise (`search.ensemble.METRICS`).
         max_members: greedy ensemble selection steps.
+        trials: the trials the candidates may hold (None: the whole pool).
 
     Returns:
         The candidates, simplest first.
@@ -62,8 +64,9 @@ def choose(preds: Predictions, rows: torch.Tensor, *, metric: str, max_members: 
     def member_score(key: str) -> tuple[float, float]:
         return rank_key(preds.probs(key, "val")[rows], y, metric)
 
-    ranked = {n: member_score(preds.trial_key(n)) for n in preds.trials}
-    numbers = sorted(preds.trials, key=lambda n: (-ranked[n][0], -ranked[n][1], n))
+    allowed = list(preds.trials) if trials is None else list(trials)
+    ranked = {n: member_score(preds.trial_key(n)) for n in allowed}
+    numbers = sorted(allowed, key=lambda n: (-ranked[n][0], -ranked[n][1], n))
     singles = [preds.trial_key(n) for n in numbers]
     out = [Candidate("best single", "single", ((singles[0], 1.0),))]
     soups = []
@@ -108,6 +111,31 @@ def shipped(candidates: Sequence[Candidate], latency: Callable[[Candidate], floa
     return by_name[choice.name]
 
 
+def trials_within(preds: Predictions, latency: Callable[[Candidate], float],
+                  max_latency_ms: float | None) -> list[int]:
+    """The pool's trials that run within the latency budget on their own.
+
+    A candidate holding a slower trial is no faster (a soup runs as one of its ingredients, an
+    ensemble runs every member), so the others are left out of every choice, on all of
+    validation and on its halves alike: the out-of-sample check then never meets a best single
+    trial that could not ship.
+
+    Raises:
+        TLSearchError: no trial fits (then no candidate does); the message names the fastest.
+    """
+    from search.config import TLSearchError
+
+    if max_latency_ms is None:
+        return list(preds.trials)
+    alone = {n: latency(Candidate(f"trial {n}", "single", ((preds.trial_key(n), 1.0),))) for n in preds.trials}
+    fits = [n for n in preds.trials if alone[n] <= max_latency_ms]
+    if not fits:
+        fastest = min(alone, key=lambda n: (alone[n], n))
+        raise TLSearchError(f"no candidate runs within --max-latency-ms {max_latency_ms:g}; the fastest, "
+                            f"trial {fastest} alone, takes {alone[fastest]:.1f} ms")
+    return fits
+
+
 def decide(preds: Predictions, rows: torch.Tensor, *, metric: str, max_members: int,
            latency: Callable[[Candidate], float], max_latency_ms: float | None) -> tuple[list[Candidate], Candidate, dict]:
     """The whole procedure on the val `rows`: the candidates (`choose`) and the one to ship.
@@ -119,15 +147,22 @@ def decide(preds: Predictions, rows: torch.Tensor, *, metric: str, max_members: 
     On a few dozen images the best of several candidates often wins by chance (it was picked
     because it scored high on those images); the simpler model is then the safer one to ship.
 
+    With a latency budget, only the trials that fit it alone (`trials_within`) make candidates,
+    here and in the out-of-sample check; a candidate over the budget is never shipped.
+
     Returns:
-        (candidates, the shipped one, the guard: {"val_best", "gain" (in the metric), "loss_gain"
-        (log loss of the best single minus that of the best), "images", "shipped_single"}).
+        (candidates, the shipped one, the guard: {"val_best", "gain" (the metric's improvement
+        over the best single, larger is better: for val_loss, its loss minus the best's),
+        "loss_gain" (log loss of the best single minus that of the best), "images", "shipped_single",
+        "over_latency" (trials left out, slower alone than the budget)}).
     """
-    cands = choose(preds, rows, metric=metric, max_members=max_members)
+    allowed = trials_within(preds, latency, max_latency_ms)
+    cands = choose(preds, rows, metric=metric, max_members=max_members, trials=allowed)
     best = shipped(cands, latency, max_latency_ms=max_latency_ms)
     single = cands[0]
-    guard = {"val_best": best.name, "gain": None, "images": len(rows), "shipped_single": False}
-    if best.name == single.name or (max_latency_ms is not None and latency(single) > max_latency_ms):
+    guard = {"val_best": best.name, "gain": None, "images": len(rows), "shipped_single": False,
+             "over_latency": sorted(set(preds.trials) - set(allowed))}
+    if best.name == single.name:
         return cands, best, guard
     y = preds.labels["val"]
     n, classes = len(y), len(preds.index.classes)
@@ -136,7 +171,7 @@ def decide(preds: Predictions, rows: torch.Tensor, *, metric: str, max_members: 
     for fit, held in ((rows[a], rows[b]), (rows[b], rows[a])):
         if len(fit) == 0 or len(held) == 0:
             continue
-        inner = choose(preds, fit, metric=metric, max_members=max_members)
+        inner = choose(preds, fit, metric=metric, max_members=max_members, trials=allowed)
         pooled["single"][held] = heldout_probs(preds, inner[0], "val")[held]
         pooled["best"][held] = heldout_probs(preds, shipped(inner, latency, max_latency_ms=max_latency_ms), "val")[held]
     best_key, single_key = (rank_key(pooled[k][rows], y[rows], metric) for k in ("best", "single"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from search.ensemble._select import metric_value
+
 
 def format_ensemble(summary: dict[str, Any]) -> str:
     """The candidates table `tlsearch ensemble` prints.
@@ -36,10 +38,17 @@ def format_ensemble(summary: dict[str, Any]) -> str:
                   f"{summary['shipped_heldout_score']:.4f} on {held['images']} images"
                   + (" (optimistic)" if held.get("optimistic") else "")]
     guard = summary.get("guard") or {}
+    if guard.get("over_latency"):
+        lines.append(f"  (left out, slower alone than --max-latency-ms: "
+                     f"{', '.join(f'trial {n}' for n in guard['over_latency'])})")
     if guard.get("shipped_single"):
+        # Each as the best's value minus the single trial's, in its own sign; val_loss is the log loss.
+        change = f"{metric} {metric_value(guard['gain'], metric):+.4f}"
+        if metric != "val_loss":
+            change += f", log loss {-guard.get('loss_gain', 0.0):+.4f}"
         lines.append(f"  ({guard['val_best']} scored best on validation but did not beat the best single trial "
-                     f"out of sample on validation halves ({metric} {guard['gain']:+.4f}, log loss "
-                     f"{-guard.get('loss_gain', 0.0):+.4f} on {guard['images']} images): the single trial ships)")
+                     f"out of sample on validation halves ({change} on {guard['images']} images): "
+                     "the single trial ships)")
     if summary.get("test"):
         lines += ["", format_evaluation(summary["test"], title="test/ (shipped model)")]
     if summary.get("model_dir"):

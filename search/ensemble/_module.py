@@ -87,12 +87,17 @@ class EnsembleNet(nn.Module):
         self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.zeros(1, device=x.device)
+        # The sum starts from the first member's output, not from a new tensor: tracing would keep
+        # a new tensor's device as a constant, and the TorchScript file would run on that device only.
+        weighted = []
         for i, member in enumerate(self.members):
             p = member(x).float().softmax(1)
             if self.tta:
                 p = 0.5 * (p + member(torch.flip(x, dims=[3])).float().softmax(1))
-            probs = probs + self.weights[i] * p
+            weighted.append(self.weights[i] * p)
+        probs = weighted[0]
+        for w in weighted[1:]:
+            probs = probs + w
         return probs.clamp_min(1e-12).log() / self.temperature
 
 

@@ -188,10 +188,13 @@ class Predictions:
             yield x.to(self.device).float() / 255.0
 
     def _bn_batches(self) -> Iterator[torch.Tensor]:
-        # Training images, never validation or test: the statistics are part of the weights.
+        # Training images, never validation or test: the statistics are part of the weights. In
+        # the seeded shuffled order, not by path: class folders sort by class, and batches of one
+        # class would make the running variance the within-class one (momentum None averages the
+        # batches' own variances).
         g = torch.Generator().manual_seed(0)
         order = torch.randperm(len(self.index.train), generator=g)[: self.bn_images].tolist()
-        samples = [self.index.train[i] for i in sorted(order)]
+        samples = [self.index.train[i] for i in order]
         loader = torch.utils.data.DataLoader(self._dataset(samples), batch_size=self.batch_size, shuffle=False)
         for x, _ in loader:
             yield x.to(self.device).float() / 255.0

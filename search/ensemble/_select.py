@@ -48,6 +48,12 @@ def score(probs: torch.Tensor, labels: torch.Tensor, metric: str = "val_acc") ->
     return scores["balanced_acc"] if metric == "val_balanced_acc" else scores["macro_f1"]
 
 
+def metric_value(value: float, metric: str) -> float:
+    """A `score` (larger is better) in the metric's own sign, as it is shown and stored: val_loss
+    is a loss again (a difference of scores becomes the difference of losses)."""
+    return -value if metric == "val_loss" else value
+
+
 def rank_key(probs: torch.Tensor, labels: torch.Tensor, metric: str = "val_acc") -> tuple[float, float]:
     """What the greedy choices compare: the metric, ties broken by the lower log loss.
 

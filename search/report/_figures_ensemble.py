@@ -39,8 +39,6 @@ def ensemble_figure(board: pd.DataFrame, summary: dict[str, Any], *, metric: str
     rows = [c for c in summary.get("candidates", []) if c.get("latency_ms") is not None]
     if not rows:
         raise NotEnoughData("the ensemble summary has no candidate with a latency")
-    # The summary's scores are oriented larger-is-better (val_loss negated); the trials' are not.
-    sign = -1.0 if summary.get("metric") == "val_loss" else 1.0
     held = summary.get("heldout") or {}
     where = "test/" if held.get("kind") == "test" else "cross-fitted, optimistic"
     fig = go.Figure()
@@ -59,12 +57,12 @@ def ensemble_figure(board: pd.DataFrame, summary: dict[str, Any], *, metric: str
         x = [float(c["latency_ms"]) for c in part]
         text = [_t(c["name"]) + (" (shipped)" if c.get("shipped") else "") for c in part]
         fig.add_trace(go.Scatter(
-            x=x, y=[sign * float(c["val_score"]) for c in part], mode="markers", name=f"{kind} (val)",
+            x=x, y=[float(c["val_score"]) for c in part], mode="markers", name=f"{kind} (val)",
             legendgroup=kind, text=text, marker={"color": colour, "size": 11,
                                                  "symbol": ["star" if c.get("shipped") else "circle" for c in part]},
             hovertemplate="%{text}<br>validation: %{x:.1f} ms, %{y:.4f}<extra></extra>"))
         fig.add_trace(go.Scatter(
-            x=x, y=[sign * float(c["heldout_score"]) for c in part], mode="markers", name=f"{kind} (held out)",
+            x=x, y=[float(c["heldout_score"]) for c in part], mode="markers", name=f"{kind} (held out)",
             legendgroup=kind, text=text,
             marker={"color": colour, "size": 11, "line": {"width": 2, "color": colour},
                     "symbol": ["star-open" if c.get("shipped") else "circle-open" for c in part]},
