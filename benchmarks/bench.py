@@ -30,6 +30,9 @@ Parts (each on ../shared/data/hymenoptera with ../shared/weights/tf_efficientnet
      several seeds, the arms interleaved, every run from cold caches: best value reached, time to
      95% / 99% of the best either arm reached in that seed, and fine-tuning trials started /
      finished / pruned. Writes benchmarks/results/defaults.json and .md (defaults-quick.* with --quick).
+     `--arms new,plain` puts the search a user writes beside them (benchmarks/plain.py: Optuna's TPE
+     and MedianPruner over the tutorial's loop, one trial at a time on every core), with the time
+     each arm took to reach the plain search's best.
 
     python -m benchmarks.bench --ensembles     # soups and ensembles vs the best trial (part i, on its own)
 
@@ -446,12 +449,36 @@ def defaults_arm(arm: str, seed: int, plan: DefaultsPlan, work: Path, data: Path
     else:
         s = settings(run_dir, f"g-new-{seed}", **common)  # no space: the default space at hand
     print(f"[g] {arm} defaults, seed {seed}, {plan.budget_s:.0f} s ...", file=sys.stderr, flush=True)
+    if arm == "plain":
+        return plain_arm(seed, plan, data)
     t0 = time.time()
     summary = run_search(s, trial_fn=partial(_trials.timed_fine_tune, log_path=str(log_path)), progress=False)
     records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     log = [{**r, "t": r["t"] - t0} for r in records]
     return {"arm": arm, "seed": seed, "log": log, "best_value": summary.best_value, "counts": summary.counts,
             "fine_tuning": fine_tuning_counts(s), "wall_s": round(summary.wall_seconds, 1)}
+
+
+# The plain search's trials: a few epochs, as the tutorials' loops (the search cannot afford more
+# per trial in a short budget); the default space's image size on a CPU.
+PLAIN_EPOCHS, PLAIN_IMAGE_SIZE = 3, 128
+
+
+def plain_arm(seed: int, plan: DefaultsPlan, data: Path) -> dict:
+    """Part g's third arm: the search a user writes (benchmarks/plain.py: Optuna's TPE and
+    MedianPruner over the tutorial's loop), one trial at a time on every core, same budget."""
+    from benchmarks import plain
+
+    r = plain.search(str(data), str(WEIGHTS_DIR), budget_s=plan.budget_s, image_size=PLAIN_IMAGE_SIZE,
+                     epochs=PLAIN_EPOCHS, seed=seed, threads=os.cpu_count())
+    done = [e["val_acc"] for e in r["log"] if e["epoch"] == PLAIN_EPOCHS]
+    trials = {e["trial"]: e for e in r["log"]}
+    started = [e for e in trials.values() if e["train_all"]]
+    finished = {e["trial"] for e in r["log"] if e["epoch"] == PLAIN_EPOCHS and e["train_all"]}
+    return {"arm": "plain", "seed": seed, "log": r["log"], "best_value": max(done, default=None),
+            "counts": r["states"], "wall_s": round(r["wall_s"], 1),
+            "fine_tuning": {"started": len(started), "finished": len(finished),
+                            "pruned": len(started) - len(finished), "pruned_by_budget": 0, "failed": 0}}
 
 
 def fine_tuning_counts(s: Any) -> dict:
@@ -486,7 +513,7 @@ def time_to(log: list[dict], target: float | None) -> float | None:
     return round(min(hits), 1) if hits else None
 
 
-DEFAULTS_ARMS = ("old", "new", "new-nograce")
+DEFAULTS_ARMS = ("old", "new", "new-nograce", "plain")
 
 
 def part_g(plan: DefaultsPlan, work: Path, data: Path, arms: tuple[str, str] = ("old", "new")) -> dict:
@@ -501,9 +528,11 @@ def part_g(plan: DefaultsPlan, work: Path, data: Path, arms: tuple[str, str] = (
     for seed in plan.seeds:
         pair = {r["arm"]: r for r in runs if r["seed"] == seed}
         best = max((e.get("val_acc") or 0.0 for r in pair.values() for e in r["log"]), default=None)
+        plain_best = pair["plain"]["best_value"] if "plain" in pair else None
         for arm in arms:
             r = pair[arm]
             rows.append({
+                "time_to_plain_best_s": time_to(r["log"], plain_best),
                 "seed": seed, "arm": arm, "best_value": r["best_value"],
                 "best_epoch_val_acc": max((e.get("val_acc") or 0.0 for e in r["log"]), default=None),
                 "reference": best,
@@ -524,21 +553,25 @@ def defaults_markdown(result: dict) -> str:
         "Times are to 95% / 99% of the best per-epoch val_acc either arm reached in that seed.",
         "",
         "| seed | defaults | best COMPLETE value | best epoch val_acc | to 95% (s) | to 99% (s) "
-        "| fine-tuning started | finished | pruned (ASHA) | pruned (budget) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| to plain's best (s) | fine-tuning started | finished | pruned (ASHA) | pruned (budget) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         ft = r["fine_tuning"]
         lines.append(
             f"| {r['seed']} | {r['arm']} | {_fmt(r['best_value'], 4)} | {_fmt(r['best_epoch_val_acc'], 4)} "
-            f"| {_fmt(r['time_to_95_s'], 1)} | {_fmt(r['time_to_99_s'], 1)} | {ft['started']} | {ft['finished']} "
+            f"| {_fmt(r['time_to_95_s'], 1)} | {_fmt(r['time_to_99_s'], 1)} "
+            f"| {_fmt(r.get('time_to_plain_best_s'), 1)} | {ft['started']} | {ft['finished']} "
             f"| {ft['pruned'] - ft['pruned_by_budget']} | {ft['pruned_by_budget']} |")
     return "\n".join(lines) + "\n"
 
 
-def run_defaults(quick: bool, out: Path, data: Path, arms: tuple[str, str] = ("old", "new")) -> int:
+def run_defaults(quick: bool, out: Path, data: Path, arms: tuple[str, ...] = ("old", "new"),
+                 budget_s: float | None = None) -> int:
     """Runs part g alone and writes benchmarks/results/defaults[-DATASET][-ARMS][-quick].json and .md."""
     plan = DEFAULTS_QUICK if quick else DEFAULTS_FULL
+    if budget_s:
+        plan = DefaultsPlan(budget_s=budget_s, seeds=plan.seeds, trials=plan.trials)
     work = Path(tempfile.mkdtemp(prefix="tlsearch-bench-g-"))
     t0 = time.time()
     try:
@@ -1040,6 +1073,7 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark; returns the exit code."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a fast smoke run with small budgets")
+    ap.add_argument("--budget-s", type=float, default=None, help="part g: seconds per search (default 480)")
     ap.add_argument("--only", default="", help=f"comma-separated parts to run, of {','.join(sorted(PARTS))}")
     ap.add_argument("--out", default=str(RESULTS),
                     help="results folder: latest.json/.md (full run), quick.* (--quick), partial-<parts>.* (--only)")
@@ -1047,8 +1081,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--defaults", action="store_true", help="part g alone: the search's old vs new defaults")
     ap.add_argument("--data", default=str(DATA), help="part g's dataset (default: ../shared/data/hymenoptera)")
     ap.add_argument("--arms", default="old,new",
-                    help=f"part g's two arms, of {','.join(DEFAULTS_ARMS)} (new-nograce: the new defaults "
-                         "without the fine-tuning grace of ASHA)")
+                    help=f"part g's arms, two or more of {','.join(DEFAULTS_ARMS)} (new-nograce: the new "
+                         "defaults without the fine-tuning grace of ASHA; plain: the search a user writes, "
+                         "benchmarks/plain.py)")
     ap.add_argument("--ensembles", action="store_true",
                     help="part i alone (also --only i): soups, ensembles, TTA, temperature vs the best trial")
     args = ap.parse_args(argv)
@@ -1062,10 +1097,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped: {args.data} or {WEIGHTS_DIR} is absent (part g needs ../shared)", file=sys.stderr)
             return 0
         arms = tuple(a.strip() for a in args.arms.split(","))
-        if len(arms) != 2 or not set(arms) <= set(DEFAULTS_ARMS):
-            print(f"error: --arms takes two of {', '.join(DEFAULTS_ARMS)}", file=sys.stderr)
+        if len(arms) < 2 or not set(arms) <= set(DEFAULTS_ARMS):
+            print(f"error: --arms takes two or more of {', '.join(DEFAULTS_ARMS)}", file=sys.stderr)
             return 2
-        return run_defaults(args.quick, Path(args.out), Path(args.data), arms)  # type: ignore[arg-type]
+        return run_defaults(args.quick, Path(args.out), Path(args.data), arms, args.budget_s)
     parts = [p.strip() for p in args.only.split(",") if p.strip()] or list(PARTS)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:

@@ -14,10 +14,11 @@ Arms:
   plain              the reference loop (constant rate, the tutorial's);
   tlsearch           `search.trial.fine_tune` with exactly those settings (backbone_lr_mult 1,
                      lr_decay 1, no warm-up), its schedule as it is;
-  tlsearch-cosine0   the same, with the rate decayed by a cosine to zero over the trial's epochs
-                     (the schedule trials had before the floor);
-  tlsearch-defaults  what a trial of the default space gets for what the space does not state
-                     (warm-up, backbone_lr_mult and lr_decay at their priors' geometric middle).
+  tlsearch-cosine-steps  the same, with the rate decayed every batch by a cosine to zero at the
+                     last one (`lr_schedule: cosine_steps`, every trial's schedule before);
+  tlsearch-defaults  the same settings stated in a space, and what tlsearch fills in for what the
+                     space does not state (warm-up, layer-wise decay at its prior's middle, the
+                     backbone's share of a user's lr, LP-FT from the space's probe).
 
 Writes benchmarks/results/parity.json and .md (parity-quick.* with --quick).
 """
@@ -41,7 +42,7 @@ SHARED = REPO.parent / "shared"
 WEIGHTS_DIR = SHARED / "weights"
 RESULTS = REPO / "benchmarks" / "results"
 BACKBONE = "tf_efficientnet_lite0"
-ARMS = ("plain", "tlsearch", "tlsearch-cosine0", "tlsearch-defaults")
+ARMS = ("plain", "tlsearch", "tlsearch-cosine-steps", "tlsearch-defaults")
 # t quantiles (0.975) by degrees of freedom, for the paired interval over seeds.
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -86,18 +87,21 @@ def plain_arm(case: Case, seed: int, threads: int) -> list[dict]:
 def trial_config(case: Case, seed: int, arm: str) -> Any:
     """The TrialConfig of a tlsearch arm."""
     from search.config import TrialConfig
-    from search.space import FINETUNE_PRIORS, WARMUP_FRACTION
+    from search.space import Constant, SearchSpace, with_finetune_priors
+    from search.space._params import _middle
 
-    fields: dict[str, Any] = dict(
+    stated: dict[str, Any] = dict(
         backbone=f"timm/{BACKBONE}", freeze_depth=0, augmentation="none", image_size=case.image_size,
-        epochs=case.epochs, batch_size=case.batch_size, optimizer="adamw", lr=case.lr,
-        weight_decay=case.weight_decay, backbone_lr_mult=1.0, lr_decay=1.0, warmup_epochs=0.0, seed=seed,
+        batch_size=case.batch_size, optimizer="adamw", lr=case.lr, weight_decay=case.weight_decay, seed=seed,
     )
     if arm == "tlsearch-defaults":
-        mid = {k: math.sqrt(v["low"] * v["high"]) if v.get("log") else (v["low"] + v["high"]) / 2
-               for k, v in FINETUNE_PRIORS.items()}
-        fields.update(mid, warmup_epochs=round(WARMUP_FRACTION * case.epochs, 3))
-    if arm == "tlsearch-cosine0":
+        # What the plain loop states, in a space; the rest is what tlsearch fills in (each prior
+        # range at its middle): warm-up, layer-wise decay, the backbone's share, LP-FT.
+        space = with_finetune_priors(SearchSpace.from_dict({**stated, "max_epochs": case.epochs}))
+        drawn = {name: _middle(p) for name, p in space.params if not isinstance(p, Constant)}
+        return space.to_trial_config(drawn)
+    fields = dict(stated, epochs=case.epochs, backbone_lr_mult=1.0, lr_decay=1.0, warmup_epochs=0.0)
+    if arm == "tlsearch-cosine-steps":
         fields.update(lr_schedule="cosine_steps")
     return TrialConfig(**fields)
 
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one seed, one epoch, spoken_digits")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {','.join(CASES)}")
-    ap.add_argument("--arms", default="plain,tlsearch,tlsearch-defaults", help=f"comma-separated, of {','.join(ARMS)}")
+    ap.add_argument("--arms", default="plain,tlsearch,tlsearch-cosine-steps,tlsearch-defaults", help=f"comma-separated, of {','.join(ARMS)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default=str(RESULTS))

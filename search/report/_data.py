@@ -18,7 +18,7 @@ import pandas as pd
 
 from search.config import ConfigError, ensemble_summary_path
 from search.metrics import RECORDED
-from search.studies import TrialRecord, best_trial, leaderboard, objective_of, score_of
+from search.studies import TrialRecord, best_trial, leaderboard, objective_of, score_of, shown_trials
 
 if TYPE_CHECKING:
     import optuna
@@ -57,7 +57,7 @@ def collect(study: "optuna.Study", *, studies_dir: str | Path | None = None) -> 
     now = time.time()
     # One snapshot of the trials for every table, so a trial finishing meanwhile cannot make the
     # leaderboard and the plots disagree.
-    trials = study.get_trials(deepcopy=False)
+    trials = shown_trials(study.get_trials(deepcopy=False))
     records = [TrialRecord.from_trial(t) for t in trials]
     best = best_trial(records, maximize=maximize)
     return ReportData(

@@ -304,7 +304,7 @@ def _summary(
 ) -> RunSummary:
     trials = study.get_trials(deepcopy=False)
     counts: dict[str, int] = {}
-    for t in trials:
+    for t in studies.shown_trials(trials):
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
     best = best_trial(trials, maximize=settings.mode == "max")
     return RunSummary(

@@ -23,8 +23,10 @@ from search.studies._record import (
     best_trial,
     counts_toward_target,
     is_finite,
+    never_started,
     pareto_flags,
     pareto_front,
+    shown_trials,
 )
 from search.studies._storage import SQLITE_TIMEOUT_S, default_storage_url, get_storage, load_study
 
@@ -43,10 +45,12 @@ __all__ = [
     "leaderboard",
     "list_studies",
     "load_study",
+    "never_started",
     "objective_of",
     "pareto_flags",
     "pareto_front",
     "score_of",
+    "shown_trials",
     "state_counts",
     "study_summary",
 ]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from search.config import TLSearchError, printable
-from search.studies._record import TrialRecord, best_trial
+from search.studies._record import TrialRecord, best_trial, shown_trials
 from search.studies._storage import _redact, get_storage
 
 if TYPE_CHECKING:
@@ -74,9 +74,10 @@ def objective_of(study: "optuna.Study") -> tuple[str, bool]:
 
 
 def state_counts(trials: "list[optuna.trial.FrozenTrial]") -> dict[str, int]:
-    """Counts trials by state name, every state of `STATE_ORDER` present (0 where none)."""
+    """Counts trials by state name, every state of `STATE_ORDER` present (0 where none); draws the
+    time budget refused (`never_started`) are not trials a user ran, and are not counted."""
     counts = {s: 0 for s in STATE_ORDER}
-    for t in trials:
+    for t in shown_trials(trials):
         counts[t.state.name] = counts.get(t.state.name, 0) + 1
     return counts
 
@@ -134,6 +135,7 @@ def leaderboard(study: "optuna.Study", *, trials: list | None = None) -> "pandas
     metric, maximize = objective_of(study)
     if trials is None:
         trials = study.get_trials(deepcopy=False)
+    trials = shown_trials(trials)
     extra_params = sorted({k for t in trials for k in t.params} - set(_PARAM_COLUMNS))
     columns = list(LEADERBOARD_COLUMNS) + [p for p in extra_params if p not in LEADERBOARD_COLUMNS]
     optional = [m for m in _OPTIONAL_METRICS

@@ -172,6 +172,25 @@ class TrialRecord:
 # ----- the rules ------------------------------------------------------------------------------------
 
 
+def never_started(trial: Any) -> bool:
+    """Whether a trial is a draw the time budget refused (FAIL "not started"): it never ran, so
+    the leaderboard, the counts and the report leave it out (the study keeps it, as Optuna asked it).
+
+    Args:
+        trial: a frozen trial or a `TrialRecord`.
+
+    Returns:
+        True for a refused draw.
+    """
+    attrs = trial.user_attrs if hasattr(trial, "user_attrs") else {}
+    return bool(attrs.get("not_started"))
+
+
+def shown_trials(trials: list) -> list:
+    """The trials a user reads about: every one but the draws that never started (`never_started`)."""
+    return [t for t in trials if not never_started(t)]
+
+
 def counts_toward_target(trial: Any) -> bool:
     """Whether a finished trial counts toward the requested trial count.
 
