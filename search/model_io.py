@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search.config import TLSearchError, atomic_save, atomic_write_text, dump_yaml
+from search.disk import logits_path
 
 if TYPE_CHECKING:
     import torch
@@ -47,13 +48,6 @@ def library_versions() -> dict[str, str]:
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """Saves the model's state_dict atomically (a crash never leaves half a file)."""
     atomic_save(path, model.state_dict())
-
-
-def logits_path(checkpoint_path: str | os.PathLike) -> Path:
-    """Where a trial's validation logits live: beside its checkpoint (`trial-3.pt` ->
-    `trial-3.val-logits.pt`), so the checkpoint bound keeps or removes both together."""
-    p = Path(checkpoint_path)
-    return p.with_name(f"{p.stem}.val-logits{p.suffix or '.pt'}")
 
 
 def save_val_logits(logits: torch.Tensor, labels: torch.Tensor, checkpoint_path: str | os.PathLike) -> Path:
