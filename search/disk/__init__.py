@@ -16,6 +16,11 @@ Three kinds of files grow with use:
 imported here (optuna lazily), so the CLI stays light.
 """
 
+from search.disk._budgets import (  # noqa: F401
+    DEFAULT_IMAGE_BUDGET_BYTES,
+    FEATURE_BUDGET_BYTES,
+    image_budget_bytes,
+)
 from search.disk._checkpoints import (  # noqa: F401
     REMOVED_KEY,
     CheckpointTrial,

@@ -13,6 +13,7 @@ from search.studies import is_finite
 if TYPE_CHECKING:
     import optuna
 
+from search.disk._budgets import FEATURE_BUDGET_BYTES, image_budget_bytes
 from search.disk._checkpoints import REMOVED_KEY
 from search.disk._lru import _size
 from search.disk._tmp import clean_stale_tmp, stale_tmp_files
@@ -96,9 +97,6 @@ def cache_usage(cache_dir: Path, studies_dir: Path) -> dict[str, Any]:
         temporary (stale files, bytes), checkpoints (one entry per study: study, path, files,
         bytes) and total_bytes.
     """
-    from search.data import image_budget_bytes
-    from search.features import DEFAULT_BUDGET_BYTES
-
     images = folder_usage(cache_dir / "images", "*.u8")
     feats = folder_usage(cache_dir / "features", "*.pt")
     studies = study_folders(studies_dir)
@@ -112,7 +110,7 @@ def cache_usage(cache_dir: Path, studies_dir: Path) -> dict[str, Any]:
     return {
         "cache_dir": str(cache_dir),
         "images": {**images.to_dict(), "budget_bytes": image_budget_bytes()},
-        "features": {**feats.to_dict(), "budget_bytes": DEFAULT_BUDGET_BYTES},
+        "features": {**feats.to_dict(), "budget_bytes": FEATURE_BUDGET_BYTES},
         "temporary": {"files": len(stale), "bytes": stale_bytes},
         "checkpoints": ckpts,
         "total_bytes": total,
