@@ -73,13 +73,14 @@ def search_running(study: "optuna.Study", *, now: float | None = None) -> int | 
 def open_study_of(folder: Path) -> "optuna.Study | None":
     """The study of an experiment folder (its settings.yaml names the storage), or None."""
     from search.config import load_yaml
-    from search.settings import SearchSettings
     from search.studies import load_study
 
     with contextlib.suppress(Exception):
+        # The stored keys, not `SearchSettings`: a study's name and storage are all it takes, and the
+        # settings (they hold the search space) sit layers above the disk.
         stored = load_yaml(folder / "settings.yaml")
-        settings = SearchSettings.from_dict(stored)
-        return load_study(settings.study, storage=settings.storage_url)
+        return load_study(stored["study"], storage=stored.get("storage"),
+                          studies_dir=stored.get("studies_dir") or "studies")
     with contextlib.suppress(Exception):
         return load_study(folder.name, studies_dir=folder.parent)
     return None
