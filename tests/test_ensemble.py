@@ -301,8 +301,8 @@ def test_cross_fitted_choices_read_only_their_half(pool: list[PoolTrial], data: 
 def test_ensemble_folder_predicts_evaluates_and_its_onnx_agrees(
         pool: list[PoolTrial], data: Path, tmp_path: Path, cache: str) -> None:
     from search.ensemble import evaluate_model
+    from search.ensemble import load_model
     from search.export import predict
-    from search.model_io import load_model
 
     index = scan_dataset(data)
     out = tmp_path / "model"
