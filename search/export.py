@@ -1,7 +1,8 @@
 """Best trial -> config file (`export_trial`); a saved model folder -> predictions (`predict`).
 
 Model folders themselves (what they hold, how they are written and read) are `search.model_io`;
-`save_model`, `load_model` and `library_versions` are re-exported here for existing callers.
+`save_model` and `library_versions` are re-exported here for existing callers. Either kind of
+folder, a trial's or an ensemble's, is loaded by `search.ensemble.load_model`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from search.config import (
     RECORD_KEYS, ConfigError, TLSearchError, TrialConfig, atomic_write_text, check_study_name, dump_yaml,
 )
-from search.model_io import library_versions, load_model, save_model  # noqa: F401  (re-exported)
+from search.model_io import library_versions, save_model  # noqa: F401  (re-exported)
 
 FORMATS = ("yaml", "json")
 
@@ -166,6 +167,7 @@ def predict(model_dir: str | Path, images: list[str | Path], *, top: int = 1) ->
 
     from search.augment import eval_transform
     from search.data import BadImageError, decode_resized
+    from search.ensemble import load_model
 
     model, meta = load_model(model_dir)
     pre = meta["preprocessing"]

@@ -31,13 +31,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from search.config import TrialConfig, atomic_save, file_lock
+from search.disk import FEATURE_BUDGET_BYTES, touch, trim_lru
 
 if TYPE_CHECKING:
     from search.backbones import Backbone
     from search.data import DatasetIndex
 
-# The feature folder is trimmed to this many bytes (least recently used files go first).
-DEFAULT_BUDGET_BYTES = int(os.environ.get("TLSEARCH_FEATURE_CACHE_BYTES", 4 * 2**30))
 # Boundary features of one trial (train + val, float16) are cached only up to this size: early
 # boundaries of large images are big, and the trial holds them in memory.
 PARTIAL_BUDGET_BYTES = int(os.environ.get("TLSEARCH_PARTIAL_CACHE_BYTES", 2**30))
@@ -176,7 +175,7 @@ def _cached_loaders(
         else:
             loaders[split] = DataLoader(data, batch_size=max(val_batch, config.batch_size), shuffle=False)
     bb.model.train(was)  # computing ran `module` in eval mode; frozen modules stay in eval
-    trim(folder, DEFAULT_BUDGET_BYTES)
+    trim(folder, FEATURE_BUDGET_BYTES)
     return loaders
 
 
@@ -188,8 +187,6 @@ def cached_features(
 
     A file another trial's trim removes between the check and the read is computed again.
     """
-    from search.disk import touch
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path.with_suffix(".lock")):  # a concurrent trial with the same key waits, then reads
         if path.exists():
@@ -256,8 +253,6 @@ def trim(folder: Path, budget_bytes: int) -> None:
     Files used in the last minute are in use by a trial and stay; a file another process removes
     meanwhile is skipped, never an error.
     """
-    from search.disk import trim_lru
-
     trim_lru(folder.glob("*.pt"), budget_bytes)
 
 

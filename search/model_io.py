@@ -1,7 +1,7 @@
 """Checkpoints and model folders on disk: the one place that saves and loads trained weights.
 
 A checkpoint is one state_dict (`save_checkpoint`, `load_checkpoint`): a trial writes its last
-epoch's after every epoch. A model folder (`save_model`, `load_model`) holds everything
+epoch's after every epoch. A model folder (`save_model`, `load_trial_model`) holds everything
 `tlsearch predict` (or a user's own code) needs:
 
     model.pt            state_dict of the whole model (load with weights_only=True)
@@ -9,6 +9,9 @@ epoch's after every epoch. A model folder (`save_model`, `load_model`) holds eve
     model.onnx          ONNX, where the export works offline
     config.yaml         the trial config it was trained with
     model.json          class names, preprocessing, metrics, library versions
+
+`tlsearch ensemble` writes model folders of its own kind; `search.ensemble.load_model` loads
+either kind.
 
 Weights are always read with `weights_only=True`: a pickled payload is refused, never run.
 torch is imported inside the functions, so `tlsearch export` (which only writes a config file)
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from search.config import TLSearchError, atomic_save, atomic_write_text, dump_yaml
+from search.disk import logits_path
 
 if TYPE_CHECKING:
     import torch
@@ -47,13 +51,6 @@ def library_versions() -> dict[str, str]:
 def save_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """Saves the model's state_dict atomically (a crash never leaves half a file)."""
     atomic_save(path, model.state_dict())
-
-
-def logits_path(checkpoint_path: str | os.PathLike) -> Path:
-    """Where a trial's validation logits live: beside its checkpoint (`trial-3.pt` ->
-    `trial-3.val-logits.pt`), so the checkpoint bound keeps or removes both together."""
-    p = Path(checkpoint_path)
-    return p.with_name(f"{p.stem}.val-logits{p.suffix or '.pt'}")
 
 
 def save_val_logits(logits: torch.Tensor, labels: torch.Tensor, checkpoint_path: str | os.PathLike) -> Path:
@@ -160,24 +157,36 @@ def _export_graphs(model: nn.Module, example: torch.Tensor, out: Path) -> list[s
     return notes
 
 
-def load_model(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Loads a model folder written by `save_model`, or by `tlsearch ensemble` (weights with
-    `weights_only=True`).
+def read_model_meta(model_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Checks that a folder is a model folder (of any kind) and reads its model.json.
+
+    Args:
+        model_dir: the folder.
 
     Returns:
-        (model in eval mode, model.json contents).
+        (the folder, model.json contents); its "kind" is "ensemble" for a folder `tlsearch
+        ensemble` wrote, absent for one `save_model` wrote.
+    """
+    folder = Path(model_dir)
+    if not (folder / "model.pt").is_file() or not (folder / "model.json").is_file():
+        raise TLSearchError(f"{folder} is not a model folder (needs model.pt and model.json; see tlsearch train)")
+    return folder, json.loads((folder / "model.json").read_text(encoding="utf-8"))
+
+
+def load_trial_model(folder: str | Path, meta: dict[str, Any]) -> nn.Module:
+    """Rebuilds the model of a folder written by `save_model` and loads model.pt (`weights_only=True`).
+
+    Args:
+        folder: the model folder.
+        meta: its model.json (`read_model_meta`).
+
+    Returns:
+        The model in eval mode.
     """
     from search.backbones import build_backbone
     from search.config import load_trial_config
 
-    folder = Path(model_dir)
-    if not (folder / "model.pt").is_file() or not (folder / "model.json").is_file():
-        raise TLSearchError(f"{folder} is not a model folder (needs model.pt and model.json; see tlsearch train)")
-    meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
-    if meta.get("kind") == "ensemble":  # written by `tlsearch ensemble`: members, averaging, temperature
-        from search.ensemble import load_ensemble
-
-        return load_ensemble(folder, meta), meta
+    folder = Path(folder)
     config = load_trial_config(folder / "config.yaml")
     bb = build_backbone(config.backbone, len(meta["class_names"]), pretrained=False, dropout=config.dropout)
     state = load_checkpoint(folder / "model.pt")
@@ -185,4 +194,4 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         bb.model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise TLSearchError(f"{folder / 'model.pt'} does not match {config.backbone}: {str(e).splitlines()[0]}") from None
-    return bb.model.eval(), meta
+    return bb.model.eval()

@@ -270,6 +270,23 @@ def test_cache_lists_and_clears(tmp_path: Path) -> None:
     assert disk.removed_on_study(study.user_attrs) == {0, 1}
 
 
+def test_the_study_of_an_experiment_folder_is_where_its_settings_say(tmp_path: Path) -> None:
+    from search.config import dump_yaml
+    from search.settings import SearchSettings
+
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    optuna.create_study(study_name="a", storage=url)
+    (tmp_path / "other").mkdir()
+    optuna.create_study(study_name="b", storage=f"sqlite:///{tmp_path / 'other' / 'b.db'}")
+    for settings in (SearchSettings(study="a", data=str(tmp_path), storage=url),
+                     SearchSettings(study="b", data=str(tmp_path), studies_dir=str(tmp_path / "other"))):
+        (tmp_path / "studies" / settings.study).mkdir(parents=True)
+        dump_yaml(settings.to_dict(), tmp_path / "studies" / settings.study / "settings.yaml")  # as a run writes it
+    assert disk.open_study_of(tmp_path / "studies" / "a").study_name == "a"
+    assert disk.open_study_of(tmp_path / "studies" / "b").study_name == "b"
+    assert disk.open_study_of(tmp_path / "studies" / "c") is None
+
+
 def test_cache_usage_errors_are_one_line(tmp_path: Path) -> None:
     r = _cli("--checkpoints", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--clear" in r.stderr

@@ -424,8 +424,8 @@ def test_a_val_loss_ensemble_shows_and_stores_losses(pool: list[PoolTrial], data
 def test_ensemble_folder_predicts_evaluates_and_its_onnx_agrees(
         pool: list[PoolTrial], data: Path, tmp_path: Path, cache: str) -> None:
     from search.ensemble import evaluate_model
+    from search.ensemble import load_model
     from search.export import predict
-    from search.model_io import load_model
 
     index = scan_dataset(data)
     out = tmp_path / "model"

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Iterator
 
 PACKAGE = Path(__file__).resolve().parents[1] / "search"
 
 
-def _modules() -> dict[str, ast.Module]:
+def _parsed() -> dict[str, tuple[Path, ast.Module]]:
+    """Every module of the package by dotted name (a package by its own name), with its file."""
     out = {}
     for path in PACKAGE.rglob("*.py"):
         parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
-        out[".".join(parts)] = ast.parse(path.read_text(encoding="utf-8"))
+        out[".".join(parts)] = (path, ast.parse(path.read_text(encoding="utf-8")))
     return out
 
 
-def _imports(name: str, tree: ast.Module, known: set[str], *, is_package: bool) -> set[str]:
-    """The package modules `name` imports anywhere (at the top or inside functions)."""
-    found = set()
+def _modules() -> dict[str, ast.Module]:
+    return {name: tree for name, (_, tree) in _parsed().items()}
+
+
+def _import_sites(name: str, tree: ast.Module, known: set[str], *, is_package: bool) -> Iterator[tuple[str, int]]:
+    """The package modules `name` imports anywhere (at the top or inside functions), each with its line."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
@@ -29,16 +34,21 @@ def _imports(name: str, tree: ast.Module, known: set[str], *, is_package: bool) 
             if node.level:
                 anchor = name.split(".") if is_package else name.split(".")[:-1]
                 base = ".".join(anchor[: len(anchor) - node.level + 1] + ([base] if base else []))
-            targets = [f"{base}.{a.name}" for a in node.names] + [base]
+            targets = [f"{base}.{a.name}" for a in node.names]
         else:
             continue
         for target in targets:
             while target and target not in known:  # `from search.x import f` -> search.x
                 target = target.rpartition(".")[0]
-            # A package importing its own submodules is how it re-exports them, not a cycle.
-            if target and target != name and not target.startswith(name + "."):
-                found.add(target)
-    return found
+            if target:
+                yield target, node.lineno
+
+
+def _imports(name: str, tree: ast.Module, known: set[str], *, is_package: bool) -> set[str]:
+    """The package modules `name` imports, but for its own submodules."""
+    # A package importing its own submodules is how it re-exports them, not a cycle.
+    return {t for t, _ in _import_sites(name, tree, known, is_package=is_package)
+            if t != name and not t.startswith(name + ".")}
 
 
 def test_no_import_cycle_among_search_modules() -> None:
@@ -62,6 +72,39 @@ def test_no_import_cycle_among_search_modules() -> None:
         if name not in done:
             visit(name, [name])
     assert not cycles, [" -> ".join(c) for c in cycles]
+
+
+def _layer(module: str) -> str:
+    """The subpackage or top-level module a module belongs to: search.data._cache -> search.data."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_no_import_cycle_among_search_subpackages() -> None:
+    """The subpackages and top-level modules of search/ form a line of layers, also counting imports
+    inside functions: such an import keeps start-up light, but it still ties two layers together, and
+    a loop of them means a job sits in the wrong layer (`data` -> `disk` -> `data`)."""
+    parsed = _parsed()
+    ties: dict[tuple[str, str], str] = {}  # (layer, layer it imports) -> the first file:line that does
+    for name, (path, tree) in sorted(parsed.items()):
+        for target, line in _import_sites(name, tree, set(parsed), is_package=path.name == "__init__.py"):
+            if _layer(target) != _layer(name):
+                ties.setdefault((_layer(name), _layer(target)), f"{path.relative_to(PACKAGE.parent)}:{line}")
+    graph: dict[str, set[str]] = {}
+    for a, b in ties:
+        graph.setdefault(a, set()).add(b)
+
+    def reachable(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph.get(todo.pop(), ()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    # A tie a -> b closes a loop when a can be reached back from b.
+    loops = [f"{a} -> {b}  ({where})" for (a, b), where in sorted(ties.items()) if a in reachable(b)]
+    assert not loops, "import cycle between layers of search/:\n" + "\n".join(loops)
 
 
 def test_no_module_imports_a_platform_only_module_at_the_top() -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from search.backbones._types import WeightsError
+from search.config import default_cache_dir
 
 DOWNLOAD_TIMEOUT_S = 10.0  # socket timeout for weight downloads: an offline machine fails fast
 
@@ -91,8 +92,6 @@ def _file_digest(path: Path, key: tuple[str, int, int, int, int, int]) -> str:
 
 
 def _digest_store() -> Path:
-    from search.data import default_cache_dir
-
     return default_cache_dir() / WEIGHTS_IDS_FILE
 
 

@@ -27,11 +27,9 @@ from search.config import default_cache_dir
 from search.data._cache import (
     BUILD_CHUNK_BYTES,
     CACHE_FORMAT,
-    DEFAULT_IMAGE_BUDGET_BYTES,
     DEFAULT_MAX_CACHE_BYTES,
     ImageDataset,
     dataset_splits,
-    image_budget_bytes,
 )
 from search.data._decode import (
     CROP_RATIO,
@@ -61,6 +59,8 @@ from search.data._scan import (
     resplit,
     scan_dataset,
 )
+# Re-exported: the images/ folder's budget is the disk's, and has always been found here too.
+from search.disk import DEFAULT_IMAGE_BUDGET_BYTES, image_budget_bytes
 
 __all__ = [
     "BUILD_CHUNK_BYTES",

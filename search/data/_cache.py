@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from search.config import (
-    TLSearchError,
     atomic_write_text,
     default_cache_dir,
     file_lock,
@@ -28,26 +27,15 @@ from search.config import (
 )
 from search.data._decode import BadImageError, _workers, decode_resized, stored_size
 from search.data._index import DatasetIndex, Sample, WarnFn, _default_warn
+from search.disk import image_budget_bytes, touch, trim_lru
 
 # Bump when decoding or resizing changes, so old cache files are not reused.
 CACHE_FORMAT = 1
 # Default budget of one cached image array; larger datasets are decoded on access.
 DEFAULT_MAX_CACHE_BYTES = 8 * 1024**3
-# Default budget of the whole images/ cache folder ($TLSEARCH_IMAGE_CACHE_BYTES overrides it): the
-# least recently used arrays are removed to make room for a new one.
-DEFAULT_IMAGE_BUDGET_BYTES = 16 * 1024**3
 # Images are decoded and written this many bytes at a time, so building the cache holds one chunk
 # in memory whatever the dataset's size.
 BUILD_CHUNK_BYTES = 64 * 1024**2
-
-
-def image_budget_bytes() -> int:
-    """The images/ cache folder's budget: $TLSEARCH_IMAGE_CACHE_BYTES, else DEFAULT_IMAGE_BUDGET_BYTES."""
-    env = os.environ.get("TLSEARCH_IMAGE_CACHE_BYTES", "").strip()
-    try:
-        return int(float(env)) if env else DEFAULT_IMAGE_BUDGET_BYTES
-    except ValueError:
-        raise TLSearchError(f"TLSEARCH_IMAGE_CACHE_BYTES must be a number of bytes, got {env!r}") from None
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -183,8 +171,6 @@ class ImageDataset(torch.utils.data.Dataset):
                     array = np.memmap(f, dtype=np.uint8, mode="r", shape=shape)
             except (FileNotFoundError, ValueError):  # trimmed (or cut) between the check and the open
                 continue
-            from search.disk import touch
-
             touch(final)  # least recently used goes first when the folder is trimmed
             with contextlib.suppress(FileNotFoundError, ValueError):
                 for path, reason in json.loads(bad_path.read_text()).items():
@@ -193,8 +179,6 @@ class ImageDataset(torch.utils.data.Dataset):
         raise OSError(f"{final} kept disappearing while it was opened (the cache folder is being cleared)")
 
     def _build(self, final: Path, bad_path: Path, shape: tuple[int, int, int, int]) -> None:
-        from search.disk import trim_lru
-
         budget = image_budget_bytes()
         # Room for the new array first: least recently used arrays go (never one in use right now).
         trim_lru(final.parent.glob("*.u8"), budget - self.nbytes, companions=(".bad.json",), keep=(final,))

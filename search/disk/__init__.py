@@ -5,8 +5,8 @@ Three kinds of files grow with use:
 - the caches under `default_cache_dir()`: decoded images (`images/`, see `search.data`) and frozen
   features (`features/`, see `search.features`); each folder has a byte budget and loses its least
   recently used files first (`trim_lru`);
-- trial checkpoints, `studies/<study>/checkpoints/trial-N.pt`: when a trial ends, the checkpoints
-  no longer worth keeping are removed (`checkpoints_to_remove`, a pure rule over the study's
+- trial checkpoints, `studies/<study>/checkpoints/trial-N.pt`, each with its validation logits
+  beside it (`logits_path`): when a trial ends, the checkpoints no longer worth keeping are removed (`checkpoints_to_remove`, a pure rule over the study's
   trials): those of PRUNED and failed trials, and those of COMPLETE trials outside the best
   `keep` of their backbone. A trial cut short by a stop (interrupted) keeps its checkpoint until a
   retry of it has ended;
@@ -16,6 +16,11 @@ Three kinds of files grow with use:
 imported here (optuna lazily), so the CLI stays light.
 """
 
+from search.disk._budgets import (  # noqa: F401
+    DEFAULT_IMAGE_BUDGET_BYTES,
+    FEATURE_BUDGET_BYTES,
+    image_budget_bytes,
+)
 from search.disk._checkpoints import (  # noqa: F401
     REMOVED_KEY,
     CheckpointTrial,
@@ -32,6 +37,7 @@ from search.disk._lru import (  # noqa: F401
     touch,
     trim_lru,
 )
+from search.disk._paths import logits_path  # noqa: F401
 from search.disk._tmp import (  # noqa: F401
     _TMP_PID,
     TMP_DEAD_WRITER_S,

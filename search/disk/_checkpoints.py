@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from search.disk._paths import logits_path
 from search.studies import is_finite
 
 if TYPE_CHECKING:
@@ -132,8 +133,6 @@ def remove_checkpoint(path: str | os.PathLike[str] | None) -> int:
     """Removes a trial's checkpoint and the validation logits kept beside it; returns bytes freed."""
     if not path:
         return 0
-    from search.model_io import logits_path  # torch-free: model_io imports torch inside its functions
-
     return remove_file(path) + remove_file(logits_path(path))
 
 

@@ -13,6 +13,7 @@ from search.studies import is_finite
 if TYPE_CHECKING:
     import optuna
 
+from search.disk._budgets import FEATURE_BUDGET_BYTES, image_budget_bytes
 from search.disk._checkpoints import REMOVED_KEY
 from search.disk._lru import _size
 from search.disk._tmp import clean_stale_tmp, stale_tmp_files
@@ -72,13 +73,14 @@ def search_running(study: "optuna.Study", *, now: float | None = None) -> int | 
 def open_study_of(folder: Path) -> "optuna.Study | None":
     """The study of an experiment folder (its settings.yaml names the storage), or None."""
     from search.config import load_yaml
-    from search.settings import SearchSettings
     from search.studies import load_study
 
     with contextlib.suppress(Exception):
+        # The stored keys, not `SearchSettings`: a study's name and storage are all it takes, and the
+        # settings (they hold the search space) sit layers above the disk.
         stored = load_yaml(folder / "settings.yaml")
-        settings = SearchSettings.from_dict(stored)
-        return load_study(settings.study, storage=settings.storage_url)
+        return load_study(stored["study"], storage=stored.get("storage"),
+                          studies_dir=stored.get("studies_dir") or "studies")
     with contextlib.suppress(Exception):
         return load_study(folder.name, studies_dir=folder.parent)
     return None
@@ -96,9 +98,6 @@ def cache_usage(cache_dir: Path, studies_dir: Path) -> dict[str, Any]:
         temporary (stale files, bytes), checkpoints (one entry per study: study, path, files,
         bytes) and total_bytes.
     """
-    from search.data import image_budget_bytes
-    from search.features import DEFAULT_BUDGET_BYTES
-
     images = folder_usage(cache_dir / "images", "*.u8")
     feats = folder_usage(cache_dir / "features", "*.pt")
     studies = study_folders(studies_dir)
@@ -112,7 +111,7 @@ def cache_usage(cache_dir: Path, studies_dir: Path) -> dict[str, Any]:
     return {
         "cache_dir": str(cache_dir),
         "images": {**images.to_dict(), "budget_bytes": image_budget_bytes()},
-        "features": {**feats.to_dict(), "budget_bytes": DEFAULT_BUDGET_BYTES},
+        "features": {**feats.to_dict(), "budget_bytes": FEATURE_BUDGET_BYTES},
         "temporary": {"files": len(stale), "bytes": stale_bytes},
         "checkpoints": ckpts,
         "total_bytes": total,

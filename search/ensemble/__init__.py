@@ -11,6 +11,7 @@ kept trials, chosen on validation, scored on data no choice saw; and `evaluate` 
 - `_build.py`: `build_ensemble` (a study) and `ensemble_pool` (a pool and a dataset).
 - `_evaluate.py`: `evaluate_model`, a model folder on a dataset's test split.
 - `_format.py`: the terminal text of both.
+- `_load.py`: `load_model`, a model folder of either kind (a trial's or an ensemble's).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from search.ensemble._build import (
 from search.ensemble._choose import Candidate, choose, decide
 from search.ensemble._evaluate import evaluate_model
 from search.ensemble._format import format_ensemble, format_evaluation
+from search.ensemble._load import load_model
 from search.ensemble._module import (
     EnsembleNet,
     MemberNet,
@@ -76,6 +78,7 @@ __all__ = [
     "halves",
     "kept_trials",
     "load_ensemble",
+    "load_model",
     "pick_shipped",
     "recompute_batchnorm",
     "reliability_bins",

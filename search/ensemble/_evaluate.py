@@ -30,7 +30,7 @@ def evaluate_model(model_dir: str | os.PathLike, data: str | os.PathLike, *, dev
     """
     from search.augment import eval_transform
     from search.data import DatasetError, ImageDataset, SplitSpec, scan_dataset
-    from search.model_io import load_model
+    from search.ensemble._load import load_model
     from search.trial import pick_device
 
     model, meta = load_model(model_dir)
