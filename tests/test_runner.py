@@ -475,6 +475,10 @@ def test_no_trial_starts_when_its_estimate_exceeds_the_time_left(tmp_path: Path)
     skipped = study.trials[-1]
     assert skipped.state == optuna.trial.TrialState.FAIL and skipped.user_attrs["error"].startswith(NOT_STARTED)
     assert skipped.user_attrs["interrupted"] and finished_count(study) == 0  # not counted, not retried
+    from search.studies import leaderboard, state_counts
+
+    # What a user reads leaves the refused draw out: no FAIL row, no failure counted.
+    assert skipped.number not in set(leaderboard(study)["trial"]) and state_counts(study.trials)["FAIL"] == 0
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
     for i in range(searcher.MAX_SKIPS - 1):
         searcher.suggest(f"c{i}")
@@ -576,3 +580,48 @@ def test_metric_choice_ranks_records_and_imbalance_joins_the_default_space(tmp_p
     # The same study cannot go on ranking by another metric.
     with pytest.raises(TLSearchError, match="ranks trials by val_macro_f1, not val_acc"):
         run_search(s.replace(metric="val_acc", trials=5), trial_fn=f1_stub, progress=False)
+
+
+def heavy_trial(config, index, *, report, checkpoint_path=None, **kwargs):
+    """A fast trial that reports long epochs (40 s each): what the budget's estimates learn from."""
+    for epoch in range(1, config.epochs + 1):
+        time.sleep(0.05)
+        report(epoch_metrics(epoch, 0.5, seconds=40.0, lr=config.lr))
+
+
+def test_a_budget_run_with_no_room_for_another_trial_ends_as_a_budget_run(
+        tmp_path: Path, ray_session, capsys: pytest.CaptureFixture[str]) -> None:
+    from search.outputs import EXIT_OK, after_search
+
+    data = make_image_folder(tmp_path / "data")
+    space = dict(SPACE, max_epochs=3, freeze_depth=0)
+    s = _settings(tmp_path, data, "room", trials=1, space=space, warm_start=False)
+    run_search(s, trial_fn=heavy_trial, progress=False)  # measured: 3 epochs x 40 s
+    # 60 s left and every draw needs ~120 s: nothing is started, and the run says the budget ended
+    # it (long before 98% of the budget has passed), not that it was interrupted.
+    summary = resume_search("room", studies_dir=s.studies_dir, trial_fn=heavy_trial, progress=False,
+                            trials=4, time_budget_s=60.0)
+    assert summary.budget_reached and not summary.interrupted, summary
+    assert summary.wall_seconds < 50 and summary.trials_run == 0 and summary.finished == 1
+    assert sum(summary.counts.values()) == 1  # the refused draws are no trials of the user's
+    capsys.readouterr()
+    assert after_search(summary, "room", s.storage_url) == EXIT_OK
+    out = capsys.readouterr()
+    assert "interrupted" not in out.err and "tlsearch export" in out.out
+
+
+def test_a_cheap_trial_that_still_fits_runs_before_the_run_gives_up(tmp_path: Path) -> None:
+    from search.runner._ledger import timing_key
+
+    space = SearchSpace.from_dict({"backbone": "resnet18", "freeze_depth": ["all", 0], "augmentation": ["none", "flip"],
+                                   "lr": {"low": 1e-4, "high": 1e-2, "log": True}, "image_size": 32, "max_epochs": 4})
+    searcher = _searcher(tmp_path, space, deadline=time.time() + 30.0)
+    fine_tune = {"freeze_depth": 0, "augmentation": "flip", "lr": 1e-3}
+    probe = {"freeze_depth": "all", "augmentation": "none", "lr": 1e-3}
+    searcher._ot_study.enqueue_trial(fine_tune)
+    searcher._times.add_epoch(timing_key(space.to_trial_config(fine_tune).to_dict()), 20.0)  # 80 s: no
+    searcher._times.add_epoch(timing_key(space.to_trial_config(probe).to_dict()), 1.0)  # 4 s: fits
+    assert searcher.suggest("a") is None  # the fine-tune is refused ...
+    got = searcher.suggest("b")  # ... and the same draw as a linear probe runs instead
+    assert isinstance(got, dict) and {k: got[k] for k in probe} == probe
+    assert not searcher.out_of_time
