@@ -181,4 +181,4 @@ def is_deterministic(config: TrialConfig) -> bool:
     Returns:
         True when every epoch sees the same training tensors.
     """
-    return config.augmentation == "none" and config.mixup_alpha == 0 and config.cutmix_alpha == 0
+    return config.deterministic_input

@@ -144,6 +144,12 @@ class TrialConfig:
         _check_range("lr_decay", self.lr_decay, 1e-6, 1.0)
         _check_range("backbone_lr_mult", self.backbone_lr_mult, 1e-6, 1.0)
 
+    @property
+    def deterministic_input(self) -> bool:
+        """Whether training sees the same tensors every epoch (policy `none`, no MixUp/CutMix):
+        then a frozen prefix's output can be cached, and its epochs cost what a probe's do."""
+        return deterministic_input(self.to_dict())
+
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as a plain dict, in field order (what YAML files hold)."""
         return dataclasses.asdict(self)
@@ -177,6 +183,15 @@ class TrialConfig:
     def replace(self, **changes: Any) -> "TrialConfig":
         """Returns a copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def deterministic_input(config: Mapping[str, Any]) -> bool:
+    """`TrialConfig.deterministic_input` of a config's dict (a missing key takes the default).
+
+    MixUp and CutMix mix the images themselves, and mixing images is not mixing their cached features.
+    """
+    return (config.get("augmentation", TrialConfig.augmentation) == "none"
+            and not config.get("mixup_alpha") and not config.get("cutmix_alpha"))
 
 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")

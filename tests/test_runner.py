@@ -447,6 +447,13 @@ def test_fits_budget_and_epoch_time_estimates() -> None:
     assert times.estimate(key, 4) == pytest.approx(5.0 + 4 * 3.0)
     other = timing_key({"backbone": "resnet18", "freeze_depth": "all", "image_size": 64, "augmentation": "flip"})
     assert times.estimate(other, 4) is None  # another freeze depth is not alike
+    times.add_startup(key, 45.0)  # the first trial of a kind built the caches: a one-off
+    assert times.estimate(key, 4) == pytest.approx(5.0 + 4 * 3.0)
+    base = {"backbone": "resnet18", "freeze_depth": "all", "image_size": 64, "augmentation": "none", "batch_size": 32}
+    # Un-augmented but mixed images are not cached features; another batch size is another speed.
+    assert timing_key(base) != timing_key({**base, "mixup_alpha": 0.2})
+    assert timing_key(base) != timing_key({**base, "batch_size": 64})
+    assert timing_key(base) == timing_key({**base, "mixup_alpha": 0.0})
 
 
 def _searcher(tmp_path: Path, space: SearchSpace, deadline: float | None):
@@ -625,3 +632,32 @@ def test_a_cheap_trial_that_still_fits_runs_before_the_run_gives_up(tmp_path: Pa
     got = searcher.suggest("b")  # ... and the same draw as a linear probe runs instead
     assert isinstance(got, dict) and {k: got[k] for k in probe} == probe
     assert not searcher.out_of_time
+
+
+def test_a_refused_recipe_waits_for_a_resume_and_a_continuation_runs_past_the_count(tmp_path: Path) -> None:
+    from search.runner._ledger import timing_key
+
+    space = SearchSpace.from_dict({"backbone": "resnet18", "freeze_depth": 0, "lr": {"low": 1e-4, "high": 1e-2},
+                                   "image_size": 32, "max_epochs": 4})
+    searcher = _searcher(tmp_path, space, deadline=time.time() + 10.0)
+    study = searcher._ot_study
+    study.enqueue_trial({"lr": 1e-3}, user_attrs={"recipe": "full fine-tune", "baseline": True})
+    searcher._times.add_epoch(timing_key(space.to_trial_config({}).to_dict()), 5.0)  # 20 s > 10 s left
+    assert searcher.suggest("a") is None
+    searcher.requeue_refused()  # as the run ends
+    waiting = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].user_attrs["recipe"] == "full fine-tune"
+
+    # A study at its count, with a budget-cut trial's continuation waiting: it still runs.
+    full = _searcher(tmp_path / "f", space, deadline=None)
+    full._target = 1
+    st = full._ot_study
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)}
+    st.add_trial(optuna.trial.create_trial(params={"lr": 1e-3}, distributions=dist, value=0.5))
+    cut = optuna.trial.create_trial(params={"lr": 2e-3}, distributions=dist, state=optuna.trial.TrialState.PRUNED,
+                                    intermediate_values={1: 0.4}, user_attrs={"stopped_by": "time budget"})
+    st.add_trial(cut)
+    st.enqueue_trial({"lr": 2e-3}, user_attrs={"continues": 1})
+    got = full.suggest("c")
+    assert isinstance(got, dict) and got["lr"] == 2e-3
+    assert full.suggest("d") == full.FINISHED  # then the count holds again

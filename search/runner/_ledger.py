@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import optuna
 from optuna.trial import TrialState
 
+from search.config import deterministic_input
 from search.disk import pid_alive
 from search.studies import (
     TrialRecord,
@@ -159,10 +160,11 @@ def fits_budget(estimate_s: float | None, time_left_s: float | None) -> bool:
 
 
 def timing_key(config: Mapping[str, Any]) -> tuple:
-    """What a trial's epoch time depends on most: backbone, freeze depth, image size, and whether
-    its training input is deterministic (un-augmented images train on cached features)."""
+    """What a trial's epoch time depends on most: backbone, freeze depth, image size, batch size,
+    and whether its training input is deterministic (then the frozen stages' output is cached:
+    `config.deterministic_input`, false under MixUp/CutMix even without augmentation)."""
     return (config.get("backbone"), str(config.get("freeze_depth")), config.get("image_size"),
-            config.get("augmentation") == "none")
+            config.get("batch_size"), deterministic_input(config))
 
 
 class EpochTimes:
@@ -193,12 +195,16 @@ class EpochTimes:
             self.add_startup(key, rec.train_seconds - sum(epochs))
 
     def estimate(self, key: tuple, epochs: int) -> float | None:
-        """Seconds to run `epochs` epochs (plus start-up) of a trial alike; None: never measured."""
+        """Seconds to run `epochs` epochs (plus start-up) of a trial alike; None: never measured.
+
+        The start-up is the shortest seen: the first trial of a kind also builds the image and
+        feature caches, once, and the trials after it do not pay that again.
+        """
         times = self._epochs.get(key)
         if not times:
             return None
-        startup = self._startup.get(key) or [0.0]
-        return sum(startup) / len(startup) + epochs * sum(times) / len(times)
+        startup = min(self._startup.get(key) or [0.0])
+        return startup + epochs * sum(times) / len(times)
 
 
 def continue_budget_cut(study: optuna.Study) -> int:
@@ -228,6 +234,12 @@ def continue_budget_cut(study: optuna.Study) -> int:
         study.enqueue_trial(dict(t.params), user_attrs={"continues": t.number})
         n += 1
     return n
+
+
+def waiting_continuations(study: optuna.Study) -> list:
+    """The study's continuations of budget-cut trials that wait to run (`continue_budget_cut`)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if isinstance(t.user_attrs.get("continues"), int)]
 
 
 def enqueue_retry(study: optuna.Study, trial: Any, *, retried: set | None = None) -> bool:

@@ -37,6 +37,7 @@ from search.runner._ledger import (
     finished_count,
     new_driver_id,
     reconcile,
+    waiting_continuations,
 )
 from search.runner._preflight import MARKER, _open_study, preflight
 from search.runner._progress import ProgressView, ReportRefresher
@@ -124,7 +125,9 @@ def run_search(
     reconcile(study, driver=driver)  # trials of crashed drivers; live ones of other drivers stay
     _bound_disk(settings, study)
 
-    remaining = settings.trials - finished_count(study)
+    # A budget-cut trial's continuation runs even when the study has its count: it finishes a
+    # trial already counted, and would otherwise wait forever.
+    remaining = max(settings.trials - finished_count(study), len(waiting_continuations(study)))
     tally = _Tally(mode=settings.mode)
     interrupted = budget_reached = False
     trials_run = 0
@@ -258,6 +261,7 @@ def _tune(
         budget_reached = bool(settings.time_budget_s) and (
             time.time() - start >= settings.time_budget_s * 0.98 or searcher.out_of_time)
         left = searcher.finish_leftovers(budget_cut=budget_reached and settings.budget_aware)
+        searcher.requeue_refused()
     # Trials other drivers still run count as done here: the study reaches its count through them.
     claimed = _claimed(study.get_trials(deepcopy=False), driver=driver)
     interrupted = (left > 0 or claimed < settings.trials) and not budget_reached

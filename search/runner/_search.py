@@ -137,6 +137,14 @@ def _nan_rungs_quiet() -> Iterator[None]:
         yield
 
 
+def ot_trial_attrs(ot_trial: Any) -> dict:
+    """A live Optuna trial's user_attrs (empty when the storage cannot say)."""
+    try:
+        return dict(ot_trial.user_attrs)
+    except Exception:
+        return {}
+
+
 class HonestOptunaSearch(OptunaSearch):
     """OptunaSearch that tells Optuna the truth about how each trial ended.
 
@@ -179,6 +187,7 @@ class HonestOptunaSearch(OptunaSearch):
         self._plan = plan
         self._plan_cap = plan_cap  # fine-tuning recipes in all; None: as many as the budget fits
         self.out_of_time = False  # drawing stopped because nothing fits the time left
+        self._refused: list[tuple[dict, dict]] = []  # enqueued trials the budget refused: (params, user_attrs)
         self._asha_stopped = asha_stopped
         self._tally = tally
         self._driver = driver  # this driver's id, stamped on every trial it runs
@@ -196,7 +205,8 @@ class HonestOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> dict | str | None:
         if self._target is not None and trial_id not in self._ot_trials:
             trials = self._ot_study.get_trials(deepcopy=False)
-            if _claimed(trials, driver=self._driver) >= self._target:
+            if _claimed(trials, driver=self._driver) >= self._target and not any(
+                    t.state == TrialState.WAITING and isinstance(t.user_attrs.get("continues"), int) for t in trials):
                 return self.FINISHED  # every trial is done or taken (maybe by another driver)
             if not self._reseeded and _other_drivers(trials, driver=self._driver):
                 # Drivers seeded alike would sample the same params: diverge from here on.
@@ -336,6 +346,10 @@ class HonestOptunaSearch(OptunaSearch):
         if fits_budget(estimate, left):
             self._skips = 0
             return True
+        queued = {k: v for k, v in ot_trial_attrs(self._ot_trials[trial_id]).items()
+                  if k in ("recipe", "baseline", "retry_of")}
+        if queued:  # an enqueued recipe or retry: enqueued again when the run ends, for a resume
+            self._refused.append((dict(self._ot_trials[trial_id].params), queued))
         cheap = self._cheaper(params)
         if cheap is not None:  # a cheap trial that still fits runs before the run gives up
             self._ot_study.enqueue_trial(cheap, user_attrs={"recipe": "linear probe (fits the time left)"})
@@ -350,6 +364,14 @@ class HonestOptunaSearch(OptunaSearch):
         self._skips += 1
         return False
 
+    def requeue_refused(self) -> None:
+        """Enqueues again the recipes and retries the budget refused in this run (a later
+        `resume` with more time runs them), once each."""
+        for params, attrs in self._refused:
+            with contextlib.suppress(Exception):
+                self._ot_study.enqueue_trial(params, user_attrs=attrs)
+        self._refused = []
+
     def learn_times(self) -> None:
         """Reads the epoch times of the study's finished trials (earlier runs, other drivers)."""
         for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
@@ -361,6 +383,8 @@ class HonestOptunaSearch(OptunaSearch):
         Trial numbers order the asks of every driver, so the earlier trials win.
         """
         ot_trial = self._ot_trials[trial_id]
+        if isinstance(ot_trial.user_attrs.get("continues"), int):
+            return False  # it finishes a trial already counted
         earlier = [t for t in self._ot_study.get_trials(deepcopy=False) if t.number < ot_trial.number]
         if _claimed(earlier, driver=self._driver) < self._target:
             return False
