@@ -64,6 +64,10 @@ class SearchSettings:
     # starts lower and ends higher than a head alone, which is near its best after one epoch.
     # None: max(grace_period, 2), at most max_epochs; 1 or grace_period: no difference (as before).
     finetune_grace: int | None = None
+    # On CPUs, a fine-tune the probes chose (`space.next_fine_tune`) gets every CPU of the machine
+    # instead of `cpus_per_trial`, so under a budget the one that matters ends first instead of
+    # sharing the cores with a second (benchmarks/cores.py). Trials with GPUs keep their share.
+    finetune_all_cpus: bool = True
     keep_checkpoints: int = 3  # COMPLETE trials' checkpoints kept per backbone (the best ones); others are removed
     studies_dir: str = "studies"
     reports_dir: str = "reports"

@@ -10,12 +10,14 @@ import sys
 import threading
 import time
 import zlib
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import optuna
 import ray
 from ray import tune
+from ray.tune import PlacementGroupFactory
 from ray.tune.search import ConcurrencyLimiter
 
 from search import studies
@@ -202,6 +204,8 @@ def _tune(
         driver=driver, target=settings.trials, keep_checkpoints=settings.keep_checkpoints,
         deadline=deadline if settings.budget_aware else None,
         plan=bool(study.user_attrs.get("probe_plan")),
+        fine_tune_cpus=(resources.get("CPU") if settings.finetune_all_cpus and not settings.gpus_per_trial
+                        and not settings.address else None),
         # With a time budget the plan runs what fits; without one, the portfolio's share of the trials.
         plan_cap=None if settings.time_budget_s else portfolio_size(settings.trials),
     )
@@ -222,7 +226,8 @@ def _tune(
         checkpoint_dir=str(settings.experiment_dir / "checkpoints"),
         threads=max(1, int(settings.cpus_per_trial)),
     )
-    trainable = tune.with_resources(trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
+    trainable = tune.with_resources(trainable, partial(
+        _trial_resources, cpus=settings.cpus_per_trial, gpus=settings.gpus_per_trial))
     callbacks: list = [ReportRefresher(settings)]  # the report keeps up, with or without the live view
     if progress:
         callbacks.append(ProgressView(
@@ -266,6 +271,11 @@ def _tune(
     claimed = _claimed(study.get_trials(deepcopy=False), driver=driver)
     interrupted = (left > 0 or claimed < settings.trials) and not budget_reached
     return interrupted, budget_reached
+
+
+def _trial_resources(config: dict, *, cpus: float, gpus: float) -> PlacementGroupFactory:
+    """What a trial asks Ray for: its share, or the CPUs the searcher gave it (`_cpus`)."""
+    return PlacementGroupFactory([{"CPU": float(config.get("_cpus") or cpus), "GPU": float(gpus)}])
 
 
 def _finetune_grace(settings: SearchSettings, space: SearchSpace) -> int:

@@ -34,6 +34,7 @@ from search.runner._ledger import (
     trial_outcome,
 )
 from search.space import (
+    FINE_TUNE_ORDER,
     FINETUNE_CHILDREN,
     POLICY_CHILDREN,
     WAIT,
@@ -178,6 +179,7 @@ class HonestOptunaSearch(OptunaSearch):
         deadline: float | None = None,
         plan: bool = False,
         plan_cap: int | None = None,
+        fine_tune_cpus: float | None = None,
     ) -> None:
         self._search_space = space
         self._deadline = deadline  # unix time the run's time budget ends; None: no budget
@@ -186,6 +188,7 @@ class HonestOptunaSearch(OptunaSearch):
         # Probes first, then fine-tunes of the best-probed backbones (`space.next_fine_tune`).
         self._plan = plan
         self._plan_cap = plan_cap  # fine-tuning recipes in all; None: as many as the budget fits
+        self._fine_tune_cpus = fine_tune_cpus  # CPUs of a fine-tune the probes chose; None: its share
         self.out_of_time = False  # drawing stopped because nothing fits the time left
         self._refused: list[tuple[dict, dict]] = []  # enqueued trials the budget refused: (params, user_attrs)
         self._asha_stopped = asha_stopped
@@ -223,6 +226,8 @@ class HonestOptunaSearch(OptunaSearch):
         if self._target is not None and self._surplus(trial_id):
             return self.FINISHED
         params["_trial_number"] = self._ot_trials[trial_id].number
+        if self._fine_tune_cpus and ot_trial_attrs(ot_trial).get("recipe") in FINE_TUNE_ORDER:
+            params["_cpus"] = self._fine_tune_cpus
         self._curves[trial_id] = {}
         start_epoch = self._continuation(trial_id, params)
         if not self._fits(trial_id, params, start_epoch):

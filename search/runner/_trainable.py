@@ -43,6 +43,7 @@ def _trainable(
 
     from search.model_io import library_versions
 
+    threads = max(1, int(config.get("_cpus") or threads))  # a fine-tune given the idle cores
     torch.set_num_threads(threads)
     if trial_fn is None:
         from search.trial import fine_tune as trial_fn

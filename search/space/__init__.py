@@ -37,11 +37,12 @@ from search.space._params import (
     Param,
     Range,
 )
-from search.space._plan import WAIT, Probe, next_fine_tune, rank_backbones
+from search.space._plan import FINE_TUNE_ORDER, WAIT, Probe, next_fine_tune, rank_backbones
 from search.space._space import PROBE_LR, RECIPES, Recipe, SearchSpace, backbones_in, load_space
 
 __all__ = [
     "DEFAULT_MAX_EPOCHS",
+    "FINE_TUNE_ORDER",
     "FINETUNE_CHILDREN",
     "FINETUNE_LR_LIMIT",
     "FINETUNE_PRIORS",
