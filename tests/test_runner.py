@@ -533,6 +533,64 @@ def test_a_trial_cut_by_the_budget_is_pruned_with_its_epochs_and_resume_continue
     assert Path(cont[0].user_attrs["checkpoint"]).read_text() == "6"
 
 
+def stalling_trial(config, index, *, report, checkpoint_path=None, resume_from=None, start_epoch=0, **kwargs):
+    """`slow_trial` whose never-ending epoch is the number in `stall-at` beside the checkpoints (no
+    file: none), and which notes each start there, in `starts`, as "trial-N <start epoch>".
+
+    It reports 20 s epochs, so that a continuation's four epochs do not fit in a 30 s budget.
+    """
+    folder = Path(checkpoint_path).parent
+    with open(folder / "starts", "a") as f:
+        f.write(f"{Path(checkpoint_path).stem} {start_epoch}\n")
+    stall = int((folder / "stall-at").read_text()) if (folder / "stall-at").exists() else None
+    if resume_from:
+        assert int(Path(resume_from).read_text()) == start_epoch
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        time.sleep(3600 if epoch == stall else 0.2)
+        Path(checkpoint_path).write_text(str(epoch))
+        report(epoch_metrics(epoch, 0.1 * epoch, seconds=20.0, lr=config.lr))
+
+
+def test_a_budget_cut_trial_is_continued_from_its_checkpoint_after_a_refused_and_an_interrupted_continuation(
+        tmp_path: Path, ray_session) -> None:
+    data = make_image_folder(tmp_path / "data")
+    s = _settings(tmp_path, data, "recut", trials=2, space=dict(SPACE, max_epochs=6), time_budget_s=30.0,
+                  max_concurrent=1, warm_start=False)
+    folder = s.experiment_dir / "checkpoints"
+    folder.mkdir(parents=True)
+    (s.experiment_dir / MARKER).write_text("")
+    (folder / "stall-at").write_text("3")
+    run_search(s, trial_fn=stalling_trial, progress=False)
+    [cut] = [t for t in _study(s).trials if t.user_attrs.get("stopped_by") == "time budget"]
+    checkpoint = Path(cut.user_attrs["checkpoint"])
+    assert cut.state == optuna.trial.TrialState.PRUNED and checkpoint.read_text() == "2"
+
+    def resume(**overrides) -> list:
+        resume_search("recut", studies_dir=str(tmp_path / "studies"), trial_fn=stalling_trial, progress=False,
+                      **overrides)
+        return [t for t in _study(s).trials if t.user_attrs.get("continues") == cut.number]
+
+    # 1. Its continuation needs ~80 s (four 20 s epochs), 30 s are left: it is not started.
+    [refused] = resume(time_budget_s=30.0)
+    assert refused.user_attrs.get("not_started") and checkpoint.read_text() == "2"
+    # 2. The next continuation is interrupted in its first epoch (the budget ends; not budget-aware:
+    #    every trial starts, and one cut short is interrupted).
+    conts = resume(time_budget_s=20.0, budget_aware=False)
+    [interrupted] = [t for t in conts if t.number != refused.number and t.state == optuna.trial.TrialState.FAIL]
+    assert interrupted.user_attrs["interrupted"] and not interrupted.user_attrs.get("not_started")
+    assert checkpoint.read_text() == "2"  # kept for the next try
+    # 3. Its retry continues the budget-cut trial from that checkpoint, to the end.
+    (folder / "stall-at").unlink()
+    [retry] = [t for t in resume(time_budget_s=300.0, budget_aware=True)
+               if t.user_attrs.get("retry_of") == interrupted.number]
+    assert retry.state == optuna.trial.TrialState.COMPLETE, [(t.number, t.state.name, t.user_attrs.get("error"))
+                                                             for t in _study(s).trials]
+    assert sorted(retry.intermediate_values) == list(range(1, 7)) and retry.params == cut.params
+    starts = dict(line.split() for line in (folder / "starts").read_text().splitlines())
+    assert starts[f"trial-{interrupted.number}"] == "2" and starts[f"trial-{retry.number}"] == "2", starts
+    assert not checkpoint.exists()  # replaced by a trial that ran to its end: gone now
+
+
 def f1_stub(config, index, *, report, checkpoint_path=None, **kwargs):
     """A fake trial whose macro-F1 and accuracy disagree: the larger the lr, the higher the F1 and the lower val_acc."""
     from search.metrics import per_class_table

@@ -112,13 +112,13 @@ def run_search(
                 study.enqueue_trial(params, user_attrs={"baseline": True, "recipe": recipe})
         else:
             study.enqueue_trial(space.baseline(), user_attrs={"baseline": True})
-    elif not created:
-        continue_budget_cut(study)
     exp = settings.experiment_dir
     (exp / MARKER).write_text(f"tlsearch experiment folder of study {settings.study}\n", encoding="utf-8")
     dump_yaml(settings.to_dict(), exp / "settings.yaml")
     driver = new_driver_id()
     reconcile(study, driver=driver)  # trials of crashed drivers; live ones of other drivers stay
+    if not created:  # after the reconcile: a retry it enqueues may already continue a budget-cut trial
+        continue_budget_cut(study)
     _bound_disk(settings, study)
 
     remaining = settings.trials - finished_count(study)
