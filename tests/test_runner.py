@@ -591,6 +591,77 @@ def test_a_budget_cut_trial_is_continued_from_its_checkpoint_after_a_refused_and
     assert not checkpoint.exists()  # replaced by a trial that ran to its end: gone now
 
 
+# ----- Ctrl-C and resume (no Ray: the run is replaced where the test says) -------------------------
+
+
+def _raised(error: BaseException, *, cause: BaseException | None = None, during: BaseException | None = None):
+    """`error` as Python leaves it when raised from `cause`, or while `during` was handled."""
+    try:
+        try:
+            if during is not None:
+                raise during
+        except BaseException:
+            raise error from cause
+        raise error from cause
+    except BaseException as e:
+        return e
+
+
+def test_is_interruption() -> None:
+    from optuna.exceptions import StorageInternalError
+
+    from search.outputs import is_interruption
+
+    ki = KeyboardInterrupt()
+    assert is_interruption(KeyboardInterrupt())
+    assert is_interruption(_raised(StorageInternalError("commit"), cause=ki))
+    assert is_interruption(_raised(StorageInternalError("database is locked"), during=ki))
+    deeper = _raised(RuntimeError("teardown"), cause=_raised(StorageInternalError("commit"), cause=ki))
+    assert is_interruption(deeper)
+    assert not is_interruption(_raised(StorageInternalError("commit"), cause=ValueError("too long")))
+    assert not is_interruption(RuntimeError("boom"))
+
+
+@pytest.mark.parametrize("where", ["in the run", "in the reconcile after it"])
+def test_a_storage_write_cut_short_by_ctrl_c_ends_as_an_interruption(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], where: str) -> None:
+    """The second Ctrl-C lands in a commit: the storage error it causes there, or in the next write
+    (SQLite locked by the cut one), is an interruption: exit 130 and how to continue, no traceback."""
+    from optuna.exceptions import StorageInternalError
+
+    from search import cli
+    from search.runner import _run
+
+    stopping = []
+
+    def tune(*args, **kwargs):
+        stopping.append(True)
+        if where == "in the run":
+            raise _raised(StorageInternalError("An exception is raised during the commit."), cause=KeyboardInterrupt())
+        raise KeyboardInterrupt
+
+    real_reconcile = _run.reconcile
+
+    def reconcile(study, **kw):
+        if stopping and where != "in the run":
+            raise StorageInternalError("An exception is raised during the commit.")  # database is locked
+        return real_reconcile(study, **kw)
+
+    monkeypatch.setattr(_run, "_tune", tune)
+    monkeypatch.setattr(_run, "reconcile", reconcile)
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "data")
+    (tmp_path / "space.yaml").write_text("backbone: resnet18\nlr: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    rc = cli.main(["run", str(data), "--study", "cc", "--space", "space.yaml", "--trials", "2",
+                   "--no-pretrained", "--no-cache", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 130, err
+    assert "interrupted; continue with: tlsearch resume cc" in err and "Traceback" not in err and "failed" not in err
+    assert stopping  # it was stopped where the test says, not before
+    study = optuna.load_study(study_name="cc", storage=f"sqlite:///{tmp_path / 'studies' / 'cc.db'}")
+    assert study.user_attrs["settings"]["study"] == "cc"  # resumable: settings stored
+
+
 def f1_stub(config, index, *, report, checkpoint_path=None, **kwargs):
     """A fake trial whose macro-F1 and accuracy disagree: the larger the lr, the higher the F1 and the lower val_acc."""
     from search.metrics import per_class_table

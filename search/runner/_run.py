@@ -21,6 +21,7 @@ from ray.tune.search import ConcurrencyLimiter
 from search import studies
 from search.config import TLSearchError, check_study_name, default_cache_dir, dump_yaml
 from search.imbalance import class_counts
+from search.outputs import is_interruption, resume_hint
 from search.runner._cluster import (
     _ensure_ray,
     console_log,
@@ -78,7 +79,8 @@ def run_search(
 
     Returns:
         The summary. Ctrl-C once stops the run cleanly (`interrupted=True`); twice raises
-        KeyboardInterrupt after recording the study.
+        KeyboardInterrupt after saying how to continue and recording the study as far as its
+        storage lets it (an error that Ctrl-C caused in a storage write is raised as one too).
     """
     t0 = time.time()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our live view says what matters
@@ -125,20 +127,35 @@ def run_search(
     tally = _Tally(mode=settings.mode)
     interrupted = budget_reached = False
     trials_run = 0
-    if remaining > 0:
-        try:
+    try:
+        if remaining > 0:
             with console_log(settings.experiment_dir, verbose=verbose):
                 interrupted, budget_reached = _tune(
                     settings, space, index, storage, study, tally, remaining, trial_fn, progress, t0, driver=driver,
                     joined=not created, verbose=verbose,
                 )
-        except KeyboardInterrupt:
-            reconcile(study, driver=driver)
-            print(f"interrupted; continue with: tlsearch resume {settings.study}", file=sys.stderr)
+            trials_run = tally.complete + tally.pruned + tally.failed + tally.interrupted
+        reconcile(study, driver=driver)  # none of this call's trials may stay RUNNING once it returns
+        return _summary(settings, study, t0, tally, trials_run, interrupted, budget_reached)
+    except BaseException as e:
+        if not is_interruption(e):
             raise
-        trials_run = tally.complete + tally.pruned + tally.failed + tally.interrupted
-    reconcile(study, driver=driver)  # none of this call's trials may stay RUNNING once it returns
-    return _summary(settings, study, t0, tally, trials_run, interrupted, budget_reached)
+        _record_interruption(settings, study, driver)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise KeyboardInterrupt from e
+
+
+def _record_interruption(settings: SearchSettings, study: optuna.Study, driver: str) -> None:
+    """After Ctrl-C: says how to continue, then records this driver's open trials as interrupted.
+
+    The line comes first, as a further Ctrl-C may cut the rest short. A storage write that Ctrl-C
+    cut short can make this one fail too (SQLite stays locked until the process ends): the trials
+    then stay RUNNING, and the next resume reconciles them (their driver is gone by then).
+    """
+    print(resume_hint(settings.study, settings.storage), file=sys.stderr)
+    with contextlib.suppress(Exception):
+        reconcile(study, driver=driver)
 
 
 def portfolio_size(trials: int) -> int:
