@@ -662,6 +662,34 @@ def test_a_storage_write_cut_short_by_ctrl_c_ends_as_an_interruption(
     assert study.user_attrs["settings"]["study"] == "cc"  # resumable: settings stored
 
 
+def test_resume_keeps_the_schedule_of_a_study_stored_before_the_fine_tuning_priors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from search.runner import _run
+
+    priors = ("backbone_lr_mult", "lr_decay", "warmup_epochs")
+    data = make_image_folder(tmp_path / "data")
+    space = {"backbone": "resnet18", "freeze_depth": [0, "all"], "lr": {"low": 1e-4, "high": 1e-2, "log": True}}
+    ran: list[SearchSettings] = []
+    monkeypatch.setattr(_run, "run_search", lambda settings, **kw: ran.append(settings.resolve()))
+    for name, stored_space in (("old", space), ("new", None)):
+        s = _settings(tmp_path, data, name, space=space).resolve()
+        stored = s.to_dict()
+        if stored_space is not None:  # as a version before the priors stored it
+            stored["space"] = dict(stored_space, max_epochs=s.space.max_epochs)
+            assert not set(priors) & set(stored["space"])
+        s.experiment_dir.mkdir(parents=True)
+        (s.experiment_dir / MARKER).write_text("")
+        study = optuna.create_study(study_name=name, storage=s.storage_url, direction="maximize")
+        study.set_user_attr("settings", stored)
+        resume_search(name, studies_dir=str(tmp_path / "studies"), progress=False)
+    old, new = (r.space.param_dict for r in ran)
+    fine_tune = {"backbone": "resnet18", "freeze_depth": 0}
+    cfg = ran[0].space.to_trial_config(fine_tune)
+    assert (cfg.backbone_lr_mult, cfg.lr_decay, cfg.warmup_epochs) == (1.0, 1.0, 0.0)  # one rate, as it ran
+    assert all(not hasattr(old[k], "low") for k in priors)  # nothing drawn
+    assert hasattr(new["backbone_lr_mult"], "low")  # a study made since keeps its priors
+
+
 def f1_stub(config, index, *, report, checkpoint_path=None, **kwargs):
     """A fake trial whose macro-F1 and accuracy disagree: the larger the lr, the higher the F1 and the lower val_acc."""
     from search.metrics import per_class_table

@@ -44,7 +44,7 @@ from search.runner._progress import ProgressView, ReportRefresher
 from search.runner._search import HonestOptunaSearch, PruneTrackingASHA, make_sampler
 from search.runner._trainable import TrialFn, _trainable
 from search.settings import SearchSettings
-from search.space import SearchSpace, default_space_at_hand, for_dataset, lr_warnings
+from search.space import SearchSpace, default_space_at_hand, for_dataset, keep_stored_schedule, lr_warnings
 from search.studies import (
     best_trial,
 )
@@ -352,6 +352,10 @@ def resume_search(
     if not stored:
         raise TLSearchError(f"study {name!r} has no stored search settings (not made by tlsearch run); cannot resume it")
     settings = SearchSettings.from_dict(stored)
+    if settings.space is not None:
+        # The space as the study's trials ran it: priors added since (a second learning rate,
+        # warm-up) would change the schedule half-way through the study.
+        settings = settings.replace(space=keep_stored_schedule(settings.space))
     if storage:
         settings = settings.replace(storage=storage)
     exp = settings.experiment_dir

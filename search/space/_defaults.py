@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from search.config import TrialConfig
 from search.space._params import _describe, _lowest, _stages, _values
 from search.space._space import SearchSpace, _can_fine_tune, backbones_in
 
@@ -148,6 +149,29 @@ def with_finetune_priors(space: SearchSpace) -> SearchSpace:
     if "warmup_epochs" not in stated:
         added["warmup_epochs"] = round(WARMUP_FRACTION * space.max_epochs, 3)
     return SearchSpace.from_dict({**stated, **added}) if added else space
+
+
+# What `with_finetune_priors` fills in. A space stored with a study since then names them all.
+PRIOR_PARAMS = (*FINETUNE_PRIORS, "warmup_epochs")
+
+
+def keep_stored_schedule(space: SearchSpace) -> SearchSpace:
+    """A study's stored space, fixed so that its remaining trials train as its earlier ones did.
+
+    A space stored before the fine-tuning priors existed lacks some of `PRIOR_PARAMS`; its trials
+    ran at the trial config's defaults for them (one rate for head and backbone, no warm-up).
+    Those become constants here, so that `with_finetune_priors` adds nothing on resume and the
+    study does not switch schedules half-way. A space that names them all is returned as it is.
+
+    Args:
+        space: the space stored with the study.
+
+    Returns:
+        The space with each missing prior fixed at `TrialConfig`'s default.
+    """
+    stated = space.to_dict()
+    missing = {k: getattr(TrialConfig, k) for k in PRIOR_PARAMS if k not in stated}
+    return SearchSpace.from_dict({**stated, **missing}) if missing else space
 
 
 def lr_warnings(space: SearchSpace, *, source: str = "search space") -> list[str]:
