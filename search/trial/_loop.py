@@ -197,7 +197,7 @@ def fine_tune(
             "train_loss": train_loss,
             "epoch_seconds": seconds,
             "images_per_s": seen / seconds if seconds > 0 else 0.0,
-            "lr": optimizer.param_groups[-1]["lr"],
+            "lr": _head_lr(optimizer),
             "params_total": result.params_total,
             "params_trainable": trainable,
             "latency_ms": result.latency_ms,
@@ -405,6 +405,15 @@ OPTIMIZER_BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 def build_optimizer(config: TrialConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     """The config's optimizer over parameter groups (trainable parameters only)."""
     return OPTIMIZER_BUILDERS[config.optimizer](groups, config)
+
+
+def _head_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The head's current learning rate, the one a trial's `lr` names (`backbones.param_groups`
+    puts the head first; the backbone's stages train at fractions of it)."""
+    for group in optimizer.param_groups:
+        if group.get("name") in ("head", "head.no_decay"):
+            return float(group["lr"])
+    return float(optimizer.param_groups[0]["lr"])
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
