@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 from search.config import TLSearchError
 
-from search.outputs import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from search.outputs import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, is_interruption
 
 
 class _Parser(argparse.ArgumentParser):
@@ -441,6 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return EXIT_OK
     except Exception as e:  # the work failed: one line, the traceback only on request
+        if is_interruption(e):  # e.g. a storage write that Ctrl-C cut short
+            print("tlsearch: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
         if os.environ.get("TLSEARCH_DEBUG"):
             raise
         print(f"tlsearch: failed: {type(e).__name__}: {_one_line(e)} (TLSEARCH_DEBUG=1 shows the traceback)", file=sys.stderr)

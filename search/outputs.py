@@ -44,20 +44,59 @@ def after_search(summary: Any, study: str, storage: str | None, *, here: Path | 
     Returns:
         The exit code.
     """
-    from search.studies import leaderboard, load_study
-
-    st = load_study(study, storage=storage)
-    df = leaderboard(st)
-    print(format_top(df, top=TOP_SHOWN))
-    paths = write_outputs(study, storage, here=here)
     if getattr(summary, "interrupted", False):
-        # resume finds the search's own folder (studies/<study>/) from where the search ran.
-        cd = f"cd {_quote(_short(Path.cwd(), here))} && " if _elsewhere(here) else ""
-        print(f"interrupted; continue with: {cd}tlsearch resume {study}{_storage_flag(storage)}", file=sys.stderr)
+        try:
+            _show_results(study, storage, here=here)
+        finally:  # a second Ctrl-C while the report is written: still say how to go on
+            print(resume_hint(study, storage, here=here), file=sys.stderr)
         return EXIT_INTERRUPTED
+    st, paths = _show_results(study, storage, here=here)
     print(next_steps(study, storage, paths, dataset=st.user_attrs.get("dataset"),
                      weights_dir=(st.user_attrs.get("settings") or {}).get("weights_dir"), here=here))
     return EXIT_OK
+
+
+def _show_results(study: str, storage: str | None, *, here: Path | None = None) -> tuple[Any, dict[str, Path]]:
+    """Prints the top of the leaderboard and writes the report and best config; returns (the
+    study, the paths written)."""
+    from search.studies import leaderboard, load_study
+
+    st = load_study(study, storage=storage)
+    print(format_top(leaderboard(st), top=TOP_SHOWN))
+    return st, write_outputs(study, storage, here=here)
+
+
+def resume_hint(study: str, storage: str | None, *, here: Path | None = None) -> str:
+    """The line an interrupted search ends with: how to continue it (from the search's own folder,
+    where `resume` finds studies/<study>/, when the user stands elsewhere)."""
+    cd = f"cd {_quote(_short(Path.cwd(), here))} && " if _elsewhere(here) else ""
+    return f"interrupted; continue with: {cd}tlsearch resume {study}{_storage_flag(storage)}"
+
+
+def is_interruption(error: BaseException) -> bool:
+    """Whether an error ends the command as an interruption (exit 130), not as a failure.
+
+    Ctrl-C raises KeyboardInterrupt wherever the program is; inside a storage write (a second
+    Ctrl-C while the search records its trials) it can surface as another error raised from it or
+    while handling it, such as Optuna's StorageInternalError. The study stays resumable then.
+
+    Args:
+        error: the exception that ended the command.
+
+    Returns:
+        True when it is a KeyboardInterrupt or one is in its chain (`__cause__`, `__context__`).
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
+    return False
 
 
 def format_top(df: Any, *, top: int = TOP_SHOWN) -> str:

@@ -343,6 +343,48 @@ def test_a_retry_lost_between_tell_and_enqueue_is_enqueued_once(tmp_path: Path) 
     assert retries == [(numbers["lost"], trials[numbers["lost"]].params)]
 
 
+def test_an_interrupted_continuation_is_retried_from_the_budget_cut_trial(tmp_path: Path) -> None:
+    """Its retry continues the same budget-cut trial; a retry that never ran is no retry (another
+    is enqueued); `continue_budget_cut` then adds no second continuation."""
+    pytest.importorskip("ray")
+    from search.runner import INTERRUPTED, reconcile
+    from search.runner._ledger import BUDGET_CUT, NOT_STARTED, continue_budget_cut
+
+    study = optuna.create_study(study_name="cont", storage=f"sqlite:///{tmp_path / 'cont.db'}", direction="maximize")
+    checkpoint = tmp_path / "trial-0.pt"
+    checkpoint.write_bytes(b"ckpt")
+    lr = {"lr": 1e-3}
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+
+    def add(state: str, **attrs: Any) -> int:
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState[state], params=lr, distributions=dist, user_attrs=attrs,
+            intermediate_values={1: 0.5, 2: 0.6} if state == "PRUNED" else None))
+        return len(study.trials) - 1
+
+    cut = add("PRUNED", stopped_by=BUDGET_CUT, checkpoint=str(checkpoint))
+    cont = add("FAIL", continues=cut, interrupted=True, error=INTERRUPTED, checkpoint=str(tmp_path / "trial-1.pt"))
+    for _ in range(2):  # idempotent
+        reconcile(study)
+        assert continue_budget_cut(study) == 0
+    waiting = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.WAITING]
+    assert [(t.user_attrs.get("retry_of"), t.user_attrs.get("continues")) for t in waiting] == [(cont, cut)]
+
+    # That retry is refused by the time budget (never started): the continuation gets another retry.
+    refused = study.ask()  # the search draws the enqueued retry first
+    assert refused.number == waiting[0].number
+    refused.suggest_float("lr", 1e-4, 1e-2, log=True)
+    for key, value in {"interrupted": True, "not_started": True, "error": NOT_STARTED}.items():
+        refused.set_user_attr(key, value)
+    study.tell(refused, state=optuna.trial.TrialState.FAIL)
+    for _ in range(2):
+        reconcile(study)
+        assert continue_budget_cut(study) == 0
+    waiting = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.WAITING]
+    assert [(t.user_attrs.get("retry_of"), t.user_attrs.get("continues")) for t in waiting] == [(cont, cut)]
+    assert waiting[0].system_attrs["fixed_params"] == lr
+
+
 def test_surplus_trial_of_a_race_is_closed(tmp_path: Path) -> None:
     """Two drivers asking for the last trial at once: the later trial number is closed, not run."""
     pytest.importorskip("ray")

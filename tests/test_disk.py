@@ -63,6 +63,55 @@ def test_interrupted_kept_until_its_retry_has_ended() -> None:
         assert 0 in disk.checkpoints_to_remove([cut, retry], maximize=True, keep=3)
 
 
+def test_a_budget_cut_trial_keeps_its_checkpoint_until_a_continuation_of_it_ran_to_an_end() -> None:
+    cut = T(0, "PRUNED", budget_cut=True)
+    never_ran = [
+        # Not started (the time left could not take its epochs) or closed as surplus: no checkpoint.
+        T(1, "FAIL", interrupted=True, continues=0, has_checkpoint=False),
+        T(1, "FAIL", interrupted=True, continues=0),  # interrupted by Ctrl-C
+        T(1, "RUNNING", continues=0),
+        T(1, "WAITING", continues=0),
+    ]
+    for child in never_ran:
+        assert 0 not in disk.checkpoints_to_remove([cut, child], maximize=True, keep=3), child
+        assert disk.replaced_trials([cut, child]) == set()
+    for state in ("COMPLETE", "PRUNED", "FAIL"):  # ran to an end: by ASHA, or failing on its own
+        child = T(1, state, 0.5 if state == "COMPLETE" else None, "r18", continues=0)
+        assert 0 in disk.checkpoints_to_remove([cut, child], maximize=True, keep=3), state
+
+
+def test_the_retry_of_an_interrupted_continuation_replaces_the_whole_chain() -> None:
+    cut = T(0, "PRUNED", budget_cut=True)
+    interrupted = T(1, "FAIL", interrupted=True, continues=0)  # the continuation, stopped by Ctrl-C
+    retry = T(2, "WAITING", retry_of=1, continues=0)
+    assert disk.checkpoints_to_remove([cut, interrupted, retry], maximize=True, keep=3) == []
+    retry_again = T(3, "FAIL", interrupted=True, retry_of=2, continues=0, has_checkpoint=False)
+    refused = T(4, "FAIL", interrupted=True, retry_of=3, continues=0, has_checkpoint=False)
+    trials = [cut, interrupted, T(2, "FAIL", interrupted=True, retry_of=1, continues=0), retry_again, refused]
+    assert disk.checkpoints_to_remove(trials, maximize=True, keep=3) == []
+    done = T(5, "COMPLETE", 0.9, "r18", retry_of=3, continues=0)
+    assert disk.replaced_trials(trials + [done]) == {0, 1, 2, 3}
+    assert disk.checkpoints_to_remove(trials + [done], maximize=True, keep=3) == [0, 1, 2]
+    # A plain chain of interrupted retries goes when its last retry has run to an end, not before.
+    chain = [T(0, "FAIL", interrupted=True), T(1, "FAIL", interrupted=True, retry_of=0)]
+    assert disk.checkpoints_to_remove(chain, maximize=True, keep=3) == []
+    assert disk.checkpoints_to_remove(chain + [T(2, "PRUNED", retry_of=1)], maximize=True, keep=3) == [0, 1, 2]
+
+
+def test_checkpoint_trials_reads_both_links() -> None:
+    study = optuna.create_study(direction="maximize")
+    for attrs in ({"stopped_by": "time budget", "checkpoint": "a.pt"}, {"continues": 0, "interrupted": True},
+                  {"retry_of": 1, "continues": 0}):
+        state = "WAITING" if "retry_of" in attrs else ("FAIL" if attrs.get("interrupted") else "PRUNED")
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState[state], user_attrs=attrs,
+            intermediate_values={1: 0.1} if state == "PRUNED" else None,
+        ))
+    got = disk.checkpoint_trials(study.get_trials())
+    assert [(t.retry_of, t.continues) for t in got] == [(None, None), (None, 0), (1, 0)]
+    assert got[0].budget_cut and got[1].interrupted
+
+
 def test_nothing_recorded_nothing_removed() -> None:
     assert disk.checkpoints_to_remove([T(0, "PRUNED", has_checkpoint=False)], maximize=True, keep=3) == []
     with pytest.raises(ValueError, match="keep must be >= 0, got -1"):

@@ -544,6 +544,163 @@ def test_a_trial_cut_by_the_budget_is_pruned_with_its_epochs_and_resume_continue
     assert Path(cont[0].user_attrs["checkpoint"]).read_text() == "6"
 
 
+def stalling_trial(config, index, *, report, checkpoint_path=None, resume_from=None, start_epoch=0, **kwargs):
+    """`slow_trial` whose never-ending epoch is the number in `stall-at` beside the checkpoints (no
+    file: none), and which notes each start there, in `starts`, as "trial-N <start epoch>".
+
+    It reports 20 s epochs, so that a continuation's four epochs do not fit in a 30 s budget.
+    """
+    folder = Path(checkpoint_path).parent
+    with open(folder / "starts", "a") as f:
+        f.write(f"{Path(checkpoint_path).stem} {start_epoch}\n")
+    stall = int((folder / "stall-at").read_text()) if (folder / "stall-at").exists() else None
+    if resume_from:
+        assert int(Path(resume_from).read_text()) == start_epoch
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        time.sleep(3600 if epoch == stall else 0.2)
+        Path(checkpoint_path).write_text(str(epoch))
+        report(epoch_metrics(epoch, 0.1 * epoch, seconds=20.0, lr=config.lr))
+
+
+def test_a_budget_cut_trial_is_continued_from_its_checkpoint_after_a_refused_and_an_interrupted_continuation(
+        tmp_path: Path, ray_session) -> None:
+    data = make_image_folder(tmp_path / "data")
+    s = _settings(tmp_path, data, "recut", trials=2, space=dict(SPACE, max_epochs=6), time_budget_s=30.0,
+                  max_concurrent=1, warm_start=False)
+    folder = s.experiment_dir / "checkpoints"
+    folder.mkdir(parents=True)
+    (s.experiment_dir / MARKER).write_text("")
+    (folder / "stall-at").write_text("3")
+    run_search(s, trial_fn=stalling_trial, progress=False)
+    [cut] = [t for t in _study(s).trials if t.user_attrs.get("stopped_by") == "time budget"]
+    checkpoint = Path(cut.user_attrs["checkpoint"])
+    assert cut.state == optuna.trial.TrialState.PRUNED and checkpoint.read_text() == "2"
+
+    def resume(**overrides) -> list:
+        resume_search("recut", studies_dir=str(tmp_path / "studies"), trial_fn=stalling_trial, progress=False,
+                      **overrides)
+        return [t for t in _study(s).trials if t.user_attrs.get("continues") == cut.number]
+
+    # 1. Its continuation needs ~80 s (four 20 s epochs), 30 s are left: it is not started.
+    [refused] = resume(time_budget_s=30.0)
+    assert refused.user_attrs.get("not_started") and checkpoint.read_text() == "2"
+    # 2. The next continuation is interrupted in its first epoch (the budget ends; not budget-aware:
+    #    every trial starts, and one cut short is interrupted).
+    conts = resume(time_budget_s=20.0, budget_aware=False)
+    [interrupted] = [t for t in conts if t.number != refused.number and t.state == optuna.trial.TrialState.FAIL]
+    assert interrupted.user_attrs["interrupted"] and not interrupted.user_attrs.get("not_started")
+    assert checkpoint.read_text() == "2"  # kept for the next try
+    # 3. Its retry continues the budget-cut trial from that checkpoint, to the end.
+    (folder / "stall-at").unlink()
+    [retry] = [t for t in resume(time_budget_s=300.0, budget_aware=True)
+               if t.user_attrs.get("retry_of") == interrupted.number]
+    assert retry.state == optuna.trial.TrialState.COMPLETE, [(t.number, t.state.name, t.user_attrs.get("error"))
+                                                             for t in _study(s).trials]
+    assert sorted(retry.intermediate_values) == list(range(1, 7)) and retry.params == cut.params
+    starts = dict(line.split() for line in (folder / "starts").read_text().splitlines())
+    assert starts[f"trial-{interrupted.number}"] == "2" and starts[f"trial-{retry.number}"] == "2", starts
+    assert not checkpoint.exists()  # replaced by a trial that ran to its end: gone now
+
+
+# ----- Ctrl-C and resume (no Ray: the run is replaced where the test says) -------------------------
+
+
+def _raised(error: BaseException, *, cause: BaseException | None = None, during: BaseException | None = None):
+    """`error` as Python leaves it when raised from `cause`, or while `during` was handled."""
+    try:
+        try:
+            if during is not None:
+                raise during
+        except BaseException:
+            raise error from cause
+        raise error from cause
+    except BaseException as e:
+        return e
+
+
+def test_is_interruption() -> None:
+    from optuna.exceptions import StorageInternalError
+
+    from search.outputs import is_interruption
+
+    ki = KeyboardInterrupt()
+    assert is_interruption(KeyboardInterrupt())
+    assert is_interruption(_raised(StorageInternalError("commit"), cause=ki))
+    assert is_interruption(_raised(StorageInternalError("database is locked"), during=ki))
+    deeper = _raised(RuntimeError("teardown"), cause=_raised(StorageInternalError("commit"), cause=ki))
+    assert is_interruption(deeper)
+    assert not is_interruption(_raised(StorageInternalError("commit"), cause=ValueError("too long")))
+    assert not is_interruption(RuntimeError("boom"))
+
+
+@pytest.mark.parametrize("where", ["in the run", "in the reconcile after it"])
+def test_a_storage_write_cut_short_by_ctrl_c_ends_as_an_interruption(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], where: str) -> None:
+    """The second Ctrl-C lands in a commit: the storage error it causes there, or in the next write
+    (SQLite locked by the cut one), is an interruption: exit 130 and how to continue, no traceback."""
+    from optuna.exceptions import StorageInternalError
+
+    from search import cli
+    from search.runner import _run
+
+    stopping = []
+
+    def tune(*args, **kwargs):
+        stopping.append(True)
+        if where == "in the run":
+            raise _raised(StorageInternalError("An exception is raised during the commit."), cause=KeyboardInterrupt())
+        raise KeyboardInterrupt
+
+    real_reconcile = _run.reconcile
+
+    def reconcile(study, **kw):
+        if stopping and where != "in the run":
+            raise StorageInternalError("An exception is raised during the commit.")  # database is locked
+        return real_reconcile(study, **kw)
+
+    monkeypatch.setattr(_run, "_tune", tune)
+    monkeypatch.setattr(_run, "reconcile", reconcile)
+    monkeypatch.chdir(tmp_path)
+    data = make_image_folder(tmp_path / "data")
+    (tmp_path / "space.yaml").write_text("backbone: resnet18\nlr: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    rc = cli.main(["run", str(data), "--study", "cc", "--space", "space.yaml", "--trials", "2",
+                   "--no-pretrained", "--no-cache", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 130, err
+    assert "interrupted; continue with: tlsearch resume cc" in err and "Traceback" not in err and "failed" not in err
+    assert stopping  # it was stopped where the test says, not before
+    study = optuna.load_study(study_name="cc", storage=f"sqlite:///{tmp_path / 'studies' / 'cc.db'}")
+    assert study.user_attrs["settings"]["study"] == "cc"  # resumable: settings stored
+
+
+def test_resume_keeps_the_schedule_of_a_study_stored_before_the_fine_tuning_priors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from search.runner import _run
+
+    priors = ("backbone_lr_mult", "lr_decay", "warmup_epochs")
+    data = make_image_folder(tmp_path / "data")
+    space = {"backbone": "resnet18", "freeze_depth": [0, "all"], "lr": {"low": 1e-4, "high": 1e-2, "log": True}}
+    ran: list[SearchSettings] = []
+    monkeypatch.setattr(_run, "run_search", lambda settings, **kw: ran.append(settings.resolve()))
+    for name, stored_space in (("old", space), ("new", None)):
+        s = _settings(tmp_path, data, name, space=space).resolve()
+        stored = s.to_dict()
+        if stored_space is not None:  # as a version before the priors stored it
+            stored["space"] = dict(stored_space, max_epochs=s.space.max_epochs)
+            assert not set(priors) & set(stored["space"])
+        s.experiment_dir.mkdir(parents=True)
+        (s.experiment_dir / MARKER).write_text("")
+        study = optuna.create_study(study_name=name, storage=s.storage_url, direction="maximize")
+        study.set_user_attr("settings", stored)
+        resume_search(name, studies_dir=str(tmp_path / "studies"), progress=False)
+    old, new = (r.space.param_dict for r in ran)
+    fine_tune = {"backbone": "resnet18", "freeze_depth": 0}
+    cfg = ran[0].space.to_trial_config(fine_tune)
+    assert (cfg.backbone_lr_mult, cfg.lr_decay, cfg.warmup_epochs) == (1.0, 1.0, 0.0)  # one rate, as it ran
+    assert all(not hasattr(old[k], "low") for k in priors)  # nothing drawn
+    assert hasattr(new["backbone_lr_mult"], "low")  # a study made since keeps its priors
+
+
 def f1_stub(config, index, *, report, checkpoint_path=None, **kwargs):
     """A fake trial whose macro-F1 and accuracy disagree: the larger the lr, the higher the F1 and the lower val_acc."""
     from search.metrics import per_class_table

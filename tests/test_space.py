@@ -241,6 +241,22 @@ def test_priors_fill_only_what_the_space_does_not_state() -> None:
     assert TrialConfig.from_dict({"lr": 1e-3}).backbone_lr_mult == 1.0
 
 
+def test_a_space_stored_before_the_priors_keeps_its_single_rate_schedule() -> None:
+    from search.space import keep_stored_schedule
+
+    old = SearchSpace.from_dict({"backbone": "resnet18", "freeze_depth": ["all", 0], "lr_decay": 0.9})
+    kept = keep_stored_schedule(old)
+    p = kept.param_dict
+    assert p["backbone_lr_mult"] == Constant(1.0) and p["warmup_epochs"] == Constant(0.0)
+    assert p["lr_decay"] == Constant(0.9)  # stated: kept
+    assert with_finetune_priors(kept) == kept  # nothing added on resume
+    cfg = with_finetune_priors(kept).to_trial_config({"backbone": "resnet18", "freeze_depth": 0})
+    assert (cfg.backbone_lr_mult, cfg.lr_decay, cfg.warmup_epochs) == (1.0, 0.9, 0.0)
+    # A space stored since then names every prior: unchanged.
+    new = with_finetune_priors(old)
+    assert keep_stored_schedule(new) == new
+
+
 def test_backbone_rate_is_only_drawn_when_stages_train() -> None:
     space = with_finetune_priors(SearchSpace.from_dict({"backbone": "resnet18", "freeze_depth": ["all", 0],
                                                         "backbone_lr_mult": {"low": 0.01, "high": 0.3, "log": True}}))

@@ -39,6 +39,17 @@ def test_fine_tune_reports_every_epoch_and_saves_a_checkpoint(tiny_dataset: Path
     assert any(k.startswith("head.") for k in state)
 
 
+def test_the_recorded_lr_is_the_heads(tiny_dataset: Path, tmp_path: Path) -> None:
+    """`lr` names the head's rate: the per-epoch record shows it, not a backbone stage's fraction."""
+    index = scan_dataset(tiny_dataset)
+    seen: list[dict] = []
+    cfg = TrialConfig(**{**TINY, "epochs": 3}, freeze_depth=3, backbone_lr_mult=0.1, lr_decay=0.5)
+    fine_tune(cfg, index, report=seen.append, cache=False)
+    # No warm-up: after the first of 3 epochs the cosine stands at 0.75 of the peak, whatever the
+    # number of steps per epoch.
+    assert seen[0]["lr"] == pytest.approx(cfg.lr * 0.75)
+
+
 def test_same_seed_same_result(tiny_dataset: Path, tmp_path: Path) -> None:
     index = scan_dataset(tiny_dataset)
     cfg = TrialConfig(**TINY, augmentation="flip")

@@ -8,8 +8,8 @@ Three kinds of files grow with use:
 - trial checkpoints, `studies/<study>/checkpoints/trial-N.pt`, each with its validation logits
   beside it (`logits_path`): when a trial ends, the checkpoints no longer worth keeping are removed (`checkpoints_to_remove`, a pure rule over the study's
   trials): those of PRUNED and failed trials, and those of COMPLETE trials outside the best
-  `keep` of their backbone. A trial cut short by a stop (interrupted) keeps its checkpoint until a
-  retry of it has ended;
+  `keep` of their backbone. A trial cut short by a stop (interrupted) or by the time budget keeps
+  its checkpoint until a retry or continuation of it has run to an end (`replaced_trials`);
 - temporary files (`*.tmp`) a killed process left behind (`clean_stale_tmp`).
 
 `cache_usage` and `clear` are what `tlsearch cache` shows and frees. Only the standard library is
@@ -30,6 +30,7 @@ from search.disk._checkpoints import (  # noqa: F401
     remove_checkpoint,
     remove_file,
     removed_on_study,
+    replaced_trials,
 )
 from search.disk._lru import (  # noqa: F401
     IN_USE_S,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from search.disk._paths import logits_path
-from search.studies import is_finite
+from search.studies import counts_toward_target, is_finite
 
 if TYPE_CHECKING:
     import optuna
@@ -30,8 +30,9 @@ class CheckpointTrial:
     state: str  # COMPLETE | PRUNED | FAIL | RUNNING | WAITING
     value: float | None = None  # the objective value (COMPLETE trials)
     backbone: str | None = None  # best-`keep` is counted per backbone
-    interrupted: bool = False  # FAIL because a stop cut it short (it is retried)
+    interrupted: bool = False  # FAIL because a stop cut it short, or never started (not counted)
     retry_of: int | None = None  # the interrupted trial this one retries
+    continues: int | None = None  # the budget-cut trial whose checkpoint this one continues from
     has_checkpoint: bool = True  # a checkpoint is recorded and not removed yet
     budget_cut: bool = False  # PRUNED by the time budget: `resume` continues it from its checkpoint
 
@@ -41,8 +42,9 @@ def checkpoints_to_remove(trials: Sequence[CheckpointTrial], *, maximize: bool, 
 
     Kept: RUNNING and WAITING trials; the best `keep` COMPLETE trials of each backbone (ties: the
     earlier trial wins), so an ensemble can mix backbones; an interrupted trial, or one the time
-    budget cut short, until a retry (continuation) of it has ended (it may resume from it). Removed: PRUNED trials, failed trials, the other
-    COMPLETE trials and interrupted trials whose retry has ended.
+    budget cut short, until it is replaced (`replaced_trials`): a retry or continuation of it ran
+    to an end (it may resume from it until then). Removed: PRUNED trials, failed trials, the other
+    COMPLETE trials and the replaced ones.
 
     Args:
         trials: every trial of the study (trials without a checkpoint still count in the ranking).
@@ -62,7 +64,7 @@ def checkpoints_to_remove(trials: Sequence[CheckpointTrial], *, maximize: bool, 
     for group in by_backbone.values():
         group.sort(key=lambda t: ((-t.value if maximize else t.value), t.number))  # type: ignore[operator]
         best.update(t.number for t in group[:keep])
-    retried = {t.retry_of for t in trials if t.retry_of is not None and t.state not in ("RUNNING", "WAITING")}
+    replaced = replaced_trials(trials)
     out = []
     for t in trials:
         if not t.has_checkpoint or t.state in ("RUNNING", "WAITING"):
@@ -70,10 +72,41 @@ def checkpoints_to_remove(trials: Sequence[CheckpointTrial], *, maximize: bool, 
         if t.state == "COMPLETE" and t.number in best:
             continue
         if ((t.state == "FAIL" and t.interrupted) or (t.state == "PRUNED" and t.budget_cut)) \
-                and t.number not in retried:
+                and t.number not in replaced:
             continue
         out.append(t.number)
     return sorted(out)
+
+
+def replaced_trials(trials: Sequence[CheckpointTrial]) -> set[int]:
+    """Trials whose params a later trial ran to an end: their checkpoints are no longer needed.
+
+    A trial that ran to an end (COMPLETE, PRUNED, or a FAIL of its own: `counts_toward_target`)
+    replaces the trial it retries (`retry_of`) and the one it continues (`continues`), and, through
+    them, every earlier trial of the chain (an interrupted retry of an interrupted trial, ...).
+    A trial that did not run to an end replaces nothing: one that was never started (no time left
+    in the budget, or crowded out of the count) or that a stop interrupted in turn; the trial
+    before it keeps its checkpoint for the next retry or continuation.
+
+    Args:
+        trials: every trial of the study.
+
+    Returns:
+        The numbers of the replaced trials.
+    """
+    parents = {t.number: [n for n in (t.retry_of, t.continues) if n is not None] for t in trials}
+    todo = [n for t in trials if counts_toward_target(t) for n in parents[t.number]]
+    out: set[int] = set()
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.add(n)
+            todo.extend(parents.get(n, ()))
+    return out
+
+
+def _trial_number(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def checkpoint_trials(trials: Sequence["optuna.trial.FrozenTrial"],
@@ -92,14 +125,14 @@ def checkpoint_trials(trials: Sequence["optuna.trial.FrozenTrial"],
     for t in trials:
         attrs = t.user_attrs
         config = attrs.get("config") if isinstance(attrs.get("config"), dict) else {}
-        retry_of = attrs.get("retry_of", attrs.get("continues"))
         out.append(CheckpointTrial(
             number=t.number,
             state=t.state.name,
             value=float(t.values[0]) if t.values else None,
             backbone=t.params.get("backbone", config.get("backbone")),
             interrupted=bool(attrs.get("interrupted")),
-            retry_of=retry_of if isinstance(retry_of, int) else None,
+            retry_of=_trial_number(attrs.get("retry_of")),
+            continues=_trial_number(attrs.get("continues")),
             has_checkpoint=(bool(attrs.get("checkpoint")) and not attrs.get("checkpoint_removed")
                             and t.number not in gone),
             budget_cut=attrs.get("stopped_by") == "time budget",

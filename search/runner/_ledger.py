@@ -211,7 +211,9 @@ def continue_budget_cut(study: optuna.Study) -> int:
     """Enqueues a continuation of every trial the time budget cut short whose checkpoint is kept.
 
     The new trial runs the same params from the checkpoint (user_attr `continues`: the trial it
-    continues); a trial already continued (by a trial that is not an interrupted retry) is skipped.
+    continues). Skipped: a trial with a continuation waiting, running or run to an end; the retry
+    of an interrupted continuation is one (`enqueue_retry`), so run `reconcile` first. A
+    continuation that was never started or was interrupted does not count.
 
     Args:
         study: the study.
@@ -245,14 +247,17 @@ def waiting_continuations(study: optuna.Study) -> list:
 def enqueue_retry(study: optuna.Study, trial: Any, *, retried: set | None = None) -> bool:
     """Enqueues a retry of an interrupted trial (same params, user_attr `retry_of`) unless one exists.
 
-    Idempotent, so that a driver stopped between telling a trial and enqueuing its retry (a second
-    Ctrl-C, kill -9) loses nothing: the next `reconcile` enqueues what is missing, once.
+    The retry of an interrupted continuation continues the same budget-cut trial (user_attr
+    `continues`), from that trial's checkpoint. A retry that never ran (not started, crowded out)
+    does not count as one: the trial gets another. Idempotent, so that a driver stopped between
+    telling a trial and enqueuing its retry (a second Ctrl-C, kill -9) loses nothing: the next
+    `reconcile` enqueues what is missing, once.
 
     Args:
         study: the study.
         trial: the interrupted trial (frozen or live); one without params is not retried.
-        retried: the trial numbers that already have a retry, when the caller has read them;
-            None: read from the study.
+        retried: the trial numbers that already have a retry (`retried_trials`), when the caller
+            has read them; None: read from the study.
 
     Returns:
         Whether a retry was enqueued.
@@ -260,19 +265,33 @@ def enqueue_retry(study: optuna.Study, trial: Any, *, retried: set | None = None
     if not trial.params:
         return False
     if retried is None:
-        retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
+        retried = retried_trials(study.get_trials(deepcopy=False))
     if trial.number in retried:
         return False
-    study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number})
+    attrs: dict[str, Any] = {"retry_of": trial.number}
+    if isinstance(trial.user_attrs.get("continues"), int):
+        attrs["continues"] = trial.user_attrs["continues"]
+    study.enqueue_trial(dict(trial.params), user_attrs=attrs)
     retried.add(trial.number)
     return True
+
+
+def retried_trials(trials: list) -> set:
+    """The trials that have a retry: one waiting, running, or that ran (an interrupted retry has its
+    own retry, which carries on); a retry that never ran does not count."""
+    return {t.user_attrs.get("retry_of") for t in trials if not _never_ran(t)}
+
+
+def _never_ran(t: Any) -> bool:
+    """A trial closed before it started: refused by the time budget, or crowded out of the count."""
+    a = t.user_attrs
+    return t.state == TrialState.FAIL and (a.get("error") == SURPLUS or bool(a.get("not_started")))
 
 
 def _needs_retry(t: Any) -> bool:
     """An interrupted trial that ran or was about to run (not crowded out, not refused by the budget)."""
     a = t.user_attrs
-    return (t.state == TrialState.FAIL and bool(a.get("interrupted")) and bool(t.params)
-            and a.get("error") != SURPLUS and not a.get("not_started"))
+    return t.state == TrialState.FAIL and bool(a.get("interrupted")) and bool(t.params) and not _never_ran(t)
 
 
 def reconcile(study: optuna.Study, *, driver: str | None = None) -> int:
@@ -305,7 +324,7 @@ def reconcile(study: optuna.Study, *, driver: str | None = None) -> int:
     # Live drivers enqueue before they tell (see HonestOptunaSearch._finish), so a retry missing
     # here belongs to a driver that stopped in between.
     trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get("retry_of") for t in trials}
+    retried = retried_trials(trials)
     for t in trials:
         if _needs_retry(t):
             enqueue_retry(study, t, retried=retried)

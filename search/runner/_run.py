@@ -23,6 +23,7 @@ from ray.tune.search import ConcurrencyLimiter
 from search import studies
 from search.config import TLSearchError, check_study_name, default_cache_dir, dump_yaml
 from search.imbalance import class_counts
+from search.outputs import is_interruption, resume_hint
 from search.runner._cluster import (
     _ensure_ray,
     console_log,
@@ -46,7 +47,15 @@ from search.runner._progress import ProgressView, ReportRefresher
 from search.runner._search import HonestOptunaSearch, PruneTrackingASHA, make_sampler
 from search.runner._trainable import TrialFn, _trainable
 from search.settings import SearchSettings
-from search.space import RECIPES, SearchSpace, backbones_in, default_space_at_hand, for_dataset, lr_warnings
+from search.space import (
+    RECIPES,
+    SearchSpace,
+    backbones_in,
+    default_space_at_hand,
+    for_dataset,
+    keep_stored_schedule,
+    lr_warnings,
+)
 from search.studies import (
     best_trial,
 )
@@ -81,7 +90,8 @@ def run_search(
 
     Returns:
         The summary. Ctrl-C once stops the run cleanly (`interrupted=True`); twice raises
-        KeyboardInterrupt after recording the study.
+        KeyboardInterrupt after saying how to continue and recording the study as far as its
+        storage lets it (an error that Ctrl-C caused in a storage write is raised as one too).
     """
     t0 = time.time()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our live view says what matters
@@ -118,13 +128,13 @@ def run_search(
             study.set_user_attr("probe_plan", any(r == PROBE for r, _ in warm_start(space, settings.trials)))
         else:
             study.enqueue_trial(space.baseline(), user_attrs={"baseline": True})
-    elif not created:
-        continue_budget_cut(study)
     exp = settings.experiment_dir
     (exp / MARKER).write_text(f"tlsearch experiment folder of study {settings.study}\n", encoding="utf-8")
     dump_yaml(settings.to_dict(), exp / "settings.yaml")
     driver = new_driver_id()
     reconcile(study, driver=driver)  # trials of crashed drivers; live ones of other drivers stay
+    if not created:  # after the reconcile: a retry it enqueues may already continue a budget-cut trial
+        continue_budget_cut(study)
     _bound_disk(settings, study)
 
     # A budget-cut trial's continuation runs even when the study has its count: it finishes a
@@ -133,20 +143,35 @@ def run_search(
     tally = _Tally(mode=settings.mode)
     interrupted = budget_reached = False
     trials_run = 0
-    if remaining > 0:
-        try:
+    try:
+        if remaining > 0:
             with console_log(settings.experiment_dir, verbose=verbose):
                 interrupted, budget_reached = _tune(
                     settings, space, index, storage, study, tally, remaining, trial_fn, progress, t0, driver=driver,
                     joined=not created, verbose=verbose,
                 )
-        except KeyboardInterrupt:
-            reconcile(study, driver=driver)
-            print(f"interrupted; continue with: tlsearch resume {settings.study}", file=sys.stderr)
+            trials_run = tally.complete + tally.pruned + tally.failed + tally.interrupted
+        reconcile(study, driver=driver)  # none of this call's trials may stay RUNNING once it returns
+        return _summary(settings, study, t0, tally, trials_run, interrupted, budget_reached)
+    except BaseException as e:
+        if not is_interruption(e):
             raise
-        trials_run = tally.complete + tally.pruned + tally.failed + tally.interrupted
-    reconcile(study, driver=driver)  # none of this call's trials may stay RUNNING once it returns
-    return _summary(settings, study, t0, tally, trials_run, interrupted, budget_reached)
+        _record_interruption(settings, study, driver)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise KeyboardInterrupt from e
+
+
+def _record_interruption(settings: SearchSettings, study: optuna.Study, driver: str) -> None:
+    """After Ctrl-C: says how to continue, then records this driver's open trials as interrupted.
+
+    The line comes first, as a further Ctrl-C may cut the rest short. A storage write that Ctrl-C
+    cut short can make this one fail too (SQLite stays locked until the process ends): the trials
+    then stay RUNNING, and the next resume reconciles them (their driver is gone by then).
+    """
+    print(resume_hint(settings.study, settings.storage), file=sys.stderr)
+    with contextlib.suppress(Exception):
+        reconcile(study, driver=driver)
 
 
 def portfolio_size(trials: int) -> int:
@@ -368,6 +393,10 @@ def resume_search(
     if not stored:
         raise TLSearchError(f"study {name!r} has no stored search settings (not made by tlsearch run); cannot resume it")
     settings = SearchSettings.from_dict(stored)
+    if settings.space is not None:
+        # The space as the study's trials ran it: priors added since (a second learning rate,
+        # warm-up) would change the schedule half-way through the study.
+        settings = settings.replace(space=keep_stored_schedule(settings.space))
     if storage:
         settings = settings.replace(storage=storage)
     exp = settings.experiment_dir

@@ -546,11 +546,12 @@ class HonestOptunaSearch(OptunaSearch):
             backbone = self._search_space.to_trial_config(config).backbone
         except Exception:
             backbone = config.get("backbone")
-        retry_of = ot_trial.user_attrs.get("retry_of", ot_trial.user_attrs.get("continues"))
+        retry_of, continues = ot_trial.user_attrs.get("retry_of"), ot_trial.user_attrs.get("continues")
         ending = disk.CheckpointTrial(
             number=ot_trial.number, state=state.name,
             value=float(value) if state == TrialState.COMPLETE and is_finite(value) else None,
             backbone=backbone, interrupted=interrupted, retry_of=retry_of if isinstance(retry_of, int) else None,
+            continues=continues if isinstance(continues, int) else None,
             has_checkpoint=bool(final.get("checkpoint")),
             budget_cut=ot_trial.user_attrs.get("stopped_by") == BUDGET_CUT,
         )

@@ -159,6 +159,8 @@ def with_finetune_priors(space: SearchSpace) -> SearchSpace:
     added = {k: v for k, v in FINETUNE_PRIORS.items() if k not in stated}
     if "warmup_epochs" not in stated:
         added["warmup_epochs"] = round(WARMUP_FRACTION * space.max_epochs, 3)
+    if "lr_schedule" not in stated:  # named, so that a resume knows which schedule the study ran
+        added["lr_schedule"] = TrialConfig.lr_schedule
     if "lp_epochs" not in stated and _can_fine_tune(space):
         # LP-FT: fine-tunes start from the head the space's linear probe trains (the portfolio's
         # probe recipe: the space's epochs, its rate moved into the space's `lr` range).
@@ -166,6 +168,32 @@ def with_finetune_priors(space: SearchSpace) -> SearchSpace:
         if "lp_lr" not in stated:
             added["lp_lr"] = float(_nearest(space.param_dict.get("lr", Constant(TrialConfig.lr)), PROBE_LR))
     return SearchSpace.from_dict({**stated, **added}) if added else space
+
+
+# What `with_finetune_priors` fills in. A space stored with a study since then names them all.
+PRIOR_PARAMS = (*FINETUNE_PRIORS, "warmup_epochs", "lr_schedule", "lp_epochs")
+# What the trials of a study stored before a prior existed ran with, where it is not the
+# `TrialConfig` default: the per-batch cosine came before the per-epoch one.
+_BEFORE = {"lr_schedule": "cosine_steps"}
+
+
+def keep_stored_schedule(space: SearchSpace) -> SearchSpace:
+    """A study's stored space, fixed so that its remaining trials train as its earlier ones did.
+
+    A space stored before the fine-tuning priors existed lacks some of `PRIOR_PARAMS`; its trials
+    ran at the trial config's defaults for them (one rate for head and backbone, no warm-up).
+    Those become constants here, so that `with_finetune_priors` adds nothing on resume and the
+    study does not switch schedules half-way. A space that names them all is returned as it is.
+
+    Args:
+        space: the space stored with the study.
+
+    Returns:
+        The space with each missing prior fixed at `TrialConfig`'s default.
+    """
+    stated = space.to_dict()
+    missing = {k: _BEFORE.get(k, getattr(TrialConfig, k)) for k in PRIOR_PARAMS if k not in stated}
+    return SearchSpace.from_dict({**stated, **missing}) if missing else space
 
 
 def lr_warnings(space: SearchSpace, *, source: str = "search space") -> list[str]:

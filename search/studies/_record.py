@@ -199,7 +199,8 @@ def counts_toward_target(trial: Any) -> bool:
     params are run again. Running and waiting trials are not finished.
 
     Args:
-        trial: a FrozenTrial or a TrialRecord.
+        trial: a FrozenTrial, or a record with `state` and `interrupted` (a TrialRecord, a
+            `disk.CheckpointTrial`).
 
     Returns:
         True when it counts.
@@ -208,7 +209,8 @@ def counts_toward_target(trial: Any) -> bool:
     if state in ("COMPLETE", "PRUNED"):
         return True
     if state == "FAIL":
-        interrupted = trial.interrupted if isinstance(trial, TrialRecord) else trial.user_attrs.get("interrupted")
+        attrs = getattr(trial, "user_attrs", None)
+        interrupted = attrs.get("interrupted") if attrs is not None else trial.interrupted
         return not interrupted
     return False
 

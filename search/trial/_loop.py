@@ -203,7 +203,7 @@ def fine_tune(
             "train_loss": train_loss,
             "epoch_seconds": seconds,
             "images_per_s": seen / seconds if seconds > 0 else 0.0,
-            "lr": optimizer.param_groups[-1]["lr"],
+            "lr": _head_lr(optimizer),
             "params_total": result.params_total,
             "params_trainable": trainable,
             "latency_ms": result.latency_ms,
@@ -459,6 +459,15 @@ def lr_multiplier(step: int, *, schedule: str, steps_per_epoch: int, warmup_step
         return warmup_cosine(step, warmup_steps=warmup_steps, total_steps=epochs * steps_per_epoch)
     epoch = min(step // max(1, steps_per_epoch), max(0, epochs - 1))
     return 0.5 * (1.0 + math.cos(math.pi * epoch / max(1, epochs)))
+
+
+def _head_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The head's current learning rate, the one a trial's `lr` names (`backbones.param_groups`
+    puts the head first; the backbone's stages train at fractions of it)."""
+    for group in optimizer.param_groups:
+        if group.get("name") in ("head", "head.no_decay"):
+            return float(group["lr"])
+    return float(optimizer.param_groups[0]["lr"])
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
