@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torchvision import datasets, transforms
 
+from benchmarks.plain import accuracy
+
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # tf_efficientnet_lite0's normalisation
 # Not photos: tlsearch skips this placeholder too, so both sides train on the same images.
 SKIP = {"imageNotFound.gif"}
@@ -84,13 +86,7 @@ def objective(trial: optuna.Trial, *, data: str, weights: str, space: dict, log:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        model.eval()
-        correct = n = 0
-        with torch.no_grad():
-            for x, y in val_loader:
-                correct += (model(x).argmax(1) == y).sum().item()
-                n += len(y)
-        acc = correct / n
+        acc = accuracy(model, val_loader)
         log.append({"t": time.time() - t0, "trial": trial.number, "epoch": epoch, "val_acc": acc,
                     "freeze_depth": freeze_depth, "augmentation": augmentation, "lr": lr})
         trial.report(acc, epoch)

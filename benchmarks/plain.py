@@ -82,16 +82,21 @@ def train_and_validate(model: torch.nn.Module, train_loader: Any, val_loader: An
             optimizer.step()
             total += loss.item() * len(y)
             seen += len(y)
-        model.eval()
-        correct = n = 0
-        with torch.no_grad():
-            for x, y in val_loader:
-                correct += (model(x).argmax(1) == y).sum().item()
-                n += len(y)
-        acc = correct / n
+        acc = accuracy(model, val_loader)
         if on_epoch is not None:
             on_epoch(epoch, acc, total / max(seen, 1))
     return acc
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, loader: Any) -> float:
+    """Top-1 accuracy over a loader, the model in eval mode."""
+    model.eval()
+    correct = n = 0
+    for x, y in loader:
+        correct += (model(x).argmax(1) == y).sum().item()
+        n += len(y)
+    return correct / n
 
 
 def fine_tune(data: str, weights_dir: str, *, backbone: str, image_size: int, epochs: int, lr: float,
