@@ -84,13 +84,13 @@ from search.runner._run import (  # noqa: F401
     resume_search,
     run_search,
 )
-from search.runner._search import (  # noqa: F401
-    HonestOptunaSearch,
+from search.runner._schedulers import (  # noqa: F401
     PruneTrackingASHA,
     SamplerEntry,
     _nan_rungs_quiet,
     make_sampler,
 )
+from search.runner._search import HonestOptunaSearch  # noqa: F401
 from search.runner._trainable import (  # noqa: F401
     TrialFn,
     _free_memory,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from search.config import TLSearchError, check_study_name
-from search.runner._search import SAMPLERS
+from search.runner._schedulers import SAMPLERS
 from search.settings import SearchSettings
 from search.space import Constant, SearchSpace, backbones_in
 

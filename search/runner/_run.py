@@ -44,7 +44,8 @@ from search.runner._ledger import (
 )
 from search.runner._preflight import MARKER, _open_study, preflight
 from search.runner._progress import ProgressView, ReportRefresher
-from search.runner._search import HonestOptunaSearch, PruneTrackingASHA, make_sampler
+from search.runner._schedulers import PruneTrackingASHA, make_sampler
+from search.runner._search import HonestOptunaSearch
 from search.runner._trainable import TrialFn, _trainable
 from search.settings import SearchSettings
 from search.space import (

@@ -2,6 +2,7 @@
 
 - `_loop.py`: `fine_tune` (build the model, load the data, alternate `train_one_epoch` and
   `evaluate`, report every epoch) and its small named steps; `TrialResult` is what it returns.
+- `_optim.py`: the optimizer over the parameter groups, and the learning-rate schedule.
 - `_train.py`: `train`, the `tlsearch train` command: a config file trained again on the split
   its study used (`training_index`), saved as a model folder.
 
@@ -13,21 +14,19 @@ from __future__ import annotations
 
 from search.model_io import load_checkpoint, save_checkpoint
 from search.trial._loop import (
-    OPTIMIZER_BUILDERS,
     NonFiniteLossError,
     Report,
     TrialResult,
-    build_optimizer,
     evaluate,
     fine_tune,
     load_data,
     measure_latency,
     pick_device,
+    probe_config,
     seed_everything,
     train_one_epoch,
-    lr_multiplier,
-    warmup_cosine,
 )
+from search.trial._optim import OPTIMIZER_BUILDERS, build_optimizer, lr_multiplier, warmup_cosine
 from search.trial._train import DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION, train, training_index
 
 __all__ = [
@@ -44,6 +43,7 @@ __all__ = [
     "load_data",
     "measure_latency",
     "pick_device",
+    "probe_config",
     "save_checkpoint",
     "seed_everything",
     "train",
