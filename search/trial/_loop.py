@@ -103,7 +103,6 @@ def fine_tune(
         The trial's result with per-epoch history.
     """
     from search import backbones, imbalance
-    from search.data import stored_size
 
     start = time.perf_counter()
     if threads:
@@ -165,13 +164,7 @@ def fine_tune(
         params_total=sum(p.numel() for p in model.parameters()),
         params_trainable=trainable,
         checkpoint_path=checkpoint_path,
-        preprocessing={
-            "image_size": config.image_size,
-            "resize_size": stored_size(config.image_size),
-            "mean": list(bb.mean),
-            "std": list(bb.std),
-            "interpolation": bb.interpolation,
-        },
+        preprocessing=eval_preprocessing(config, bb),
     )
     result.latency_ms = measure_latency(model, config.image_size, dev)
     best_acc = -1.0
@@ -371,6 +364,27 @@ def train_one_epoch(
 
 
 @torch.no_grad()
+def eval_preprocessing(config: TrialConfig, bb: Any) -> dict[str, Any]:
+    """What `predict` needs to see an image as a trial's evaluation saw it.
+
+    Args:
+        config: the trial's config (its image size).
+        bb: its built backbone (`search.backbones.build_backbone`): normalisation, interpolation.
+
+    Returns:
+        image_size, resize_size (the side images are decoded at), mean, std, interpolation.
+    """
+    from search.data import stored_size
+
+    return {
+        "image_size": config.image_size,
+        "resize_size": stored_size(config.image_size),
+        "mean": list(bb.mean),
+        "std": list(bb.std),
+        "interpolation": bb.interpolation,
+    }
+
+
 def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: torch.device) -> dict[str, Any]:
     """Top-1 accuracy, balanced accuracy, macro-F1, loss (unweighted) and confusion matrix on a loader;
     top-5 accuracy too with `metrics.TOP5_MIN_CLASSES` classes or more."""
