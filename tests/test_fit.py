@@ -191,7 +191,10 @@ def test_fit_ships_the_best_trials_own_weights(tmp_path: Path, monkeypatch: pyte
 
 def test_a_kill_in_the_ship_step_then_fit_again_ships_without_searching(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_session) -> None:
+    import json
+
     import search.pipeline._fit as fit_module
+    from search.pipeline import format_fit
     from search.studies import load_study
 
     data = make_image_folder(tmp_path / "data", size=32)  # no test/
@@ -212,3 +215,10 @@ def test_a_kill_in_the_ship_step_then_fit_again_ships_without_searching(
     assert [n for n, _ in s.phases] == ["start", "report", "ship", "evaluate"]
     assert (Path(s.model_dir) / "model.pt").is_file() and s.heldout is None
     assert any("no test/" in n for n in s.notes)
+
+    # --refit trains that trial's config again on train+val, inside the budget, and says so.
+    r = _fit(data, "killed", refit=True)
+    meta = json.loads((Path(r.model_dir) / "model.json").read_text())
+    assert r.refit and meta["full_fit"] and meta["refit_of"] == s.trials[0] and meta["study"] == "killed"
+    assert [n for n, _ in r.phases] == ["start", "report", "ship", "refit", "evaluate"]
+    assert any("--refit" in n for n in r.notes) and "refit on train+val" in format_fit(r)

@@ -235,15 +235,14 @@ def _start_ray(settings: SearchSettings, *, verbose: bool) -> None:
     from search.runner import _ensure_ray
 
     # Ray's start-up lines stay off the terminal as in a search (the study's folder, where the
-    # search logs them, may not exist yet).
-    log = logging.getLogger("ray")
-    level = log.level
+    # search logs them, may not exist yet). ray.init sets its loggers' levels itself, hence the
+    # process-wide switch, for the few seconds of the start only.
     if not verbose:
-        log.setLevel(logging.ERROR)
+        logging.disable(logging.WARNING)
     try:
         _ensure_ray(settings, verbose=verbose)
     finally:
-        log.setLevel(level)
+        logging.disable(logging.NOTSET)
 
 
 def _search(settings: SearchSettings, *, trial_fn: Any, progress: bool, verbose: bool) -> None:

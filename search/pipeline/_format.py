@@ -18,7 +18,8 @@ def format_fit(summary: Any, *, short: Any = str) -> str:
     s = summary
     val = f"{s.val_score:.4f}" if s.val_score is not None else "-"
     lines = [
-        f"shipped: {s.shipped}" + (" refit on train+val" if s.refit else "") + f"  ({s.preset} preset, study {s.study})",
+        f"shipped: {s.shipped}" + (f" of trials {', '.join(map(str, s.trials))}" if s.kind == "ensemble" else "")
+        + (", refit on train+val" if s.refit else "") + f"  ({s.preset} preset, study {s.study})",
         f"  validation {s.metric} {val}" + (" (the study's value for it)" if s.kind == "trial" else ""),
     ]
     if s.heldout:
