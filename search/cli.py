@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     from search.pipeline import DEFAULT_PRESET, PRESETS
 
     c.add_argument("--preset", default=DEFAULT_PRESET,
-                   help="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values()) + f" (default {DEFAULT_PRESET})")
+                   help="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
+                   + f" (default {DEFAULT_PRESET})")
     c.add_argument("--study", default=None, help="study name (default: DATA's folder name); an existing one is reused")
     c.add_argument("--space", default=None, help="search space YAML instead of the preset's")
     c.add_argument("--out", default=None, help="model folder (default models/STUDY)")

@@ -21,6 +21,7 @@ from search.pipeline import (
     per_image_seconds,
     plan_reserve,
     preset_space,
+    refit_seconds,
     search_budget,
 )
 from search.space import SearchSpace
@@ -62,6 +63,12 @@ def test_per_image_cost_is_the_slowest_measured_trial_else_an_allowance() -> Non
     assert per_image_seconds([4.0, None, 20.0], gpu=False) == pytest.approx(0.020 + 0.003)
     assert per_image_seconds([], gpu=True) < per_image_seconds([], gpu=False)
     assert fits(10, left_s=10) and not fits(10.5, left_s=10)
+
+
+def test_a_refit_is_estimated_from_its_trials_time_on_train_plus_val() -> None:
+    short = refit_seconds(trial_seconds=0.0, train_images=100, val_images=50)
+    assert refit_seconds(trial_seconds=100.0, train_images=100, val_images=50) == pytest.approx(short + 150 * 1.2)
+    assert not fits(refit_seconds(trial_seconds=100.0, train_images=100, val_images=50), left_s=150)
 
 
 def test_phases_add_up_to_the_wall_clock() -> None:

@@ -18,6 +18,7 @@ from search.pipeline._budget import (
     fits,
     per_image_seconds,
     plan_reserve,
+    refit_seconds,
     search_budget,
 )
 from search.pipeline._fit import FitSummary, default_study_name, fit
@@ -42,6 +43,7 @@ __all__ = [
     "get_preset",
     "per_image_seconds",
     "plan_reserve",
+    "refit_seconds",
     "preset_space",
     "search_budget",
     "ship_ensemble",

@@ -29,6 +29,8 @@ ENSEMBLE_PASSES = 2
 ENSEMBLE_MEMBERS = 9  # kept trials at most (3 per backbone, the default space's 3 backbones)
 # --refit trains one config again on train+val; it gets this share of the budget, kept from the start.
 REFIT_SHARE = 0.3
+# A refit's time over its trial's, scaled to train+val: set-up, and the final evaluation on val.
+REFIT_MARGIN = 1.2
 # A search shorter than this finds nothing worth shipping: the budget is refused instead.
 MIN_SEARCH_S = 10.0
 # The steps after the search never take more than this share of the budget from it; a step whose
@@ -67,7 +69,8 @@ def per_image_seconds(latencies_ms: Iterable[float | None], *, gpu: bool) -> flo
     return forward + DECODE_S
 
 
-def ensemble_seconds(*, val_images: int, test_images: int, per_image_s: float, members: int = ENSEMBLE_MEMBERS) -> float:
+def ensemble_seconds(*, val_images: int, test_images: int, per_image_s: float,
+                     members: int = ENSEMBLE_MEMBERS) -> float:
     """The ensemble procedure's forward passes: every member over val and test, plain and mirrored."""
     return ENSEMBLE_PASSES * max(1, members) * (val_images + test_images) * per_image_s
 
@@ -123,6 +126,22 @@ def search_budget(budget_s: float, *, elapsed_s: float, reserve: Reserve) -> flo
                           f"{elapsed_s + reserve.total_s:.0f}s for starting, shipping and evaluating; "
                           f"give at least {need:.0f}s")
     return left
+
+
+def refit_seconds(*, trial_seconds: float, train_images: int, val_images: int) -> float:
+    """What training a trial's config again on train+val costs: the trial's own training time,
+    scaled by the images an epoch then reads, with a margin, plus writing the model folder.
+
+    Args:
+        trial_seconds: the trial's recorded training time (0: unknown, the refit is then only
+            the folder's cost, so an unmeasured trial is not refused).
+        train_images: images the trial trained on.
+        val_images: validation images, which the refit trains on too.
+
+    Returns:
+        Seconds.
+    """
+    return trial_seconds * (train_images + val_images) / max(1, train_images) * REFIT_MARGIN + SHIP_S
 
 
 def fits(estimate_s: float, *, left_s: float) -> bool:

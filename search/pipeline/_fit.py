@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 
 # The search runs until the budget ends it, not until a trial count: a count it never reaches.
 FIT_TRIALS = 10_000
-# Seconds a refit costs beyond its trial's training time: the model folder and its exports.
-REFIT_EXTRA = 1.2
 
 
 @dataclass(frozen=True)
@@ -280,16 +278,17 @@ def _refit(study: optuna.Study, shipped: Shipped, settings: SearchSettings, *, c
     """Trains the shipped trial's config on train+val into the model folder, when it fits."""
     from search.config import dump_yaml
     from search.export import trial_record
-    from search.pipeline._budget import EVALUATE_S, SHIP_S
+    from search.pipeline._budget import EVALUATE_S, refit_seconds
     from search.trial import train
 
     if shipped.kind != "trial":
         notes.append("--refit: an ensemble shipped; it is kept as chosen (a refit trains one trial's config)")
         return False
     trial = study.trials[shipped.trials[0]]
-    seconds = float(trial.user_attrs.get("train_seconds") or 0.0)
-    need = seconds * (len(index.train) + len(index.val)) / max(1, len(index.train)) * REFIT_EXTRA + SHIP_S
-    left = clock.left_s(budget_s) - EVALUATE_S - len(index.test) * per_image_seconds([], gpu=settings.gpus_per_trial > 0)
+    need = refit_seconds(trial_seconds=float(trial.user_attrs.get("train_seconds") or 0.0),
+                         train_images=len(index.train), val_images=len(index.val))
+    per_image = per_image_seconds(_latencies(study), gpu=settings.gpus_per_trial > 0)
+    left = clock.left_s(budget_s) - EVALUATE_S - len(index.test) * per_image
     if not fits(need, left_s=left):
         notes.append(f"--refit skipped: about {need:.0f}s needed, {max(0.0, left):.0f}s left; "
                      "the trial's own weights ship")
