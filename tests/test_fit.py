@@ -195,6 +195,14 @@ def test_fit_ships_the_best_trials_own_weights(tmp_path: Path, monkeypatch: pyte
     assert sum(v for _, v in s.phases) == pytest.approx(s.wall_seconds, abs=0.01)
     assert s.wall_seconds == pytest.approx(wall, abs=0.5)
 
+    # Preset best on the same study: no search, the ensemble procedure's folder ships.
+    e = _fit(data, "tiny", space, preset="best", out=tmp_path / "models" / "tiny-best")
+    assert not e.searched and e.kind == "ensemble" and len(load_study("tiny").trials) == len(study.trials)
+    meta = json.loads((Path(e.model_dir) / "model.json").read_text())
+    assert meta["kind"] == "ensemble" and meta["study"] == "tiny" and meta["trials"] == list(e.trials)
+    assert set(e.trials) <= {t.number for t in study.trials} and e.heldout is not None
+    assert predict(e.model_dir, [next((data / "test" / "square").iterdir())])[0]["top"]
+
 
 def test_a_kill_in_the_ship_step_then_fit_again_ships_without_searching(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_session) -> None:

@@ -252,6 +252,8 @@ def _search(settings: SearchSettings, *, trial_fn: Any, progress: bool, verbose:
     if summary.interrupted:
         print(f"interrupted; run the same tlsearch fit again, or tlsearch resume {settings.study}", file=sys.stderr)
         raise KeyboardInterrupt
+    if summary.best_trial is None:  # nothing to ship: the next fit searches again
+        return
     load_study(settings.study, storage=settings.storage_url).set_user_attr(
         "fit", {"searched": True, "budget_s": settings.time_budget_s, "finished": summary.finished})
 
