@@ -135,6 +135,27 @@ def save_model(result: Any, out_dir: str | Path, *, record: dict[str, Any] | Non
     return out
 
 
+def eval_preprocessing(config: Any, bb: Any) -> dict[str, Any]:
+    """What `predict` needs to see an image as a trial's evaluation saw it.
+
+    Args:
+        config: the trial's config (its image size).
+        bb: its built backbone (`search.backbones.build_backbone`): normalisation, interpolation.
+
+    Returns:
+        image_size, resize_size (the side images are decoded at), mean, std, interpolation.
+    """
+    from search.data import stored_size
+
+    return {
+        "image_size": config.image_size,
+        "resize_size": stored_size(config.image_size),
+        "mean": list(bb.mean),
+        "std": list(bb.std),
+        "interpolation": bb.interpolation,
+    }
+
+
 def _export_graphs(model: nn.Module, example: torch.Tensor, out: Path) -> list[str]:
     """Writes TorchScript and ONNX next to the state_dict; returns notes on what could not be written."""
     import torch

@@ -45,9 +45,9 @@ def ship_trial(study: optuna.Study, out: Path) -> Shipped:
     from search.config import TrialConfig
     from search.ensemble import kept_trials
     from search.export import trial_record
-    from search.model_io import load_trained, save_model
+    from search.model_io import eval_preprocessing, load_trained, save_model
     from search.studies import TrialRecord, best_trial, objective_of
-    from search.trial import TrialResult, eval_preprocessing
+    from search.trial import TrialResult
 
     metric, maximize = objective_of(study)
     pool = kept_trials(study)

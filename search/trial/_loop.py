@@ -22,7 +22,7 @@ from torch import nn
 
 from search.config import TrialConfig
 from search.metrics import TOP5_MIN_CLASSES, confusion_scores, per_class_table
-from search.model_io import save_checkpoint, save_val_logits
+from search.model_io import eval_preprocessing, save_checkpoint, save_val_logits
 
 if TYPE_CHECKING:
     from search.backbones import Backbone
@@ -364,27 +364,6 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def eval_preprocessing(config: TrialConfig, bb: Any) -> dict[str, Any]:
-    """What `predict` needs to see an image as a trial's evaluation saw it.
-
-    Args:
-        config: the trial's config (its image size).
-        bb: its built backbone (`search.backbones.build_backbone`): normalisation, interpolation.
-
-    Returns:
-        image_size, resize_size (the side images are decoded at), mean, std, interpolation.
-    """
-    from search.data import stored_size
-
-    return {
-        "image_size": config.image_size,
-        "resize_size": stored_size(config.image_size),
-        "mean": list(bb.mean),
-        "std": list(bb.std),
-        "interpolation": bb.interpolation,
-    }
-
-
 def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device: torch.device) -> dict[str, Any]:
     """Top-1 accuracy, balanced accuracy, macro-F1, loss (unweighted) and confusion matrix on a loader;
     top-5 accuracy too with `metrics.TOP5_MIN_CLASSES` classes or more."""
