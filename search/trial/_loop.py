@@ -22,7 +22,7 @@ from torch import nn
 
 from search.config import TrialConfig
 from search.metrics import TOP5_MIN_CLASSES, confusion_scores, per_class_table
-from search.model_io import eval_preprocessing, save_checkpoint, save_val_logits
+from search.model_io import save_checkpoint, save_val_logits
 
 if TYPE_CHECKING:
     from search.backbones import Backbone
@@ -103,6 +103,7 @@ def fine_tune(
         The trial's result with per-epoch history.
     """
     from search import backbones, imbalance
+    from search.model_io import eval_preprocessing
 
     start = time.perf_counter()
     if threads:
