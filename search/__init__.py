@@ -28,6 +28,7 @@ _LAZY = {
     "list_backbones": "search.backbones",
     "build_ensemble": "search.ensemble",
     "evaluate_model": "search.ensemble",
+    "fit": "search.pipeline",
 }
 
 __all__ = ["ConfigError", "SearchSettings", "TLSearchError", "TrialConfig", "__version__", *_LAZY]

@@ -78,6 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "val_loss (minimised)")
     c.add_argument("--val-fraction", type=float, default=None, help="validation share when DATA has no val/ (default 0.2)")
 
+    c = sub.add_parser("fit", help="search, ship and evaluate within one time budget: a folder of images in, "
+                                   "a model folder out")
+    c.add_argument("data", metavar="DATA", help="the dataset, as tlsearch run takes it")
+    c.add_argument("--time-budget", required=True, help="wall-clock limit of the whole command, e.g. 10m, 1h")
+    from search.pipeline import DEFAULT_PRESET, PRESETS
+
+    c.add_argument("--preset", default=DEFAULT_PRESET,
+                   help="; ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
+                   + f" (default {DEFAULT_PRESET})")
+    c.add_argument("--study", default=None, help="study name (default: DATA's folder name); an existing one is reused")
+    c.add_argument("--space", default=None, help="search space YAML instead of the preset's")
+    c.add_argument("--out", default=None, help="model folder (default models/STUDY)")
+    c.add_argument("--refit", action="store_true",
+                   help="train the shipped config again on train+val, within the budget (skipped, with a note, "
+                        "when it does not fit)")
+    c.add_argument("--weights-dir", default=None, help="folder of <model name>.pth state dicts")
+    c.add_argument("--no-progress", action="store_true", help="print only the summary")
+    c.add_argument("--verbose", action="store_true", help="show Ray's and Optuna's own messages")
+    c.add_argument("--json", action="store_true", help="the summary as one JSON object on stdout")
+
     c = sub.add_parser("resume", help="continue an interrupted search with its stored settings")
     c.add_argument("name", metavar="NAME")
     c.add_argument("--storage", default=None, help="the study's storage URL, when not the default")
@@ -324,6 +344,20 @@ def cmd_run(a: argparse.Namespace) -> int:
     return after_search(summary, settings.study, settings.storage)
 
 
+def cmd_fit(a: argparse.Namespace) -> int:
+    from search.outputs import _short
+    from search.pipeline import fit, format_fit
+
+    quiet = a.no_progress or a.json
+    summary = fit(a.data, a.time_budget, preset=a.preset, study=a.study, space=a.space,
+                  out=a.out, refit=a.refit, weights_dir=a.weights_dir, progress=not quiet, verbose=a.verbose)
+    if a.json:
+        _print_json(summary.to_dict())
+    else:
+        print(format_fit(summary, short=_short))
+    return EXIT_OK
+
+
 def _search_options(a: argparse.Namespace) -> dict[str, Any]:
     """The options `run` and `resume` share, as SearchSettings fields (None or absent: not given)."""
     from search.config import parse_duration
@@ -407,6 +441,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo": cmd_demo,
     "run": cmd_run,
+    "fit": cmd_fit,
     "resume": cmd_resume,
     "studies": cmd_studies,
     "show": cmd_show,

@@ -135,6 +135,27 @@ def save_model(result: Any, out_dir: str | Path, *, record: dict[str, Any] | Non
     return out
 
 
+def eval_preprocessing(config: Any, bb: Any) -> dict[str, Any]:
+    """What `predict` needs to see an image as a trial's evaluation saw it.
+
+    Args:
+        config: the trial's config (its image size).
+        bb: its built backbone (`search.backbones.build_backbone`): normalisation, interpolation.
+
+    Returns:
+        image_size, resize_size (the side images are decoded at), mean, std, interpolation.
+    """
+    from search.data import stored_size
+
+    return {
+        "image_size": config.image_size,
+        "resize_size": stored_size(config.image_size),
+        "mean": list(bb.mean),
+        "std": list(bb.std),
+        "interpolation": bb.interpolation,
+    }
+
+
 def _export_graphs(model: nn.Module, example: torch.Tensor, out: Path) -> list[str]:
     """Writes TorchScript and ONNX next to the state_dict; returns notes on what could not be written."""
     import torch
@@ -183,15 +204,31 @@ def load_trial_model(folder: str | Path, meta: dict[str, Any]) -> nn.Module:
     Returns:
         The model in eval mode.
     """
-    from search.backbones import build_backbone
     from search.config import load_trial_config
 
     folder = Path(folder)
     config = load_trial_config(folder / "config.yaml")
-    bb = build_backbone(config.backbone, len(meta["class_names"]), pretrained=False, dropout=config.dropout)
-    state = load_checkpoint(folder / "model.pt")
+    return load_trained(config, len(meta["class_names"]), folder / "model.pt").model.eval()
+
+
+def load_trained(config: Any, num_classes: int, weights: str | Path, *, what: str | None = None) -> Any:
+    """A config's backbone with its head, built without pretrained weights, then trained weights
+    loaded (`weights_only=True`, every key matching).
+
+    Args:
+        config: the `TrialConfig` the weights were trained with (backbone, dropout).
+        num_classes: outputs of its head.
+        weights: a state_dict of the whole model (a trial's checkpoint, a folder's model.pt).
+        what: how to name the file in an error (default: its path).
+
+    Returns:
+        The `search.backbones.Backbone` (its model in train mode; callers set eval).
+    """
+    from search.backbones import build_backbone
+
+    bb = build_backbone(config.backbone, num_classes, pretrained=False, dropout=config.dropout)
     try:
-        bb.model.load_state_dict(state, strict=True)
+        bb.model.load_state_dict(load_checkpoint(weights), strict=True)
     except RuntimeError as e:
-        raise TLSearchError(f"{folder / 'model.pt'} does not match {config.backbone}: {str(e).splitlines()[0]}") from None
-    return bb.model.eval()
+        raise TLSearchError(f"{what or weights} does not match {config.backbone}: {str(e).splitlines()[0]}") from None
+    return bb

@@ -70,6 +70,22 @@ def make_image_folder(
     return root
 
 
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray session for every test (of any file) that runs a search in-process."""
+    import tempfile
+
+    ray = pytest.importorskip("ray")
+    tests = Path(__file__).resolve().parent
+    paths = [str(ROOT), str(tests), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)  # workers import `search` and the test modules
+    os.environ["OMP_NUM_THREADS"] = "1"
+    temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture()
 def tiny_dataset(tmp_path: Path) -> Path:
     """A 3-class train/val ImageFolder of 40x40 PNGs, 6 per class and split."""

@@ -50,18 +50,6 @@ def stub_trial(config, index, *, report, checkpoint_path=None, **kwargs):
         report(epoch_metrics(epoch, acc, seconds=delay, lr=config.lr))
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray session for every test that runs a search in-process."""
-    paths = [str(ROOT), str(TESTS), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
-    os.environ["PYTHONPATH"] = os.pathsep.join(paths)  # workers import `search` and this module
-    os.environ["OMP_NUM_THREADS"] = "1"
-    temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp)
-    yield
-    ray.shutdown()
-
-
 def _settings(tmp: Path, data: Path, study: str, **kw) -> SearchSettings:
     base = dict(
         study=study, data=str(data), trials=6, cpus_per_trial=1.0, pretrained=False, cache=False,

@@ -12,7 +12,7 @@ from search.ensemble._select import classification_summary
 
 
 def evaluate_model(model_dir: str | os.PathLike, data: str | os.PathLike, *, device: str | None = None,
-                   batch_size: int = 64) -> dict[str, Any]:
+                   batch_size: int = 64, split: str = "test") -> dict[str, Any]:
     """Scores a model folder (from `tlsearch train` or `tlsearch ensemble`) on DATA's test split.
 
     The split is the one the model's folder records (its study's), so test/ is what the search
@@ -23,6 +23,8 @@ def evaluate_model(model_dir: str | os.PathLike, data: str | os.PathLike, *, dev
         data: the dataset folder (or label file).
         device: None: CUDA when available.
         batch_size: images per forward pass.
+        split: "test" (the final evaluation), or "val" (to check that a folder scores on
+            validation what its study measured).
 
     Returns:
         model_dir, dataset, images, accuracy, balanced_accuracy, macro_f1, per_class (the
@@ -34,17 +36,18 @@ def evaluate_model(model_dir: str | os.PathLike, data: str | os.PathLike, *, dev
     from search.trial import pick_device
 
     model, meta = load_model(model_dir)
-    split = meta.get("split")
-    index = scan_dataset(data, **(SplitSpec.from_dict(split, source=f"{model_dir}: split").scan_args()
-                                  if isinstance(split, dict) else {}))
-    if not index.test:
+    recorded = meta.get("split")
+    index = scan_dataset(data, **(SplitSpec.from_dict(recorded, source=f"{model_dir}: split").scan_args()
+                                  if isinstance(recorded, dict) else {}))
+    samples = index.val if split == "val" else index.test
+    if not samples:
         raise DatasetError(f"{index.source} has no test split (a test/ folder beside train/, or test rows); "
                            "evaluate scores only data the search never saw")
     names = list(meta["class_names"])
     if names != list(index.classes):
         raise DatasetError(f"{model_dir} predicts classes {names}, {index.source} has {list(index.classes)}")
     pre = meta["preprocessing"]
-    ds = ImageDataset(index.test, size=pre["resize_size"], cache=False,
+    ds = ImageDataset(samples, size=pre["resize_size"], cache=False,
                       transform=eval_transform(pre["image_size"], mean=tuple(pre["mean"]), std=tuple(pre["std"])))
     dev = pick_device(device)
     model = model.to(dev).eval()

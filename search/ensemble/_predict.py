@@ -50,17 +50,10 @@ def member_spec(trial: PoolTrial, *, mean: Sequence[float], std: Sequence[float]
 
 def _trial_network(trial: PoolTrial, num_classes: int) -> tuple[torch.nn.Module, MemberSpec]:
     """A kept trial's network with its final weights, and its member description."""
-    from search.backbones import build_backbone
-    from search.config import TLSearchError
-    from search.model_io import load_checkpoint
+    from search.model_io import load_trained
 
-    cfg = trial.config
-    bb = build_backbone(cfg.backbone, num_classes, pretrained=False, dropout=cfg.dropout)
-    try:
-        bb.model.load_state_dict(load_checkpoint(trial.checkpoint), strict=True)
-    except RuntimeError as e:
-        raise TLSearchError(f"checkpoint {trial.checkpoint} of trial {trial.number} does not match "
-                            f"{cfg.backbone}: {str(e).splitlines()[0]}") from None
+    bb = load_trained(trial.config, num_classes, trial.checkpoint,
+                      what=f"checkpoint {trial.checkpoint} of trial {trial.number}")
     return bb.model.eval(), member_spec(trial, mean=bb.mean, std=bb.std)
 
 

@@ -103,7 +103,7 @@ def fine_tune(
         The trial's result with per-epoch history.
     """
     from search import backbones, imbalance
-    from search.data import stored_size
+    from search.model_io import eval_preprocessing
 
     start = time.perf_counter()
     if threads:
@@ -165,13 +165,7 @@ def fine_tune(
         params_total=sum(p.numel() for p in model.parameters()),
         params_trainable=trainable,
         checkpoint_path=checkpoint_path,
-        preprocessing={
-            "image_size": config.image_size,
-            "resize_size": stored_size(config.image_size),
-            "mean": list(bb.mean),
-            "std": list(bb.std),
-            "interpolation": bb.interpolation,
-        },
+        preprocessing=eval_preprocessing(config, bb),
     )
     result.latency_ms = measure_latency(model, config.image_size, dev)
     best_acc = -1.0

@@ -1,0 +1,324 @@
+"""`fit`: one command, one budget, one shipped model.
+
+The search (`run_search` with the preset's space and what is left of the budget once the steps
+after it are provided for), the report and best config as `run` writes them, the ship step (no
+retraining), `--refit` when asked and when it fits, and the evaluation on test/. A search that
+finished is recorded in the study (user_attrs["fit"]), so `fit` again on the same study ships
+without searching again; an interrupted one is continued.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from search.config import TLSearchError, parse_duration
+from search.pipeline._budget import PhaseClock, fits, per_image_seconds, plan_reserve, search_budget
+from search.pipeline._presets import DEFAULT_PRESET, Preset, get_preset, preset_space
+from search.pipeline._ship import Shipped, ship_ensemble, ship_trial, stamp
+
+if TYPE_CHECKING:
+    import optuna
+
+    from search.data import DatasetIndex
+    from search.settings import SearchSettings
+    from search.space import SearchSpace
+
+# The search runs until the budget ends it, not until a trial count: a count it never reaches.
+FIT_TRIALS = 10_000
+
+
+@dataclass(frozen=True)
+class FitSummary:
+    """What `fit` did, for the one-screen summary and `--json`."""
+
+    study: str  # the study searched (studies/<study>.db)
+    preset: str  # the preset's name
+    budget_s: float  # --time-budget
+    model_dir: str  # the shipped model folder
+    shipped: str  # what ships: a trial (backbone, freeze depth) or an ensemble candidate
+    kind: str  # "trial" or "ensemble"
+    trials: tuple[int, ...]  # the trials whose weights it holds
+    metric: str  # the study's objective
+    val_score: float | None  # on validation; a trial's is the study's value for it
+    heldout: dict[str, Any] | None  # accuracy, balanced_accuracy, macro_f1, images on test/; None: no test/
+    latency_ms: float | None  # batch-1, as measured where it was chosen
+    size_mb: float  # model.pt on disk
+    report: str | None  # reports/<study>/index.html
+    best_config: str | None  # reports/<study>/best.yaml
+    phases: tuple[tuple[str, float], ...]  # (phase, seconds), in order; they add up to wall_seconds
+    wall_seconds: float  # from the start of `fit` to its summary
+    searched: bool  # False: the study's search had finished before, this call shipped only
+    refit: bool = False  # the shipped weights were trained again on train+val
+    notes: tuple[str, ...] = field(default_factory=tuple)  # what the summary should say besides
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["trials"], d["phases"], d["notes"] = list(self.trials), dict(self.phases), list(self.notes)
+        return d
+
+
+def fit(
+    data: str | os.PathLike,
+    time_budget: str | float,
+    *,
+    preset: str = DEFAULT_PRESET,
+    study: str | None = None,
+    space: str | os.PathLike | SearchSpace | None = None,
+    out: str | os.PathLike | None = None,
+    refit: bool = False,
+    weights_dir: str | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+    trial_fn: Any = None,
+    **options: Any,
+) -> FitSummary:
+    """Searches, ships and evaluates within one time budget; ends with a model folder.
+
+    Args:
+        data: the dataset (as `tlsearch run` takes it).
+        time_budget: the whole command's wall-clock budget: seconds, or "90s", "30m", "2h".
+        preset: a `PRESETS` name: fast, good (default) or best.
+        study: the study's name; None: the dataset folder's name.
+        space: a search space (file or `SearchSpace`) instead of the preset's.
+        out: the model folder; None: models/<study>.
+        refit: train the shipped trial's config again on train+val, when that fits in the budget.
+        weights_dir: folder of `<model name>.pth` state dicts.
+        progress: the search's live view and one line per step on stderr.
+        verbose: Ray's and Optuna's own messages on stderr.
+        trial_fn: the per-trial function (tests); None: `search.trial.fine_tune`.
+        **options: other `SearchSettings` fields (trials, pretrained, cache, seed, storage, ...).
+
+    Returns:
+        The summary. Ctrl-C during the search raises KeyboardInterrupt and leaves a study that
+        `tlsearch resume` finishes and `fit` continues.
+    """
+    clock = PhaseClock()
+    chosen = get_preset(preset)
+    budget_s = parse_duration(time_budget)
+    settings, index = _settings(data, chosen, study=study, space=space, weights_dir=weights_dir, options=options)
+    name, storage = settings.study, settings.storage_url
+    say = _say if progress else (lambda _m: None)
+    out_dir = Path(out) if out is not None else Path("models", name)
+    notes: list[str] = []
+
+    existing = _existing_study(settings)
+    searched = not (existing is not None and (existing.user_attrs.get("fit") or {}).get("searched"))
+    gpu = settings.gpus_per_trial > 0
+    if searched:
+        latencies = _latencies(existing) if existing is not None else []
+        reserve = plan_reserve(budget_s=budget_s, val_images=len(index.val), test_images=len(index.test),
+                               per_image_s=per_image_seconds(latencies, gpu=gpu), ensemble=chosen.ensemble,
+                               refit=refit)
+        search_budget(budget_s, elapsed_s=clock.elapsed_s, reserve=reserve)  # too short: said before Ray starts
+        _start_ray(settings, verbose=verbose)
+        clock.lap("start")
+        search_s = search_budget(budget_s, elapsed_s=clock.elapsed_s, reserve=reserve)
+        say(f"fit: searching for {search_s:.0f}s of {budget_s:.0f}s ({reserve.total_s:.0f}s kept for shipping "
+            f"and evaluating{', and the refit' if refit else ''})")
+        _search(settings.replace(time_budget_s=search_s), trial_fn=trial_fn, progress=progress, verbose=verbose)
+        clock.lap("search")
+    else:
+        clock.lap("start")
+        say(f"fit: study {name!r} has finished its search; shipping what it kept "
+            f"(search more with: tlsearch resume {name} --time-budget T)")
+
+    from search.outputs import write_outputs
+    from search.studies import load_study, objective_of
+
+    paths = write_outputs(name, storage) if progress else _quietly(write_outputs, name, storage)
+    clock.lap("report")
+
+    st = load_study(name, storage=storage)
+    metric, _ = objective_of(st)
+    shipped = _ship(st, chosen, out_dir, data=settings.data, left_s=clock.left_s(budget_s), index=index, gpu=gpu,
+                    progress=progress, notes=notes)
+    stamp(shipped.model_dir, {"study": name, "trials": list(shipped.trials),
+                              "fit": {"preset": chosen.name, "budget_s": budget_s, "shipped": shipped.name}})
+    clock.lap("ship")
+
+    did_refit = False
+    if refit:
+        did_refit = _refit(st, shipped, settings, clock=clock, budget_s=budget_s, index=index, notes=notes,
+                           progress=progress)
+        clock.lap("refit")
+
+    heldout = None
+    if index.test:
+        from search.ensemble import evaluate_model
+
+        say(f"fit: evaluating on test/ ({len(index.test)} images)")
+        result = evaluate_model(shipped.model_dir, settings.data)
+        heldout = {k: result[k] for k in ("accuracy", "balanced_accuracy", "macro_f1") if k in result}
+        heldout["images"] = len(index.test)
+    else:
+        notes.append("no test/: no held-out score (add DATA/test/ to get one)")
+    clock.lap("evaluate")
+
+    return FitSummary(
+        study=name, preset=chosen.name, budget_s=budget_s, model_dir=str(shipped.model_dir), shipped=shipped.name,
+        kind=shipped.kind, trials=shipped.trials, metric=metric, val_score=shipped.val_score, heldout=heldout,
+        latency_ms=shipped.latency_ms, size_mb=round((shipped.model_dir / "model.pt").stat().st_size / 2**20, 2),
+        report=str(paths["report"]) if "report" in paths else None,
+        best_config=str(paths["best"]) if "best" in paths else None,
+        phases=tuple((k, round(v, 3)) for k, v in clock.phases.items()), wall_seconds=round(clock.total_s, 3),
+        searched=searched, refit=did_refit, notes=tuple([*([shipped.note] if shipped.note else []), *notes]),
+    )
+
+
+def default_study_name(data: str | os.PathLike) -> str:
+    """The study `fit` uses when none is named: the dataset folder's (or label file's) name,
+    with characters a study name may not hold replaced by '-'."""
+    p = Path(os.path.abspath(data))
+    stem = p.stem if p.suffix.lower() in (".csv", ".tsv") else p.name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.").replace("..", ".")
+    return name[:200] or "fit"
+
+
+def _settings(data: str | os.PathLike, preset: Preset, *, study: str | None, space: Any, weights_dir: str | None,
+              options: dict[str, Any]) -> tuple[SearchSettings, DatasetIndex]:
+    """The search's settings (the preset's space, or the user's) and the dataset on its split."""
+    from search.data import scan_dataset
+    from search.settings import SearchSettings
+    from search.space import SearchSpace, default_space_at_hand, for_dataset, load_space
+
+    opts = dict(options)
+    opts.setdefault("trials", FIT_TRIALS)
+    if "gpus_per_trial" not in opts:
+        import torch
+
+        opts["gpus_per_trial"] = 1.0 if torch.cuda.is_available() else 0.0
+    settings = SearchSettings(study=study or default_study_name(data), data=str(data), weights_dir=weights_dir, **opts)
+    index = scan_dataset(settings.data, val_fraction=settings.val_fraction, seed=settings.seed)
+    if space is not None:  # --space overrides the preset's space; its ship policy stays
+        settings = settings.replace(space=space if isinstance(space, SearchSpace) else load_space(space))
+    elif preset.overrides:
+        base = None
+        if settings.pretrained:
+            base, note = default_space_at_hand(gpu=settings.gpus_per_trial > 0, weights_dir=weights_dir)
+            if note:
+                print(f"note: {note}", file=sys.stderr)
+        from search.imbalance import class_counts
+        from search.space import default_space
+
+        base = base or default_space(gpu=settings.gpus_per_trial > 0)
+        counts = class_counts([label for _, label in index.train], len(index.classes))
+        settings = settings.replace(space=for_dataset(preset_space(preset, base), counts))
+    return settings, index
+
+
+def _existing_study(settings: SearchSettings) -> optuna.Study | None:
+    from search.studies import load_study
+
+    try:
+        return load_study(settings.study, storage=settings.storage_url)
+    except TLSearchError:
+        return None
+
+
+def _latencies(study: optuna.Study) -> list[float | None]:
+    return [t.user_attrs.get("latency_ms") for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+
+
+def _start_ray(settings: SearchSettings, *, verbose: bool) -> None:
+    """Starts Ray before the search's budget is set, so its start-up is measured, not guessed."""
+    import logging
+
+    from search.runner import _ensure_ray
+
+    # Ray's start-up lines stay off the terminal as in a search (the study's folder, where the
+    # search logs them, may not exist yet). ray.init sets its loggers' levels itself, hence the
+    # process-wide switch, for the few seconds of the start only.
+    if not verbose:
+        logging.disable(logging.WARNING)
+    try:
+        _ensure_ray(settings, verbose=verbose)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _search(settings: SearchSettings, *, trial_fn: Any, progress: bool, verbose: bool) -> None:
+    """The search; a finished one (not interrupted) is recorded in the study for the next `fit`."""
+    from search.runner import run_search
+    from search.studies import load_study
+
+    summary = run_search(settings, trial_fn=trial_fn, progress=progress, verbose=verbose)
+    if summary.interrupted:
+        print(f"interrupted; run the same tlsearch fit again, or tlsearch resume {settings.study}", file=sys.stderr)
+        raise KeyboardInterrupt
+    if summary.best_trial is None:  # nothing to ship: the next fit searches again
+        return
+    load_study(settings.study, storage=settings.storage_url).set_user_attr(
+        "fit", {"searched": True, "budget_s": settings.time_budget_s, "finished": summary.finished})
+
+
+def _ship(study: optuna.Study, preset: Preset, out: Path, *, data: str, left_s: float, index: DatasetIndex, gpu: bool,
+          progress: bool, notes: list[str]) -> Shipped:
+    """The ensemble procedure when the preset tries it and its estimate fits; else the best trial."""
+    from search.pipeline._budget import ensemble_seconds
+
+    if preset.ensemble:
+        per_image = per_image_seconds(_latencies(study), gpu=gpu)
+        members = sum(1 for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE")
+        need = ensemble_seconds(val_images=len(index.val), test_images=len(index.test), per_image_s=per_image,
+                                members=members)
+        evaluate = len(index.test) * per_image
+        if fits(need, left_s=left_s - evaluate):
+            return ship_ensemble(study, out, data=data, progress=progress)
+        notes.append(f"ensembles not tried: about {need:.0f}s needed, {max(0.0, left_s - evaluate):.0f}s left")
+    return ship_trial(study, out)
+
+
+def _refit(study: optuna.Study, shipped: Shipped, settings: SearchSettings, *, clock: PhaseClock, budget_s: float,
+           index: DatasetIndex, notes: list[str], progress: bool) -> bool:
+    """Trains the shipped trial's config on train+val into the model folder, when it fits."""
+    from search.config import dump_yaml
+    from search.export import trial_record
+    from search.pipeline._budget import EVALUATE_S, refit_seconds
+    from search.trial import train
+
+    if shipped.kind != "trial":
+        notes.append("--refit: an ensemble shipped; it is kept as chosen (a refit trains one trial's config)")
+        return False
+    trial = study.trials[shipped.trials[0]]
+    need = refit_seconds(trial_seconds=float(trial.user_attrs.get("train_seconds") or 0.0),
+                         train_images=len(index.train), val_images=len(index.val))
+    per_image = per_image_seconds(_latencies(study), gpu=settings.gpus_per_trial > 0)
+    left = clock.left_s(budget_s) - EVALUATE_S - len(index.test) * per_image
+    if not fits(need, left_s=left):
+        notes.append(f"--refit skipped: about {need:.0f}s needed, {max(0.0, left):.0f}s left; "
+                     "the trial's own weights ship")
+        return False
+    if progress:
+        _say(f"fit: refitting trial {trial.number}'s config on train+val (about {need:.0f}s)")
+    target = shipped.model_dir
+    with tempfile.TemporaryDirectory(prefix=".refit-", dir=target.parent) as tmp:
+        config = dump_yaml(trial_record(study, trial), Path(tmp, "config.yaml"))
+        folder = Path(tmp, "model")
+        train(config, settings.data, out=folder, weights_dir=settings.weights_dir, cache=settings.cache, full=True,
+              progress=progress)
+        stamp(folder, {"study": study.study_name, "trials": [trial.number], "refit_of": trial.number})
+        # The trial's folder is replaced only once the refit one is whole.
+        shutil.rmtree(target)
+        folder.rename(target)
+    notes.append(f"--refit: trial {trial.number}'s config trained again on train+val; its validation score is "
+                 "the trial's (the refit saw val)")
+    return True
+
+
+def _quietly(fn: Any, *args: Any) -> Any:
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
