@@ -289,6 +289,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `tlsearch`; returns the exit code."""
+    from search.outputs import forget_run_log
+
+    forget_run_log()  # a search an earlier call in this process ran is not this command's
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -25,6 +25,11 @@ def note_run_log(path: Path) -> None:
     _run_log[:] = [Path(path)]
 
 
+def forget_run_log() -> None:
+    """Starts a command with no search log noted: an error line names only a search it ran."""
+    _run_log.clear()
+
+
 def run_log() -> Path | None:
     """The log file of the search this process ran last, if it wrote one (for error lines)."""
     return _run_log[0] if _run_log and _run_log[0].is_file() else None

@@ -502,7 +502,7 @@ def test_a_trial_cut_by_the_budget_is_pruned_with_its_epochs_and_resume_continue
     data = make_image_folder(tmp_path / "data")
     space = dict(SPACE, max_epochs=6, lr=1e-3)
     # The budget leaves room for a slow worker start; the trial's third epoch never ends.
-    s = _settings(tmp_path, data, "cut", trials=2, space=space, time_budget_s=30.0, max_concurrent=1, warm_start=False)
+    s = _settings(tmp_path, data, "cut", trials=2, space=space, time_budget_s=60.0, max_concurrent=1, warm_start=False)
     summary = run_search(s, trial_fn=slow_trial, progress=False)
     assert summary.budget_reached
     cut = [t for t in _study(s).trials if t.user_attrs.get("stopped_by") == "time budget"]
@@ -524,7 +524,7 @@ def test_a_trial_cut_by_the_budget_is_pruned_with_its_epochs_and_resume_continue
 
     # resume continues it from its checkpoint, as a new trial that records which one it continues.
     resume_search("cut", studies_dir=str(tmp_path / "studies"), trial_fn=slow_trial, progress=False,
-                  time_budget_s=60.0)
+                  time_budget_s=90.0)
     st = _study(s)
     cont = [c for c in st.trials if c.user_attrs.get("continues") == t.number]
     assert len(cont) == 1 and cont[0].state == optuna.trial.TrialState.COMPLETE
@@ -686,7 +686,8 @@ def test_resume_keeps_the_schedule_of_a_study_stored_before_the_fine_tuning_prio
     cfg = ran[0].space.to_trial_config(fine_tune)
     assert (cfg.backbone_lr_mult, cfg.lr_decay, cfg.warmup_epochs) == (1.0, 1.0, 0.0)  # one rate, as it ran
     assert all(not hasattr(old[k], "low") for k in priors)  # nothing drawn
-    assert hasattr(new["backbone_lr_mult"], "low")  # a study made since keeps its priors
+    assert hasattr(new["lr_decay"], "low")  # a study made since keeps its priors
+    assert new["backbone_lr_mult"].value == 1.0  # (the space states lr: every layer's rate)
 
 
 def f1_stub(config, index, *, report, checkpoint_path=None, **kwargs):
