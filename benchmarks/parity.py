@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", default="plain,tlsearch,tlsearch-cosine-steps,tlsearch-defaults", help=f"comma-separated, of {','.join(ARMS)}")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: each case's)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     if not (SHARED / "data").is_dir() or not (WEIGHTS_DIR / f"{BACKBONE}.pth").is_file():
@@ -199,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown arm {unknown[0]!r}; available: {', '.join(ARMS)}", file=sys.stderr)
         return 2
     cases = [CASES[c] for c in args.cases.split(",") if c]
+    if args.epochs:
+        cases = [Case(**{**c.__dict__, "epochs": args.epochs}) for c in cases]
     seeds = [0] if args.quick else list(range(args.seeds))
     if args.quick:
         cases = [Case(**{**CASES["spoken_digits"].__dict__, "epochs": 1})]
