@@ -238,10 +238,14 @@ def continue_budget_cut(study: optuna.Study) -> int:
     return n
 
 
+def is_waiting_continuation(trial: Any) -> bool:
+    """Whether a trial is a continuation of a budget-cut trial that waits to run (`continue_budget_cut`)."""
+    return trial.state == TrialState.WAITING and isinstance(trial.user_attrs.get("continues"), int)
+
+
 def waiting_continuations(study: optuna.Study) -> list:
-    """The study's continuations of budget-cut trials that wait to run (`continue_budget_cut`)."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-            if isinstance(t.user_attrs.get("continues"), int)]
+    """The study's continuations of budget-cut trials that wait to run."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) if is_waiting_continuation(t)]
 
 
 def enqueue_retry(study: optuna.Study, trial: Any, *, retried: set | None = None) -> bool:

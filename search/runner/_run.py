@@ -49,7 +49,7 @@ from search.runner._search import HonestOptunaSearch
 from search.runner._trainable import TrialFn, _trainable
 from search.settings import SearchSettings
 from search.space import (
-    RECIPES,
+    PROBE_RECIPE,
     SearchSpace,
     backbones_in,
     default_space_at_hand,
@@ -122,11 +122,12 @@ def run_search(
         # minutes; TPE learns from them as from any trial. Only the driver that created the study
         # enqueues them, so two drivers never both do.
         if settings.portfolio:
-            for recipe, params in warm_start(space, settings.trials):
+            recipes = warm_start(space, settings.trials)
+            for recipe, params in recipes:
                 study.enqueue_trial(params, user_attrs={"baseline": True, "recipe": recipe})
             # The fine-tunes follow the probes' ranking, decided as the probes end (every run of
             # this study, resumes included, goes on with that plan).
-            study.set_user_attr("probe_plan", any(r == PROBE for r, _ in warm_start(space, settings.trials)))
+            study.set_user_attr("probe_plan", any(r == PROBE_RECIPE for r, _ in recipes))
         else:
             study.enqueue_trial(space.baseline(), user_attrs={"baseline": True})
     exp = settings.experiment_dir
@@ -180,14 +181,11 @@ def portfolio_size(trials: int) -> int:
     return max(1, round(trials / 3))
 
 
-PROBE = RECIPES[0].name  # "linear probe"
-
-
 def warm_start(space: SearchSpace, trials: int) -> list[tuple[str, dict]]:
     """What a new study enqueues first: every backbone's linear probe where the space has one
     (the fine-tunes come later, in the order the probes rank the backbones); a space without a
     probe gets the fixed portfolio of fine-tuning recipes, cut at `portfolio_size(trials)`."""
-    probes = [(r, p) for r, p in space.portfolio(len(backbones_in(space))) if r == PROBE]
+    probes = [(r, p) for r, p in space.portfolio(len(backbones_in(space))) if r == PROBE_RECIPE]
     return probes or space.portfolio(portfolio_size(trials))
 
 

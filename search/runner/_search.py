@@ -27,12 +27,14 @@ from search.runner._ledger import (
     _Tally,
     _unflatten,
     enqueue_retry,
+    is_waiting_continuation,
     trial_outcome,
 )
 from search.space import (
     FINE_TUNE_ORDER,
     FINETUNE_CHILDREN,
     POLICY_CHILDREN,
+    PROBE_RECIPE,
     WAIT,
     Choice,
     Probe,
@@ -118,7 +120,7 @@ class HonestOptunaSearch(OptunaSearch):
         if self._target is not None and trial_id not in self._ot_trials:
             trials = self._ot_study.get_trials(deepcopy=False)
             if _claimed(trials, driver=self._driver) >= self._target and not any(
-                    t.state == TrialState.WAITING and isinstance(t.user_attrs.get("continues"), int) for t in trials):
+                    is_waiting_continuation(t) for t in trials):
                 return self.FINISHED  # every trial is done or taken (maybe by another driver)
             if not self._reseeded and _other_drivers(trials, driver=self._driver):
                 # Drivers seeded alike would sample the same params: diverge from here on.
@@ -198,7 +200,7 @@ class HonestOptunaSearch(OptunaSearch):
                 continue
             params = t.params or t.system_attrs.get("fixed_params") or {}
             backbone = params.get("backbone", only)
-            if recipe != "linear probe":
+            if recipe != PROBE_RECIPE:
                 planned.add((recipe, backbone))
                 continue
             finished = t.state.is_finished()

@@ -40,7 +40,7 @@ from search.space._params import (
     Range,
 )
 from search.space._plan import FINE_TUNE_ORDER, WAIT, Probe, next_fine_tune, rank_backbones
-from search.space._space import PROBE_LR, RECIPES, Recipe, SearchSpace, backbones_in, load_space
+from search.space._space import PROBE_LR, PROBE_RECIPE, RECIPES, Recipe, SearchSpace, backbones_in, load_space
 
 __all__ = [
     "DEFAULT_MAX_EPOCHS",
@@ -52,6 +52,7 @@ __all__ = [
     "POLICY_CHILDREN",
     "PRIOR_PARAMS",
     "PROBE_LR",
+    "PROBE_RECIPE",
     "Probe",
     "RECIPES",
     "VALID_KEYS",

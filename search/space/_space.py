@@ -312,6 +312,9 @@ RECIPES = (
 )
 
 
+PROBE_RECIPE = RECIPES[0].name  # "linear probe": the recipe a study starts with, per backbone
+
+
 def backbones_in(space: SearchSpace) -> list[str]:
     """The backbones a space can sample, in order."""
     p = space.param_dict.get("backbone")
