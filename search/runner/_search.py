@@ -137,7 +137,9 @@ class HonestOptunaSearch(OptunaSearch):
         if self._target is not None and self._surplus(trial_id):
             return self.FINISHED
         params["_trial_number"] = self._ot_trials[trial_id].number
-        if self._fine_tune_cpus and ot_trial_attrs(ot_trial).get("recipe") in FINE_TUNE_ORDER:
+        # Only a fine-tune the probes chose (the plan) gets every CPU: a fixed portfolio's recipes
+        # run beside the other trials at their share.
+        if self._fine_tune_cpus and self._plan and ot_trial_attrs(ot_trial).get("recipe") in FINE_TUNE_ORDER:
             params["_cpus"] = self._fine_tune_cpus
         self._curves[trial_id] = {}
         start_epoch = self._continuation(trial_id, params)
