@@ -5,7 +5,7 @@
 The same trial (timm/tf_efficientnet_lite0 from ../shared/weights, every stage trained, one epoch,
 no augmentation) runs once alone with all the machine's threads, then twice at once with one
 thread each (two processes, as Ray runs two one-CPU trials). Reported: seconds per epoch of each,
-and the throughput (epochs per minute, all runs together). Writes benchmarks/results/cores.json and .md.
+and the throughput (epochs per minute, all runs together). Writes benchmarks/results/cores-DATA.json and .md.
 """
 
 from __future__ import annotations
@@ -71,15 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cores.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (out / f"cores-{Path(args.data).name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    side_epochs = ", ".join(f"{r['epoch_seconds']:.1f}" for r in side)
     md = (f"# One fine-tune with {cpus} threads vs {cpus} one-thread fine-tunes at once (part k)\n\n"
           f"{Path(args.data).name}, timm/tf_efficientnet_lite0, every stage, {args.image_size} px, one epoch, warm "
           f"image cache.\n\n| | seconds per epoch | wall (s) | epochs per minute, all together |\n|---|---|---|---|\n"
           f"| one trial, {cpus} threads | {alone[0]['epoch_seconds']:.1f} | {t_alone:.1f} | "
           f"{result['alone']['epochs_per_min']:.2f} |\n"
-          f"| {cpus} trials, 1 thread each | {', '.join(f'{r['epoch_seconds']:.1f}' for r in side)} | {t_side:.1f} | "
+          f"| {cpus} trials, 1 thread each | {side_epochs} | {t_side:.1f} | "
           f"{result['side_by_side']['epochs_per_min']:.2f} |\n\nLoad at the end: {result['load_end']}.\n")
-    (out / "cores.md").write_text(md, encoding="utf-8")
+    (out / f"cores-{Path(args.data).name}.md").write_text(md, encoding="utf-8")
     print(md)
     return 0
 

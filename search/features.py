@@ -228,8 +228,11 @@ def compute_features(
     use_amp = device.type == "cuda"
     n = since_release = 0
     for x, y in loader:
+        x = x.to(device)
+        if x.dim() == 4:  # the layout the trial's model is in (channels_last: faster convolutions)
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            f = body(x.to(device))
+            f = body(x)
         if feats is None:
             feats = torch.empty((len(ds), *f.shape[1:]), dtype=dtype)
         feats[n:n + len(f)] = f.to("cpu", dtype)

@@ -208,7 +208,10 @@ def load_trial_model(folder: str | Path, meta: dict[str, Any]) -> nn.Module:
 
     folder = Path(folder)
     config = load_trial_config(folder / "config.yaml")
-    return load_trained(config, len(meta["class_names"]), folder / "model.pt").model.eval()
+    import torch
+
+    model = load_trained(config, len(meta["class_names"]), folder / "model.pt").model
+    return model.to(memory_format=torch.channels_last).eval()  # the layout it trained in: faster convolutions
 
 
 def load_trained(config: Any, num_classes: int, weights: str | Path, *, what: str | None = None) -> Any:

@@ -68,6 +68,10 @@ class SearchSettings:
     # instead of `cpus_per_trial`, so under a budget the one that matters ends first instead of
     # sharing the cores with a second (benchmarks/cores.py). Trials with GPUs keep their share.
     finetune_all_cpus: bool = True
+    # The linear probes a new study starts with, one at a time on every CPU instead of side by
+    # side at their share: the first score comes sooner, every probe's later, and so do the
+    # fine-tunes that wait for them (benchmarks/coldstart.py); off by default.
+    probes_all_cpus: bool = False
     keep_checkpoints: int = 3  # COMPLETE trials' checkpoints kept per backbone (the best ones); others are removed
     studies_dir: str = "studies"
     reports_dir: str = "reports"

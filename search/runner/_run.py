@@ -222,14 +222,16 @@ def _tune(
     sampler = make_sampler(settings.sampler, seed=seed)
     # Tune starts its own clock a moment later, so a trial it stops at its budget's end is past this.
     deadline = time.time() + settings.time_budget_s if settings.time_budget_s else None
+    # Every CPU of this machine, for the plan's trials (CPU trials of a Ray of this search's own).
+    all_cpus = None if settings.gpus_per_trial or settings.address else resources.get("CPU")
     searcher = HonestOptunaSearch(
         space, metric=settings.metric, mode=settings.mode, sampler=sampler,
         study_name=settings.study, storage=storage, asha_stopped=asha_stopped, tally=tally,
         driver=driver, target=settings.trials, keep_checkpoints=settings.keep_checkpoints,
         deadline=deadline if settings.budget_aware else None,
         plan=bool(study.user_attrs.get("probe_plan")),
-        fine_tune_cpus=(resources.get("CPU") if settings.finetune_all_cpus and not settings.gpus_per_trial
-                        and not settings.address else None),
+        fine_tune_cpus=all_cpus if settings.finetune_all_cpus else None,
+        probe_cpus=all_cpus if settings.probes_all_cpus else None,
         # With a time budget the plan runs what fits; without one, the portfolio's share of the trials.
         plan_cap=None if settings.time_budget_s else portfolio_size(settings.trials),
     )

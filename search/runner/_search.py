@@ -91,6 +91,7 @@ class HonestOptunaSearch(OptunaSearch):
         plan: bool = False,
         plan_cap: int | None = None,
         fine_tune_cpus: float | None = None,
+        probe_cpus: float | None = None,
     ) -> None:
         self._search_space = space
         self._deadline = deadline  # unix time the run's time budget ends; None: no budget
@@ -100,6 +101,7 @@ class HonestOptunaSearch(OptunaSearch):
         self._plan = plan
         self._plan_cap = plan_cap  # fine-tuning recipes in all; None: as many as the budget fits
         self._fine_tune_cpus = fine_tune_cpus  # CPUs of a fine-tune the probes chose; None: its share
+        self._probe_cpus = probe_cpus  # CPUs of a probe the plan starts with; None: its share
         self.out_of_time = False  # drawing stopped because nothing fits the time left
         self._refused: list[tuple[dict, dict]] = []  # enqueued trials the budget refused: (params, user_attrs)
         self._asha_stopped = asha_stopped
@@ -137,10 +139,12 @@ class HonestOptunaSearch(OptunaSearch):
         if self._target is not None and self._surplus(trial_id):
             return self.FINISHED
         params["_trial_number"] = self._ot_trials[trial_id].number
-        # Only a fine-tune the probes chose (the plan) gets every CPU: a fixed portfolio's recipes
-        # run beside the other trials at their share.
-        if self._fine_tune_cpus and self._plan and ot_trial_attrs(ot_trial).get("recipe") in FINE_TUNE_ORDER:
-            params["_cpus"] = self._fine_tune_cpus
+        # Only the plan's trials (its probes, the fine-tunes they chose) get every CPU: a fixed
+        # portfolio's recipes run beside the other trials at their share.
+        recipe = ot_trial_attrs(ot_trial).get("recipe")
+        cpus = self._fine_tune_cpus if recipe in FINE_TUNE_ORDER else self._probe_cpus if recipe == PROBE_RECIPE else None
+        if cpus and self._plan:
+            params["_cpus"] = cpus
         self._curves[trial_id] = {}
         start_epoch = self._continuation(trial_id, params)
         if not self._fits(trial_id, params, start_epoch):
