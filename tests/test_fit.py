@@ -94,6 +94,18 @@ def test_presets_are_a_registry_and_fast_searches_linear_probes_only() -> None:
     assert preset_space(get_preset("good"), base) is base
     best = get_preset("best")
     assert best.ensemble and "randaugment" in preset_space(best, base).to_dict()["augmentation"]
+    # best adds the backbones at hand beyond the default list; the other presets keep the list
+    more = ["resnet18", "mobilenet_v3_large"]
+    assert preset_space(best, base, more=more).to_dict()["backbone"] == ["resnet18", "efficientnet_b0", "mobilenet_v3_large"]
+    assert preset_space(get_preset("good"), base, more=more) is base
+    assert preset_space(get_preset("fast"), base, more=more).to_dict()["backbone"] == ["resnet18", "efficientnet_b0"]
+
+
+def test_more_backbones_at_hand_are_the_defaults_of_both_hardwares_with_weights(tmp_path: Path) -> None:
+    from search.pipeline import _presets
+
+    (tmp_path / "resnet50.pth").write_bytes(b"")  # a GPU default, at hand on a CPU machine
+    assert "resnet50" in _presets.more_backbones_at_hand(weights_dir=str(tmp_path))
 
 
 def test_default_study_name_is_the_folder_name() -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from search.config import TLSearchError, parse_duration
 from search.pipeline._budget import PhaseClock, fits, per_image_seconds, plan_reserve, search_budget
-from search.pipeline._presets import DEFAULT_PRESET, Preset, get_preset, preset_space
+from search.pipeline._presets import DEFAULT_PRESET, Preset, get_preset, more_backbones_at_hand, preset_space
 from search.pipeline._ship import Shipped, ship_ensemble, ship_trial, stamp
 
 if TYPE_CHECKING:
@@ -198,7 +198,7 @@ def _settings(data: str | os.PathLike, preset: Preset, *, study: str | None, spa
     index = scan_dataset(settings.data, val_fraction=settings.val_fraction, seed=settings.seed)
     if space is not None:  # --space overrides the preset's space; its ship policy stays
         settings = settings.replace(space=space if isinstance(space, SearchSpace) else load_space(space))
-    elif preset.overrides:
+    elif preset.overrides or preset.more_backbones:
         base = None
         if settings.pretrained:
             base, note = default_space_at_hand(gpu=settings.gpus_per_trial > 0, weights_dir=weights_dir)
@@ -209,7 +209,8 @@ def _settings(data: str | os.PathLike, preset: Preset, *, study: str | None, spa
 
         base = base or default_space(gpu=settings.gpus_per_trial > 0)
         counts = class_counts([label for _, label in index.train], len(index.classes))
-        settings = settings.replace(space=for_dataset(preset_space(preset, base), counts))
+        more = more_backbones_at_hand(weights_dir=weights_dir) if preset.more_backbones and settings.pretrained else []
+        settings = settings.replace(space=for_dataset(preset_space(preset, base, more=more), counts))
     return settings, index
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from search.config import ConfigError
 
@@ -23,6 +23,9 @@ class Preset:
     # The ship step runs `tlsearch ensemble`'s procedure over the kept trials and ships a soup or
     # an ensemble when it wins out of sample; otherwise the best trial's own weights ship.
     ensemble: bool = False
+    # Backbones beyond the default space's for this hardware: every built-in default (the CPU and
+    # the GPU lists) whose pretrained weights are at hand joins the search.
+    more_backbones: bool = False
 
 
 PRESETS: dict[str, Preset] = {
@@ -33,10 +36,11 @@ PRESETS: dict[str, Preset] = {
         Preset("good", "the default space: linear probes, then fine-tunes of the best-probed backbones; "
                        "the best trial ships"),
         # RandAugment and AugMix pay off over more epochs than a CPU budget allows: meant for a GPU.
-        Preset("best", "the default space with a wider augmentation search (RandAugment, AugMix), then soups "
-                       "and ensembles of the kept trials, shipped when they win out of sample; meant for a GPU",
+        Preset("best", "the default space with more backbones (every default whose weights are at hand) and a "
+                       "wider augmentation search (RandAugment, AugMix), then soups and ensembles of the kept "
+                       "trials, shipped when they win out of sample; meant for a GPU",
                overrides={"augmentation": ["none", "flip", "trivialaugment", "randaugment", "augmix"]},
-               ensemble=True),
+               ensemble=True, more_backbones=True),
     )
 }
 DEFAULT_PRESET = "good"
@@ -56,14 +60,40 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def preset_space(preset: Preset, base: SearchSpace) -> SearchSpace:
+def preset_space(preset: Preset, base: SearchSpace, *, more: Sequence[str] = ()) -> SearchSpace:
     """The space a preset searches: `base` (the default space at hand) with its overrides.
 
     Args:
         preset: the preset.
         base: the default space over the backbones whose weights are at hand.
+        more: further backbones with weights at hand (`more_backbones_at_hand`), added to base's
+            when the preset searches more backbones.
 
     Returns:
-        The space; `base` itself when the preset overrides nothing.
+        The space; `base` itself when the preset changes nothing.
     """
-    return base.fixed(**preset.overrides) if preset.overrides else base
+    from search.space import backbones_in
+
+    overrides = dict(preset.overrides)
+    have = backbones_in(base)
+    extra = [b for b in more if b not in have] if preset.more_backbones else []
+    if extra:
+        overrides["backbone"] = [*have, *extra]
+    return base.fixed(**overrides) if overrides else base
+
+
+def more_backbones_at_hand(*, weights_dir: str | None) -> list[str]:
+    """The built-in defaults of every hardware (CPU and GPU lists) whose pretrained weights are at
+    hand: in `weights_dir` or the torch/timm caches.
+
+    Args:
+        weights_dir: the --weights-dir folder, or None.
+
+    Returns:
+        Backbone names, the CPU list's first.
+    """
+    from search import backbones
+    from search.space import backbones_in, default_space
+
+    names = [n for gpu in (False, True) for n in backbones_in(default_space(gpu=gpu))]
+    return [n for n in dict.fromkeys(names) if backbones.weights_status(n, weights_dir) != "missing"]
