@@ -13,7 +13,7 @@ becoming test/. Then for each preset, from cold caches in a fresh folder:
    exported (retraining from scratch, caches warm), then `tlsearch evaluate` on test/: the retrained
    model's held-out accuracy (goal: the shipped model's is not lower) and the time `fit` saved.
 
-Writes benchmarks/results/fit.json and fit.md.
+Writes benchmarks/results/fit-DATASETS.json and .md.
 """
 
 from __future__ import annotations
@@ -137,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(Path(tmp) / f"{name}-{preset}" / "cache", ignore_errors=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fit.json").write_text(json.dumps({"cpus": os.cpu_count(), "rows": rows}, indent=2) + "\n", encoding="utf-8")
+    name = "fit-" + args.datasets.replace(",", "-")
+    (out / f"{name}.json").write_text(json.dumps({"cpus": os.cpu_count(), "rows": rows}, indent=2) + "\n", encoding="utf-8")
     md = markdown(rows, os.cpu_count() or 1)
-    (out / "fit.md").write_text(md, encoding="utf-8")
+    (out / f"{name}.md").write_text(md, encoding="utf-8")
     print(md)
     return 0
 
