@@ -516,14 +516,18 @@ def time_to(log: list[dict], target: float | None) -> float | None:
 DEFAULTS_ARMS = ("old", "new", "new-nograce", "plain")
 
 
-def part_g(plan: DefaultsPlan, work: Path, data: Path, arms: tuple[str, str] = ("old", "new")) -> dict:
+def part_g(plan: DefaultsPlan, work: Path, data: Path, arms: tuple[str, str] = ("old", "new"),
+           reuse: dict | None = None) -> dict:
     """Two arms (`DEFAULTS_ARMS`: old vs new defaults, or new with vs without the fine-tuning
     grace), interleaved per seed (the order alternates so that neither arm always runs on a
-    machine warmed by the other)."""
+    machine warmed by the other). `reuse`: an earlier result of the same data, budget and seeds
+    whose plain arm is taken as it is instead of run again (the plain search does not use
+    tlsearch's code, so only the other arm changes)."""
+    kept = _plain_runs(reuse) if reuse else {}
     runs = []
     for i, seed in enumerate(plan.seeds):
         for arm in (arms if i % 2 == 0 else arms[::-1]):
-            runs.append(defaults_arm(arm, seed, plan, work, data))
+            runs.append(kept[seed] if arm == "plain" and seed in kept else defaults_arm(arm, seed, plan, work, data))
     rows = []
     for seed in plan.seeds:
         pair = {r["arm"]: r for r in runs if r["seed"] == seed}
@@ -547,6 +551,14 @@ def part_g(plan: DefaultsPlan, work: Path, data: Path, arms: tuple[str, str] = (
             })
     return {"budget_s": plan.budget_s, "seeds": list(plan.seeds), "data": str(data), "arms": list(arms), "rows": rows,
             "logs": [{"arm": r["arm"], "seed": r["seed"], "log": r["log"]} for r in runs]}
+
+
+def _plain_runs(result: dict) -> dict[int, dict]:
+    """The plain arm's runs of an earlier part g result, by seed."""
+    logs = {e["seed"]: e["log"] for e in result["logs"] if e["arm"] == "plain"}
+    return {r["seed"]: {"arm": "plain", "seed": r["seed"], "log": logs[r["seed"]], "best_value": r["best_value"],
+                        "counts": r["counts"], "fine_tuning": r["fine_tuning"], "wall_s": r["wall_s"]}
+            for r in result["rows"] if r["arm"] == "plain" and r["seed"] in logs}
 
 
 def defaults_markdown(result: dict) -> str:
@@ -574,7 +586,7 @@ def defaults_markdown(result: dict) -> str:
 
 
 def run_defaults(quick: bool, out: Path, data: Path, arms: tuple[str, ...] = ("old", "new"),
-                 budget_s: float | None = None) -> int:
+                 budget_s: float | None = None, reuse_plain: str | None = None) -> int:
     """Runs part g alone and writes benchmarks/results/defaults[-DATASET][-ARMS][-quick].json and .md."""
     plan = DEFAULTS_QUICK if quick else DEFAULTS_FULL
     if budget_s:
@@ -582,7 +594,12 @@ def run_defaults(quick: bool, out: Path, data: Path, arms: tuple[str, ...] = ("o
     work = Path(tempfile.mkdtemp(prefix="tlsearch-bench-g-"))
     t0 = time.time()
     try:
-        result = part_g(plan, work, data, arms)
+        reuse = json.loads(Path(reuse_plain).read_text(encoding="utf-8")) if reuse_plain else None
+        if reuse and (reuse["budget_s"], reuse["seeds"], Path(reuse["data"]).name) != (plan.budget_s, list(plan.seeds), data.name):
+            raise SystemExit(f"{reuse_plain} is not of the same data, budget and seeds")
+        result = part_g(plan, work, data, arms, reuse)
+        if reuse:
+            result["plain_reused_from"] = str(reuse_plain)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result.update(quick=quick, total_s=round(time.time() - t0, 1), finished=time.strftime("%Y-%m-%d %H:%M"),
@@ -594,6 +611,9 @@ def run_defaults(quick: bool, out: Path, data: Path, arms: tuple[str, ...] = ("o
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     table = defaults_markdown(result)
+    if result.get("plain_reused_from"):
+        table += (f"\nThe plain arm's runs are those of {Path(result['plain_reused_from']).name} (same data, budget and "
+                  "seeds, run earlier on the same machine): the plain search does not use tlsearch's code.\n")
     (out / f"{stem}.md").write_text("# tlsearch defaults, old vs new\n\n" + table
                                     + f"\nTotal {result['total_s']:.0f} s.\n", encoding="utf-8")
     print(table)
@@ -1091,6 +1111,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"part g's arms, two or more of {','.join(DEFAULTS_ARMS)} (new-nograce: the new "
                          "defaults without the fine-tuning grace of ASHA; plain: the search a user writes, "
                          "benchmarks/plain.py)")
+    ap.add_argument("--reuse-plain", default=None, metavar="JSON",
+                    help="part g: take the plain arm's runs from this earlier result (same data, budget, seeds)")
     ap.add_argument("--ensembles", action="store_true",
                     help="part i alone (also --only i): soups, ensembles, TTA, temperature vs the best trial")
     args = ap.parse_args(argv)
@@ -1107,7 +1129,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(arms) < 2 or not set(arms) <= set(DEFAULTS_ARMS):
             print(f"error: --arms takes two or more of {', '.join(DEFAULTS_ARMS)}", file=sys.stderr)
             return 2
-        return run_defaults(args.quick, Path(args.out), Path(args.data), arms, args.budget_s)
+        return run_defaults(args.quick, Path(args.out), Path(args.data), arms, args.budget_s, args.reuse_plain)
     parts = [p.strip() for p in args.only.split(",") if p.strip()] or list(PARTS)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:

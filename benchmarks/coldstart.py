@@ -93,7 +93,7 @@ def phase_totals(run: dict) -> dict[str, float]:
 
 def markdown(result: dict) -> str:
     runs = result["runs"]
-    lines = [f"# Cold start: the first probe's score (part l)\n",
+    lines = ["# Cold start: the first probe's score (part l)\n",
              f"{Path(result['data']).name}, the default space at hand (weights in ../shared/weights), its first "
              f"{result['trials']} linear probes at once, every cache empty, {result['cpus']} CPUs. Seconds from the "
              f"process's launch. Goal: first score within 20 s.\n",

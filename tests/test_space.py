@@ -307,7 +307,7 @@ def test_portfolio_runs_proven_recipes_cheapest_first_within_the_space() -> None
     last = by_name[("last stages", LITE[0])]
     assert last["freeze_depth"] == 2 and last["backbone_lr_mult"] == pytest.approx(0.1)  # the space's partial depth
     full = by_name[("full fine-tune", LITE[0])]
-    assert full["freeze_depth"] == 0 and full["lr_decay"] == pytest.approx(0.8) and full["augmentation"] == "flip"
+    assert full["freeze_depth"] == 0 and full["lr_decay"] == pytest.approx(0.8) and full["augmentation"] == "none"
     # Cheapest first: every probe, then partial, then full fine-tunes.
     order = {"linear probe": 0, "last stages": 1, "full fine-tune": 2}
     assert [order[r] for r in names] == sorted(order[r] for r in names)
