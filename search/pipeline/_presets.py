@@ -92,8 +92,7 @@ def more_backbones_at_hand(*, weights_dir: str | None) -> list[str]:
     Returns:
         Backbone names, the CPU list's first.
     """
-    from search import backbones
-    from search.space import backbones_in, default_space
+    from search.space import backbones_at_hand, backbones_in, default_space
 
     names = [n for gpu in (False, True) for n in backbones_in(default_space(gpu=gpu))]
-    return [n for n in dict.fromkeys(names) if backbones.weights_status(n, weights_dir) != "missing"]
+    return backbones_at_hand(list(dict.fromkeys(names)), weights_dir=weights_dir)

@@ -68,11 +68,9 @@ def default_space_at_hand(*, gpu: bool, weights_dir: str | None) -> tuple[Search
     Returns:
         (the space, one line naming the defaults left out, or None when none were).
     """
-    from search import backbones
-
     space = default_space(gpu=gpu)
     defaults = backbones_in(space)
-    at_hand = [n for n in defaults if backbones.weights_status(n, weights_dir) != "missing"]
+    at_hand = backbones_at_hand(defaults, weights_dir=weights_dir)
     extra = [n for n in _backbones_in_dir(weights_dir) if n not in at_hand]
     chosen = at_hand + extra
     left_out = [n for n in defaults if n not in at_hand]
@@ -87,6 +85,13 @@ def default_space_at_hand(*, gpu: bool, weights_dir: str | None) -> tuple[Search
         note = (f"default space: left out {', '.join(left_out)} (no pretrained weights in {where}); "
                 f"searching {', '.join(chosen)}")
     return space, note
+
+
+def backbones_at_hand(names: list[str], *, weights_dir: str | None) -> list[str]:
+    """Those of `names` whose pretrained weights are in `weights_dir` or the torch/timm caches, in order."""
+    from search import backbones
+
+    return [n for n in names if backbones.weights_status(n, weights_dir) != "missing"]
 
 
 def _backbones_in_dir(weights_dir: str | None) -> list[str]:

@@ -130,9 +130,7 @@ def fine_tune(
                           device=device, threads=threads, keep_model=True)
         bb.model.head.load_state_dict(probe.model.head.state_dict())
         lp_val_acc = probe.final["val_acc"]
-    # channels_last on every device: on CPUs too its convolutions are faster (measured in
-    # benchmarks/coldstart.py: 1.1x for ResNet-18 to 1.6x for EfficientNet-Lite0 per training step).
-    model = bb.model.to(dev, memory_format=torch.channels_last)
+    model = bb.model.to(dev, memory_format=torch.channels_last)  # on every device (`features.model_layout`)
 
     train_loader, val_loader, plan = load_data(
         config, index, bb, device=dev, cache=cache, cache_dir=cache_dir, train_on_val=train_on_val,
@@ -416,7 +414,9 @@ def collect_logits(model: nn.Module, loader: Iterable, *, device: torch.device) 
 def measure_latency(model: nn.Module, image_size: int, device: torch.device, *, runs: int = 5) -> float:
     """Median batch-1 inference time in milliseconds."""
     model.eval()
-    x = torch.zeros(1, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    from search.features import model_layout
+
+    x = model_layout(torch.zeros(1, 3, image_size, image_size, device=device))
     times = []
     for i in range(runs + 2):
         if device.type == "cuda":
@@ -453,7 +453,6 @@ def _loader_workers(device: torch.device) -> int:
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x.to(device, non_blocking=True)
-    if x.dim() == 4:  # images or cached boundary features: in the model's layout (channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=True)
+    from search.features import model_layout
+
+    return model_layout(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
