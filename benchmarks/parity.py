@@ -18,7 +18,13 @@ Arms:
                      last one (`lr_schedule: cosine_steps`, every trial's schedule before);
   tlsearch-defaults  the same settings stated in a space, and what tlsearch fills in for what the
                      space does not state (warm-up, layer-wise decay at its prior's middle, the
-                     backbone's share of a user's lr, LP-FT from the space's probe).
+                     backbone's share of a user's lr);
+  tlsearch-lpft      `tlsearch` from the head the space's linear probe trains (LP-FT: `lp_epochs`
+                     = the default space's max_epochs, at the probe recipe's rate);
+  tlsearch-recipe    the default space's "full fine-tune" recipe as the search runs it (its rates,
+                     batch size, weight decay and warm-up), at the case's image size and epochs.
+
+The first arm is the reference of the paired differences (`plain` where it runs).
 
 Writes benchmarks/results/parity.json and .md (parity-quick.* with --quick).
 """
@@ -42,7 +48,7 @@ SHARED = REPO.parent / "shared"
 WEIGHTS_DIR = SHARED / "weights"
 RESULTS = REPO / "benchmarks" / "results"
 BACKBONE = "tf_efficientnet_lite0"
-ARMS = ("plain", "tlsearch", "tlsearch-cosine-steps", "tlsearch-defaults")
+ARMS = ("plain", "tlsearch", "tlsearch-cosine-steps", "tlsearch-defaults", "tlsearch-lpft", "tlsearch-recipe")
 # t quantiles (0.975) by degrees of freedom, for the paired interval over seeds.
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -100,9 +106,20 @@ def trial_config(case: Case, seed: int, arm: str) -> Any:
         space = with_finetune_priors(SearchSpace.from_dict({**stated, "max_epochs": case.epochs}))
         drawn = {name: _middle(p) for name, p in space.params if not isinstance(p, Constant)}
         return space.to_trial_config(drawn)
+    if arm == "tlsearch-recipe":
+        from search.space import RECIPES, default_space_at_hand
+
+        space = with_finetune_priors(default_space_at_hand(gpu=False, weights_dir=str(WEIGHTS_DIR))[0])
+        recipe = next(r for r in RECIPES if r.name == "full fine-tune")
+        params = space._recipe_params(recipe, f"timm/{BACKBONE}")
+        return space.to_trial_config(params).replace(image_size=case.image_size, epochs=case.epochs, seed=seed)
     fields = dict(stated, epochs=case.epochs, backbone_lr_mult=1.0, lr_decay=1.0, warmup_epochs=0.0)
     if arm == "tlsearch-cosine-steps":
         fields.update(lr_schedule="cosine_steps")
+    if arm == "tlsearch-lpft":
+        from search.space import PROBE_LR, default_space
+
+        fields.update(lp_epochs=default_space(gpu=False).max_epochs, lp_lr=PROBE_LR)
     return TrialConfig(**fields)
 
 
@@ -146,8 +163,8 @@ def run_case(case: Case, seeds: list[int], arms: list[str], threads: int, work: 
         for arm in arms:
             accs = [by[arm, s][e - 1]["val_acc"] for s in seeds]
             row[arm] = {"mean": statistics.fmean(accs), "per_seed": accs}
-            if arm != "plain" and "plain" in arms:
-                row[arm]["vs_plain"] = paired([a - p for a, p in zip(accs, row["plain"]["per_seed"])])
+            if arm != arms[0]:
+                row[arm]["vs_ref"] = paired([a - p for a, p in zip(accs, row[arms[0]]["per_seed"])])
         epochs.append(row)
     return {"case": case.__dict__, "seeds": seeds, "arms": arms, "runs": runs, "epochs": epochs}
 
@@ -169,13 +186,13 @@ def markdown(result: dict) -> str:
             "(mean over seeds; per seed in brackets); against the reference: mean paired difference in points "
             "with a 95% t-interval over seeds.",
             "",
-            "| epoch | " + " | ".join(arms) + " | " + " | ".join(f"{a} − plain" for a in arms if a != "plain") + " |",
-            "|---" * (1 + len(arms) + len([a for a in arms if a != "plain"])) + "|",
+            "| epoch | " + " | ".join(arms) + " | " + " | ".join(f"{a} − {arms[0]}" for a in arms[1:]) + " |",
+            "|---" * (2 * len(arms)) + "|",
         ]
         for row in c["epochs"]:
             cells = [f"{row[a]['mean']:.3f} ({', '.join(f'{v:.3f}' for v in row[a]['per_seed'])})" for a in arms]
-            diffs = [f"{_pct(row[a]['vs_plain']['mean'])} [{_pct(row[a]['vs_plain']['low'])}, "
-                     f"{_pct(row[a]['vs_plain']['high'])}]" for a in arms if a != "plain" and "vs_plain" in row[a]]
+            diffs = [f"{_pct(row[a]['vs_ref']['mean'])} [{_pct(row[a]['vs_ref']['low'])}, "
+                     f"{_pct(row[a]['vs_ref']['high'])}]" for a in arms[1:]]
             lines.append(f"| {row['epoch']} | " + " | ".join(cells) + " | " + " | ".join(diffs) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -189,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: each case's)")
+    ap.add_argument("--batch-size", type=int, default=None, help="batch size of every run (default: each case's)")
+    ap.add_argument("--stem", default=None, help="results file name (default: parity, parity-quick)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     if not (SHARED / "data").is_dir() or not (WEIGHTS_DIR / f"{BACKBONE}.pth").is_file():
@@ -202,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     cases = [CASES[c] for c in args.cases.split(",") if c]
     if args.epochs:
         cases = [Case(**{**c.__dict__, "epochs": args.epochs}) for c in cases]
+    if args.batch_size:
+        cases = [Case(**{**c.__dict__, "batch_size": args.batch_size}) for c in cases]
     seeds = [0] if args.quick else list(range(args.seeds))
     if args.quick:
         cases = [Case(**{**CASES["spoken_digits"].__dict__, "epochs": 1})]
@@ -211,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"threads": args.threads, "cases": [run_case(c, seeds, arms, args.threads, Path(work)) for c in cases]}
     result.update(total_s=round(time.time() - t0, 1), finished=time.strftime("%Y-%m-%d %H:%M"),
                   machine={"cpus": os.cpu_count(), "load_end": list(os.getloadavg())})
-    stem = "parity-quick" if args.quick else "parity"
+    stem = args.stem or ("parity-quick" if args.quick else "parity")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

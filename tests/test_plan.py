@@ -76,7 +76,8 @@ def test_little_time_buys_one_strong_fine_tune_or_a_cheaper_one_that_fits() -> N
 
 
 def test_lp_ft_fine_tunes_start_from_the_probe_of_the_space() -> None:
-    space = _space()
+    assert _space().to_trial_config({"backbone": LITE[0], "freeze_depth": 0}).lp_epochs == 0  # a random head
+    space = with_finetune_priors(SearchSpace.from_dict({**_space().to_dict(), "lp_epochs": 3}))  # LP-FT asked for
     name, params = next_fine_tune(space, _probes({LITE[0]: 0.9, LITE[1]: 0.8, LITE[2]: 0.7}), set(), maximize=True)
     cfg = space.to_trial_config(params)
     assert cfg.lp_epochs == 3 and cfg.lp_lr == pytest.approx(3e-3)  # the portfolio probe's epochs and rate
@@ -92,7 +93,7 @@ def test_a_users_lr_trains_every_layer_and_recipes_keep_their_backbone_rate() ->
     }))
     full = space._recipe_params(RECIPES[2], LITE[0])
     cfg = space.to_trial_config(full)
-    assert cfg.backbone_lr_mult == 1.0 and cfg.lr == pytest.approx(2e-4)  # the recipe's backbone rate
+    assert cfg.backbone_lr_mult == 1.0 and cfg.lr == pytest.approx(5e-4)  # the recipe's backbone rate
 
 
 @pytest.mark.parametrize("schedule, expected", [

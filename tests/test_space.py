@@ -228,8 +228,11 @@ def test_priors_fill_only_what_the_space_does_not_state() -> None:
     # A user's lr trains every layer, as in the plain loop it came from: no fraction of it.
     assert d["backbone_lr_mult"] == 1.0
     assert d["warmup_epochs"] == pytest.approx(0.5)  # a tenth of the epochs, then cosine
-    # LP-FT: fine-tunes start from the space's linear probe (its epochs, its rate within lr's range).
-    assert d["lp_epochs"] == 5 and d["lp_lr"] == pytest.approx(3e-3)
+    # Fine-tunes start from a random head; LP-FT, asked for, from the space's linear probe (its
+    # rate within lr's range).
+    assert d["lp_epochs"] == 0 and "lp_lr" not in d
+    lpft = with_finetune_priors(SearchSpace.from_dict({**d, "lp_epochs": 5})).to_dict()
+    assert lpft["lp_epochs"] == 5 and lpft["lp_lr"] == pytest.approx(3e-3)
     # The default space's lr is the head's rate; the backbone's share is its own prior.
     from search.space import default_space
 
@@ -305,9 +308,10 @@ def test_portfolio_runs_proven_recipes_cheapest_first_within_the_space() -> None
     assert probe["freeze_depth"] == "all" and probe["augmentation"] == "none" and "backbone_lr_mult" not in probe
     assert probe["lr"] == pytest.approx(2e-3)  # 3e-3 clipped into the space's range
     last = by_name[("last stages", LITE[0])]
-    assert last["freeze_depth"] == 2 and last["backbone_lr_mult"] == pytest.approx(0.1)  # the space's partial depth
+    assert last["freeze_depth"] == 2 and last["backbone_lr_mult"] == pytest.approx(0.3)  # the space's partial depth
     full = by_name[("full fine-tune", LITE[0])]
-    assert full["freeze_depth"] == 0 and full["lr_decay"] == pytest.approx(0.8) and full["augmentation"] == "none"
+    assert full["freeze_depth"] == 0 and full["lr_decay"] == pytest.approx(1.0) and full["augmentation"] == "none"
+    assert full["lr"] * full["backbone_lr_mult"] == pytest.approx(5e-4)  # every stage at the recipe's rate
     # Cheapest first: every probe, then partial, then full fine-tunes.
     order = {"linear probe": 0, "last stages": 1, "full fine-tune": 2}
     assert [order[r] for r in names] == sorted(order[r] for r in names)
