@@ -8,7 +8,7 @@ folder), as `tlsearch run DATA --weights-dir ../shared/weights` does. Times are 
 moment the process is launched: its imports, then the run's set-up (scan, checks, Ray start, the
 worker and its imports) until the trial function is entered, then inside each trial the backbone
 build, the image-cache build (decode), the feature pass (forward) and the first epoch's report. Both ways of running the probes are measured, interleaved: at once
-with one CPU each, and one at a time with every CPU (`probes_all_cpus`, the default).
+with one CPU each (the default), and one at a time with every CPU (`probes_all_cpus`).
 Goal (issue: a faster cold start): the first probe's score within 20 s of the launch.
 Writes benchmarks/results/coldstart-DATA.json and .md.
 """

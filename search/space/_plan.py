@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 from search.space._space import RECIPES, SearchSpace
 
 # The fine-tuning recipes in the order the budget takes them for one backbone: the strongest
-# (every stage, from the probe's head) first; the cheaper partial one after.
+# (every stage) first; the cheaper partial one after.
 FINE_TUNE_ORDER = ("full fine-tune", "last stages")
 # `next_fine_tune`'s answer while a probe still runs: the ranking is not known yet.
 WAIT = "wait"
