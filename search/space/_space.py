@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping, Union
 
 from search.config import ConfigError, TrialConfig, load_yaml
@@ -300,6 +301,9 @@ class Recipe:
 PROBE_LR = 3e-3  # the linear probe's rate, before it is moved into the space's `lr` range
 FINETUNE_LR = 5e-4  # the fine-tuning recipes' rate for backbone stages (AdamW), moved into the space's bounds
 HEAD_LR_MULT = 1 / 0.3  # the head's rate over the stages' (the default `backbone_lr_mult` prior's top)
+# What both fine-tuning recipes train with: un-augmented images, every trained stage at FINETUNE_LR.
+_FINE_TUNE_VALUES = MappingProxyType({"augmentation": "none", "lr": FINETUNE_LR * HEAD_LR_MULT,
+                                      "backbone_lr_mult": 1 / HEAD_LR_MULT, "lr_decay": 1.0})
 
 RECIPES = (
     # Head only on un-augmented images: cached frozen features, seconds per epoch.
@@ -318,10 +322,8 @@ RECIPES = (
     # the same fine-tune ended 3.7 points lower (parity.py): a head that already fits the frozen
     # features sends them little gradient, and data unlike ImageNet needs them moved.
     # The last two stages and the head at the same rates (the frozen stages' output is cached).
-    Recipe("last stages", 2, {"augmentation": "none", "lr": FINETUNE_LR * HEAD_LR_MULT,
-                              "backbone_lr_mult": 1 / HEAD_LR_MULT, "lr_decay": 1.0}),
-    Recipe("full fine-tune", None, {"augmentation": "none", "lr": FINETUNE_LR * HEAD_LR_MULT,
-                                    "backbone_lr_mult": 1 / HEAD_LR_MULT, "lr_decay": 1.0}),
+    Recipe("last stages", 2, _FINE_TUNE_VALUES),
+    Recipe("full fine-tune", None, _FINE_TUNE_VALUES),
 )
 
 

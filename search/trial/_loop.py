@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from search.config import TrialConfig
+from search.features import model_layout
 from search.metrics import TOP5_MIN_CLASSES, confusion_scores, per_class_table
 from search.model_io import save_checkpoint, save_val_logits
 from search.trial._optim import _head_lr, build_optimizer, lr_multiplier
@@ -414,8 +415,6 @@ def collect_logits(model: nn.Module, loader: Iterable, *, device: torch.device) 
 def measure_latency(model: nn.Module, image_size: int, device: torch.device, *, runs: int = 5) -> float:
     """Median batch-1 inference time in milliseconds."""
     model.eval()
-    from search.features import model_layout
-
     x = model_layout(torch.zeros(1, 3, image_size, image_size, device=device))
     times = []
     for i in range(runs + 2):
@@ -453,6 +452,4 @@ def _loader_workers(device: torch.device) -> int:
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    from search.features import model_layout
-
     return model_layout(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
