@@ -346,3 +346,35 @@ def test_offline_default_space_holds_the_backbones_at_hand(tmp_path, monkeypatch
     # Nothing at hand: the defaults stay (an online machine downloads them).
     space, note = default_space_at_hand(gpu=False, weights_dir=str(tmp_path / "empty"))
     assert backbones_in(space) == ["resnet18", "mobilenet_v3_large", "efficientnet_b0"] and note is None
+
+
+def test_the_default_cpu_image_size_fits_the_images_and_the_time() -> None:
+    from search.space import default_space, for_dataset
+    from search.space._defaults import fitted_image_size
+
+    # Large photos, a small training split: 160 px; small images (64-px tiles, spectrograms): 128 px.
+    assert fitted_image_size(median_side=375, train_images=240, budget_s=300.0, cpus=2) == 160
+    assert fitted_image_size(median_side=64, train_images=240, budget_s=300.0, cpus=2) == 128
+    assert fitted_image_size(median_side=150, train_images=240, budget_s=None, cpus=2) == 128
+    # Large photos, but three 160-px epochs of 3,000 images would take more than half of 300 s.
+    assert fitted_image_size(median_side=600, train_images=3000, budget_s=300.0, cpus=2) == 128
+    assert fitted_image_size(median_side=600, train_images=3000, budget_s=None, cpus=2) == 160
+    space = default_space(gpu=False)
+    assert for_dataset(space, [120, 120], median_side=375, budget_s=300.0, cpus=2).param_dict["image_size"].value == 160
+    assert for_dataset(space, [120, 120], median_side=100, budget_s=300.0, cpus=2) is space  # nothing to change
+    gpu = default_space(gpu=True)  # 224 px stays 224 px
+    assert for_dataset(gpu, [120, 120], median_side=375, budget_s=300.0, cpus=2) is gpu
+
+
+def test_a_scan_records_the_median_shorter_side(tmp_path) -> None:
+    from PIL import Image
+
+    from search.data import scan_dataset
+
+    for split in ("train", "val"):
+        for c, size in (("a", (40, 90)), ("b", (200, 120))):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", size, (i * 40, 0, 0)).save(tmp_path / split / c / f"{i}.png")
+    stats = scan_dataset(tmp_path).image_stats
+    assert stats is not None and stats.median_side == 120  # shorter sides: six 40s and six 120s

@@ -128,6 +128,7 @@ class ImageStats:
     grey: int = 0  # grey or black-and-white files (modes 1, L, LA, I, I;16, F), turned into RGB
     alpha: int = 0  # files with transparency (RGBA, LA, PA, or a transparent colour), put on white
     cmyk: int = 0  # CMYK files, converted to RGB
+    median_side: int = 0  # the median of each file's shorter side (0: not recorded)
 
     @classmethod
     def of(cls, headers: list[tuple[int, int, str, bool]]) -> ImageStats | None:
@@ -142,6 +143,7 @@ class ImageStats:
             grey=sum(m in GREY_MODES or m.startswith("I;16") for _, _, m, _ in headers),
             alpha=sum(bool(a) for _, _, _, a in headers),
             cmyk=sum(m == "CMYK" for _, _, m, _ in headers),
+            median_side=sorted(min(w, h) for w, h, _, _ in headers)[len(headers) // 2],
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def default_space(*, gpu: bool) -> SearchSpace:
             "freeze_depth": [0, 2, 4, "all"],
             **common,
             "batch_size": [16, 32],
-            "image_size": 128,
+            "image_size": CPU_IMAGE_SIZE,  # or LARGE_IMAGE_SIZE, fitted to the data (`for_dataset`)
             "max_epochs": 6,
         }
     return SearchSpace.from_dict(d, source="default space")
@@ -247,24 +247,70 @@ IMBALANCE_DIMENSIONS: dict[str, list[Any]] = {
 }
 
 
-def for_dataset(space: SearchSpace, class_counts: list[int]) -> SearchSpace:
-    """The default space fitted to a dataset: imbalance handling searched where classes are lopsided.
+# The image size of the default space on CPUs: 128 px, or 160 px for data whose images are larger
+# than that (fine detail: at 128 px a plain 3-epoch fine-tune of 12 kinds of flowers scored 0.942 on
+# test/, at 160 px 0.975) when a full fine-tune epoch there leaves the budget room for the rest.
+# Smaller images are upscaled to 128 px (64-px aerial tiles gain from it).
+CPU_IMAGE_SIZE = 128
+LARGE_IMAGE_SIZE = 160
+LARGE_SIDE = 176  # median shorter side of the files from which 160 px shows more than 128 px
+# Images a full fine-tune of the default CPU backbones (EfficientNet-Lite0/1) trains per second
+# and CPU core at 128 px, forward and backward: measured in benchmarks/results/fairness-*.md.
+FINE_TUNE_IMAGES_PER_CORE_S = 12.0
+# A 160-px fine-tune is chosen when this many of its epochs take at most half the budget.
+SIZED_EPOCHS = 3
+
+
+def fitted_image_size(*, median_side: int, train_images: int, budget_s: float | None, cpus: int) -> int:
+    """The default CPU space's image size for a dataset: `LARGE_IMAGE_SIZE` when its images are
+    large (`LARGE_SIDE`) and `SIZED_EPOCHS` full fine-tune epochs at that size take at most half
+    the budget (`FINE_TUNE_IMAGES_PER_CORE_S`), else `CPU_IMAGE_SIZE`.
+
+    Args:
+        median_side: the median shorter side of the dataset's files, in pixels (0: unknown).
+        train_images: images in the training split.
+        budget_s: the search's time budget; None: no budget (the size follows the data alone).
+        cpus: CPU cores the search has.
+
+    Returns:
+        The side in pixels.
+    """
+    if median_side < LARGE_SIDE:
+        return CPU_IMAGE_SIZE
+    if budget_s is None:
+        return LARGE_IMAGE_SIZE
+    epoch_s = train_images / (FINE_TUNE_IMAGES_PER_CORE_S * max(1, cpus)) * (LARGE_IMAGE_SIZE / CPU_IMAGE_SIZE) ** 2
+    return LARGE_IMAGE_SIZE if SIZED_EPOCHS * epoch_s <= 0.5 * budget_s else CPU_IMAGE_SIZE
+
+
+def for_dataset(space: SearchSpace, class_counts: list[int], *, median_side: int = 0,
+                budget_s: float | None = None, cpus: int = 1) -> SearchSpace:
+    """The default space fitted to a dataset: imbalance handling searched where classes are
+    lopsided, and the CPU space's image size fitted to the images and the time (`fitted_image_size`).
 
     When the training split's largest class has at least `imbalance.IMBALANCE_RATIO` times the
     images of its smallest, loss weighting and the class-balanced sampler become search dimensions
-    (`IMBALANCE_DIMENSIONS`; a dimension the space already sets is kept as it is); otherwise the
-    space is returned unchanged, and neither costs the sampler a dimension.
+    (`IMBALANCE_DIMENSIONS`; a dimension the space already sets is kept as it is); otherwise
+    neither costs the sampler a dimension. A space whose image size is not the CPU default's keeps it.
 
     Args:
         space: the default space (a user's space is searched as written).
         class_counts: training images per class.
+        median_side: the median shorter side of the dataset's files (`ImageStats.median_side`).
+        budget_s: the search's time budget, or None.
+        cpus: CPU cores the search has.
 
     Returns:
         The space to search.
     """
     from search.imbalance import is_imbalanced
 
-    if not is_imbalanced(class_counts):
-        return space
-    missing = {k: v for k, v in IMBALANCE_DIMENSIONS.items() if k not in space.param_dict}
-    return SearchSpace.from_dict({**space.to_dict(), **missing}, source="default space") if missing else space
+    changes: dict[str, Any] = {}
+    size = space.param_dict.get("image_size")
+    if isinstance(size, Constant) and size.value == CPU_IMAGE_SIZE:
+        fitted = fitted_image_size(median_side=median_side, train_images=sum(class_counts), budget_s=budget_s, cpus=cpus)
+        if fitted != CPU_IMAGE_SIZE:
+            changes["image_size"] = fitted
+    if is_imbalanced(class_counts):
+        changes.update({k: v for k, v in IMBALANCE_DIMENSIONS.items() if k not in space.param_dict})
+    return SearchSpace.from_dict({**space.to_dict(), **changes}, source="default space") if changes else space
