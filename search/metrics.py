@@ -58,6 +58,24 @@ def mode_of(metric: str) -> str:
     return OBJECTIVES[check_metric(metric)].mode
 
 
+def chance_level(metric: str, num_classes: int) -> float | None:
+    """What guessing scores on a metric with `num_classes` classes: 1/K for the accuracies and
+    macro-F1 (uniform guesses), ln K for the cross-entropy of a uniform prediction.
+
+    Args:
+        metric: an `OBJECTIVES` name.
+        num_classes: the dataset's classes.
+
+    Returns:
+        The chance score; None when there are fewer than two classes.
+    """
+    import math
+
+    if num_classes < 2:
+        return None
+    return math.log(num_classes) if check_metric(metric) == "val_loss" else 1.0 / num_classes
+
+
 def confusion_scores(confusion: Sequence[Sequence[int]]) -> dict[str, float]:
     """Accuracy, balanced accuracy and macro-F1 of a confusion matrix.
 

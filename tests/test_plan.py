@@ -123,3 +123,89 @@ def test_configs_exported_before_the_schedule_existed_retrain_with_theirs() -> N
     with pytest.raises(ValueError, match="unknown lr_schedule 'step'; available: cosine, cosine_steps, constant"):
         TrialConfig(lr_schedule="step")
     assert math.isfinite(TrialConfig(lp_epochs=2).lp_lr)
+
+
+# ----- what runs next, on synthetic studies (`next_step`) -------------------------------------------
+
+from search.space import PROBE_RECIPE, PlanRole, PlanStep, StudySnapshot, TrialView, next_step  # noqa: E402
+
+PROBE = PlanRole(recipe=PROBE_RECIPE, baseline=True)
+
+
+def _probe_views(scores: dict[str, float]) -> list[TrialView]:
+    return [TrialView(i, PROBE, "COMPLETE", b, v) for i, (b, v) in enumerate(scores.items())]
+
+
+def _per_epoch(seconds: dict[int, float]):
+    """An estimate: start-up 10 s plus `seconds[freeze_depth]` per epoch."""
+    return lambda params, epochs: 10.0 + epochs * seconds[params["freeze_depth"]]
+
+
+def test_a_running_plan_fine_tune_holds_its_time_and_the_next_gets_the_epochs_that_remain() -> None:
+    space = _space()  # 3 epochs at most
+    views = _probe_views({LITE[0]: 0.95, LITE[1]: 0.93, LITE[2]: 0.90})
+    estimate = _per_epoch({0: 50.0, 2: 30.0})
+    # Nothing else runs: the best backbone's full fine-tune gets all 3 epochs (160 s of 300).
+    step = next_step(space, StudySnapshot(tuple(views), maximize=True, time_left=300.0), estimate=estimate)
+    assert isinstance(step, PlanStep) and step.recipe == "full fine-tune" and step.params["backbone"] == LITE[0]
+    assert step.epochs == 3 and step.role() == PlanRole(recipe="full fine-tune", baseline=True, epochs=3)
+    # It runs, with 160 s still to go: the runner-up's full fine-tune gets what is left after it
+    # (140 s: two epochs), not the 300 s the clock shows.
+    running = TrialView(3, step.role(), "RUNNING", LITE[0], remaining_s=160.0)
+    snap = StudySnapshot((*views, running), maximize=True, time_left=300.0)
+    nxt = next_step(space, snap, estimate=estimate)
+    assert isinstance(nxt, PlanStep) and (nxt.recipe, nxt.params["backbone"], nxt.epochs) == ("full fine-tune", LITE[1], 2)
+    # A waiting one holds its time too; with 60 s free only a cheaper recipe fits, for one epoch.
+    waiting = TrialView(4, nxt.role(), "WAITING", LITE[1], remaining_s=110.0)
+    snap = StudySnapshot((*views, running, waiting), maximize=True, time_left=330.0)
+    last = next_step(space, snap, estimate=estimate)
+    assert isinstance(last, PlanStep) and (last.recipe, last.params["backbone"], last.epochs) == ("last stages", LITE[0], 1)
+    # A running fine-tune whose time nobody can estimate holds it all: nothing more is planned yet.
+    unknown = TrialView(3, step.role(), "RUNNING", LITE[0], remaining_s=None)
+    assert next_step(space, StudySnapshot((*views, unknown), maximize=True, time_left=300.0), estimate=estimate) is None
+
+
+def test_a_retried_probe_keeps_its_backbones_place_in_the_ranking() -> None:
+    from search.runner._ledger import plan_roles
+
+    space = _space(LITE[:2])
+    # Lite1's probe was interrupted (Ctrl-C) and its retry waits: no fine-tune from Lite0's alone.
+    interrupted = TrialView(1, PROBE, "FAIL", LITE[1])
+    retry = TrialView(2, PROBE.retry(1), "WAITING", LITE[1])
+    snap = StudySnapshot((TrialView(0, PROBE, "COMPLETE", LITE[0], 0.90), interrupted, retry), maximize=True)
+    assert next_step(space, snap, estimate=lambda p, e: None) is None  # the queue starts the retry
+    running = TrialView(2, PROBE.retry(1), "RUNNING", LITE[1])
+    snap = StudySnapshot((snap.trials[0], interrupted, running), maximize=True)
+    assert next_step(space, snap, estimate=lambda p, e: None) == WAIT
+    done = TrialView(2, PROBE.retry(1), "COMPLETE", LITE[1], 0.95)
+    step = next_step(space, StudySnapshot((snap.trials[0], interrupted, done), maximize=True),
+                     estimate=lambda p, e: None)
+    assert isinstance(step, PlanStep) and step.params["backbone"] == LITE[1]  # the retried probe ranked first
+    # A retry enqueued by an older version names only `retry_of`: it takes its trial's role.
+    from types import SimpleNamespace
+
+    old = [SimpleNamespace(number=1, user_attrs={"recipe": PROBE_RECIPE, "baseline": True}),
+           SimpleNamespace(number=2, user_attrs={"retry_of": 1})]
+    assert plan_roles(old)[2] == PROBE.retry(1)
+
+
+def test_a_retry_and_a_continuation_copy_the_whole_role(tmp_path) -> None:
+    import optuna
+
+    from search.runner._ledger import continue_budget_cut, enqueue_retry
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", direction="maximize")
+    role = PlanRole(recipe="full fine-tune", baseline=True, epochs=2)
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)}
+    study.add_trial(optuna.trial.create_trial(params={"lr": 1e-3}, distributions=dist, state=optuna.trial.TrialState.FAIL,
+                                              user_attrs={**role.to_user_attrs(), "interrupted": True}))
+    assert enqueue_retry(study, study.trials[0])
+    assert PlanRole.from_attrs(study.trials[-1].user_attrs) == role.retry(0)
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_text("1")
+    study.add_trial(optuna.trial.create_trial(
+        params={"lr": 2e-3}, distributions=dist, state=optuna.trial.TrialState.PRUNED, intermediate_values={1: 0.5},
+        user_attrs={**role.to_user_attrs(), "stopped_by": "time budget", "checkpoint": str(ckpt)}))
+    assert continue_budget_cut(study) == 1
+    cont = PlanRole.from_attrs(study.trials[-1].user_attrs)
+    assert cont == PlanRole(recipe="full fine-tune", baseline=True, epochs=2, continues=2)

@@ -274,9 +274,10 @@ def test_asha_is_quiet_about_a_rung_of_failed_trials() -> None:
     (dict(values=[0.5], error="RuntimeError: boom"), ("FAIL", "RuntimeError: boom", False)),
     (dict(values=[0.5, float("nan")], asha_stopped=True), ("FAIL", "val_acc is not finite (nan)", False)),
     (dict(values=[0.5, 0.6, 0.7], worker_died=True), ("FAIL", "trial worker died (killed, or out of memory)", False)),
-    # Cut by the time budget after an epoch: stopped early, not failed; before any epoch: retried.
+    # Cut by the time budget: stopped early, not failed, after an epoch and before any epoch
+    # (that one does not count, and runs again on resume).
     (dict(values=[0.5], stopped_by_driver=True, budget_cut=True), ("PRUNED", None, False)),
-    (dict(values=[], stopped_by_driver=True, budget_cut=True), ("FAIL", INTERRUPTED, True)),
+    (dict(values=[], stopped_by_driver=True, budget_cut=True), ("PRUNED", None, False)),
     (dict(values=[0.5], error="RuntimeError: boom", budget_cut=True), ("FAIL", "RuntimeError: boom", False)),
 ])
 def test_trial_outcome(kw: dict, expected: tuple) -> None:
@@ -569,12 +570,17 @@ def test_a_budget_cut_trial_is_continued_from_its_checkpoint_after_a_refused_and
                       **overrides)
         return [t for t in _study(s).trials if t.user_attrs.get("continues") == cut.number]
 
-    # 1. Its continuation needs ~80 s (four 20 s epochs), 30 s are left: it is not started.
-    [refused] = resume(time_budget_s=30.0)
-    assert refused.user_attrs.get("not_started") and checkpoint.read_text() == "2"
-    # 2. The next continuation is interrupted in its first epoch (the budget ends; not budget-aware:
-    #    every trial starts, and one cut short is interrupted).
+    # 1. Its continuation needs ~80 s (four 20 s epochs), 30 s are left: it is not started, and
+    #    waits for the next resume as the continuation it is (once).
+    conts = resume(time_budget_s=30.0)
+    [refused] = [t for t in conts if t.user_attrs.get("not_started")]
+    assert checkpoint.read_text() == "2"
+    assert [t.state for t in conts if t.number != refused.number] == [optuna.trial.TrialState.WAITING]
+    # 2. That continuation is interrupted in its first epoch (the budget ends; not budget-aware:
+    #    every trial starts, and one cut short is interrupted); no second one was added.
     conts = resume(time_budget_s=20.0, budget_aware=False)
+    # the refused one, the interrupted one, and the retry of that (waiting): one line of continuations
+    assert [t.state.name for t in conts] == ["FAIL", "FAIL", "WAITING"], [(t.number, t.state.name) for t in conts]
     [interrupted] = [t for t in conts if t.number != refused.number and t.state == optuna.trial.TrialState.FAIL]
     assert interrupted.user_attrs["interrupted"] and not interrupted.user_attrs.get("not_started")
     assert checkpoint.read_text() == "2"  # kept for the next try
@@ -807,3 +813,89 @@ def test_a_refused_recipe_waits_for_a_resume_and_a_continuation_runs_past_the_co
     got = full.suggest("c")
     assert isinstance(got, dict) and got["lr"] == 2e-3
     assert full.suggest("d") == full.FINISHED  # then the count holds again
+
+
+def test_a_refused_continuation_stays_a_continuation_and_is_not_doubled(tmp_path: Path) -> None:
+    from search.runner._ledger import continue_budget_cut, timing_key
+    from search.space import PlanRole
+
+    space = SearchSpace.from_dict({"backbone": "resnet18", "freeze_depth": 0, "lr": {"low": 1e-4, "high": 1e-2},
+                                   "image_size": 32, "max_epochs": 4})
+    searcher = _searcher(tmp_path, space, deadline=time.time() + 10.0)
+    study = searcher._ot_study
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)}
+    ckpt = tmp_path / "trial-0.pt"
+    ckpt.write_text("1")
+    role = PlanRole(recipe="full fine-tune", baseline=True, epochs=3)
+    study.add_trial(optuna.trial.create_trial(
+        params={"lr": 1e-3}, distributions=dist, state=optuna.trial.TrialState.PRUNED, intermediate_values={1: 0.4},
+        user_attrs={**role.to_user_attrs(), "stopped_by": "time budget", "checkpoint": str(ckpt),
+                    "curve": [{"epoch": 1, "val_acc": 0.4}]}))
+    assert continue_budget_cut(study) == 1
+    searcher._times.add_epoch(timing_key(space.to_trial_config({"epochs": 3}).to_dict()), 20.0)  # 2 x 20 s > 10 s
+    assert searcher.suggest("a") is None  # refused by the budget ...
+    searcher.requeue_refused()  # ... and enqueued again as the run ends: still the continuation of trial 0
+    waiting = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.WAITING]
+    assert [PlanRole.from_attrs(t.user_attrs) for t in waiting] == [PlanRole(
+        recipe="full fine-tune", baseline=True, epochs=3, continues=0)]
+    assert continue_budget_cut(study) == 0  # a resume does not add a second continuation of it
+
+
+def test_epoch_times_are_kept_apart_by_cpus_and_an_unmeasured_fine_tune_is_estimated_from_its_probe(
+        tmp_path: Path) -> None:
+    from search.runner._ledger import FINE_TUNE_OVER_FEATURE_PASS, EpochTimes, timing_key
+
+    cfg = {"backbone": "resnet18", "freeze_depth": 0, "image_size": 64, "batch_size": 32, "augmentation": "none"}
+    times = EpochTimes()
+    times.add_epoch(timing_key(cfg, threads=2), 10.0)  # a fine-tune given both cores
+    assert times.estimate(timing_key(cfg, threads=1), 1) is None  # a one-core draw is not alike
+    assert times.estimate(timing_key(cfg, threads=2), 1) == pytest.approx(10.0)
+    # Nothing alike measured: from the backbone's probe, whose start-up was the feature pass.
+    probe = {**cfg, "freeze_depth": "all"}
+    times.add_startup(timing_key(probe, threads=1), 30.0)
+    assert times.cautious(timing_key(cfg, threads=1), 2) == pytest.approx(10.0 + 2 * FINE_TUNE_OVER_FEATURE_PASS * 30.0)
+    assert times.cautious(timing_key(probe, threads=1), 2) is None  # a probe is never guessed
+    assert times.cautious(timing_key({**cfg, "image_size": 128}, threads=1), 2) is None  # another size
+
+    # The searcher records a trial's epochs under the CPUs it gave it.
+    space = SearchSpace.from_dict({"backbone": "resnet18", "freeze_depth": 0, "lr": 1e-3, "image_size": 32,
+                                   "max_epochs": 2})
+    searcher = _searcher(tmp_path, space, deadline=None)
+    params = searcher.suggest("a")
+    searcher._configs["a"]["_cpus"] = 2
+    searcher.on_trial_result("a", epoch_metrics(1, 0.5, seconds=7.0, lr=1e-3))
+    key = timing_key(space.to_trial_config({}).to_dict(), threads=2)
+    assert searcher._times.estimate(key, 1) == pytest.approx(7.0) and isinstance(params, dict)
+    assert searcher._estimate({}, 1, cpus=1, cautious=False) is None
+
+
+def test_no_fine_tune_starts_whose_cautious_first_epoch_cannot_end_in_the_time_left(tmp_path: Path) -> None:
+    from search.runner._ledger import NOT_STARTED, timing_key
+
+    space = SearchSpace.from_dict({"backbone": "resnet18", "freeze_depth": ["all", 0], "lr": 1e-3, "image_size": 32,
+                                   "max_epochs": 2})
+    searcher = _searcher(tmp_path, space, deadline=time.time() + 60.0)
+    probe = space.to_trial_config({"freeze_depth": "all"}).to_dict()
+    searcher._times.add_epoch(timing_key(probe), 0.5)
+    searcher._times.add_startup(timing_key(probe), 30.0)  # its feature pass: a fine-tune's epoch is ~120 s
+    searcher._ot_study.enqueue_trial({"freeze_depth": 0})
+    assert searcher.suggest("a") is None
+    refused = searcher._ot_study.get_trials()[0]
+    assert refused.user_attrs["error"].startswith(NOT_STARTED) and refused.user_attrs["not_started"]
+    got = searcher.suggest("b")  # the same draw as a probe, which fits, runs instead
+    assert isinstance(got, dict) and got["freeze_depth"] == "all"
+
+
+def test_a_plan_fine_tune_runs_the_epochs_its_role_gives_it(tmp_path: Path) -> None:
+    from search.space import PlanRole
+
+    space = SearchSpace.from_dict({"backbone": "resnet18", "freeze_depth": ["all", 0], "lr": 1e-3, "image_size": 32,
+                                   "max_epochs": 6, "warmup_epochs": 0.6})
+    searcher = _searcher(tmp_path, space, deadline=None)
+    searcher._plan, searcher._fine_tune_cpus = True, 2
+    searcher._ot_study.enqueue_trial({"freeze_depth": 0}, user_attrs=PlanRole(recipe="full fine-tune", epochs=3)
+                                     .to_user_attrs())
+    searcher._plan = False  # no probes here: only the role's effect is looked at
+    params = searcher.suggest("a")
+    assert params["epochs"] == 3 and params["warmup_epochs"] == pytest.approx(0.3)
+    assert space.to_trial_config(params).epochs == 3

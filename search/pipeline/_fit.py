@@ -102,7 +102,8 @@ def fit(
     clock = PhaseClock()
     chosen = get_preset(preset)
     budget_s = parse_duration(time_budget)
-    settings, index = _settings(data, chosen, study=study, space=space, weights_dir=weights_dir, options=options)
+    settings, index = _settings(data, chosen, study=study, space=space, weights_dir=weights_dir, options=options,
+                                budget_s=budget_s)
     name, storage = settings.study, settings.storage_url
     say = _say if progress else (lambda _m: None)
     out_dir = Path(out) if out is not None else Path("models", name)
@@ -182,7 +183,7 @@ def default_study_name(data: str | os.PathLike) -> str:
 
 
 def _settings(data: str | os.PathLike, preset: Preset, *, study: str | None, space: Any, weights_dir: str | None,
-              options: dict[str, Any]) -> tuple[SearchSettings, DatasetIndex]:
+              options: dict[str, Any], budget_s: float | None = None) -> tuple[SearchSettings, DatasetIndex]:
     """The search's settings (the preset's space, or the user's) and the dataset on its split."""
     from search.data import scan_dataset
     from search.settings import SearchSettings
@@ -210,7 +211,9 @@ def _settings(data: str | os.PathLike, preset: Preset, *, study: str | None, spa
         base = base or default_space(gpu=settings.gpus_per_trial > 0)
         counts = class_counts([label for _, label in index.train], len(index.classes))
         more = more_backbones_at_hand(weights_dir=weights_dir) if preset.more_backbones and settings.pretrained else []
-        settings = settings.replace(space=for_dataset(preset_space(preset, base, more=more), counts))
+        settings = settings.replace(space=for_dataset(
+            preset_space(preset, base, more=more), counts, budget_s=budget_s,
+            median_side=index.image_stats.median_side if index.image_stats else 0, cpus=os.cpu_count() or 1))
     return settings, index
 
 

@@ -4,6 +4,7 @@ are taken by live drivers, and reconciling trials a stopped driver left RUNNING.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -16,6 +17,7 @@ from optuna.trial import TrialState
 
 from search.config import deterministic_input
 from search.disk import pid_alive
+from search.space import PlanRole
 from search.studies import (
     TrialRecord,
     best_trial,
@@ -112,8 +114,9 @@ def trial_outcome(
     it raised, its worker died, or a reported value is not finite. A trial stopped by the driver
     (Ctrl-C, the time budget, the end of the run) or that reported nothing is FAIL "interrupted":
     it does not count toward the trial count and its params run again. A trial the time budget
-    cut after at least one epoch is PRUNED (stopped early, not failed): it keeps its epochs, counts,
-    and `resume` continues it from its checkpoint.
+    cut is PRUNED (stopped early, not failed): after at least one epoch it keeps its epochs, counts,
+    and `resume` continues it from its checkpoint; before its first epoch it does not count, and
+    the searcher enqueues its params again for a resume.
 
     Args:
         epochs_planned: the trial config's `epochs`.
@@ -138,7 +141,7 @@ def trial_outcome(
         return TrialState.COMPLETE, None, False
     if asha_stopped and not stopped_by_driver and values:
         return TrialState.PRUNED, None, False
-    if budget_cut and values:
+    if budget_cut:  # stopped early by the budget, before its first epoch too: never a failure
         return TrialState.PRUNED, None, False
     return TrialState.FAIL, INTERRUPTED, True
 
@@ -159,12 +162,28 @@ def fits_budget(estimate_s: float | None, time_left_s: float | None) -> bool:
     return estimate_s <= time_left_s
 
 
-def timing_key(config: Mapping[str, Any]) -> tuple:
+def timing_key(config: Mapping[str, Any], *, threads: Any = 1) -> tuple:
     """What a trial's epoch time depends on most: backbone, freeze depth, image size, batch size,
-    and whether its training input is deterministic (then the frozen stages' output is cached:
-    `config.deterministic_input`, false under MixUp/CutMix even without augmentation)."""
+    whether its training input is deterministic (then the frozen stages' output is cached:
+    `config.deterministic_input`, false under MixUp/CutMix even without augmentation), and the
+    CPU threads it trains with (a fine-tune given every core is not a one-core draw)."""
+    n = int(threads) if is_finite(threads) and threads >= 1 else 1
     return (config.get("backbone"), str(config.get("freeze_depth")), config.get("image_size"),
-            config.get("batch_size"), deterministic_input(config))
+            config.get("batch_size"), deterministic_input(config), n)
+
+
+def trains_stages(key: tuple) -> bool:
+    """Whether a timing key's trial trains backbone stages (its freeze depth is not "all")."""
+    return key[1] != "all"
+
+
+# A cautious epoch of a trial that trains stages, when none alike was measured: this many times
+# the forward pass of its backbone over the data, which its probe measured (the feature pass that
+# fills the cache: train and val). Backpropagation costs about twice the forward pass; the rest is
+# room for a slower start. Measured: benchmarks/results/fairness-*.md.
+FINE_TUNE_OVER_FEATURE_PASS = 4.0
+# The start-up of such a trial when none alike was measured (model, data, latency probe).
+CAUTIOUS_STARTUP_S = 10.0
 
 
 class EpochTimes:
@@ -183,11 +202,11 @@ class EpochTimes:
             self._startup.setdefault(key, []).append(float(seconds))
 
     def add_trial(self, trial: Any) -> None:
-        """Learns from a finished trial's record (its config and per-epoch curve)."""
+        """Learns from a finished trial's record (its config, threads and per-epoch curve)."""
         rec = TrialRecord.from_trial(trial)
         if not rec.config or not rec.curve:
             return
-        key = timing_key(rec.config)
+        key = timing_key(rec.config, threads=rec.threads)
         epochs = [c.get("epoch_seconds") for c in rec.curve]
         for e in epochs:
             self.add_epoch(key, e)
@@ -205,6 +224,35 @@ class EpochTimes:
             return None
         startup = min(self._startup.get(key) or [0.0])
         return startup + epochs * sum(times) / len(times)
+
+    def cautious(self, key: tuple, epochs: int) -> float | None:
+        """A cautious estimate for a trial that trains stages when nothing alike was measured:
+        from its backbone's probe at the same size and batch (any threads), whose start-up was
+        the feature pass over the data (`FINE_TUNE_OVER_FEATURE_PASS` times it per epoch).
+
+        Returns:
+            Seconds; None for a probe, or when no such probe was measured.
+        """
+        if not trains_stages(key):
+            return None
+        passes = [min(v) for k, v in self._startup.items()
+                  if k[0] == key[0] and k[1] == "all" and k[2:4] == key[2:4] and v]
+        if not passes:
+            return None
+        feature_pass = max(passes)
+        # A partial fine-tune fills a cache of its frozen stages' output first: one more pass.
+        startup = CAUTIOUS_STARTUP_S + (feature_pass if key[1] != "0" else 0.0)
+        return startup + epochs * FINE_TUNE_OVER_FEATURE_PASS * feature_pass
+
+    def quickest(self, epochs: int) -> float | None:
+        """The shortest estimate for `epochs` epochs of any kind measured; None: none measured."""
+        found = [self.estimate(k, epochs) for k in self._epochs]
+        return min((f for f in found if f is not None), default=None)
+
+    def best_estimate(self, key: tuple, epochs: int) -> float | None:
+        """`estimate` where a trial alike was measured, else `cautious`."""
+        found = self.estimate(key, epochs)
+        return found if found is not None else self.cautious(key, epochs)
 
 
 def continue_budget_cut(study: optuna.Study) -> int:
@@ -233,9 +281,24 @@ def continue_budget_cut(study: optuna.Study) -> int:
             continue
         if not attrs.get("checkpoint") or attrs.get("checkpoint_removed") or not Path(attrs["checkpoint"]).is_file():
             continue
-        study.enqueue_trial(dict(t.params), user_attrs={"continues": t.number})
+        # Its role goes with it: a plan's fine-tune continues as one, with the epochs it was given.
+        role = dataclasses.replace(PlanRole.from_attrs(attrs), continues=t.number, retry_of=None)
+        study.enqueue_trial(dict(t.params), user_attrs=role.to_user_attrs())
         n += 1
     return n
+
+
+def plan_roles(trials: list) -> dict[int, PlanRole]:
+    """Each trial's `PlanRole`, by trial number. A retry enqueued before roles were copied whole
+    (it names only `retry_of`) takes the role of the trial it retries."""
+    roles: dict[int, PlanRole] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        role = PlanRole.from_attrs(t.user_attrs)
+        if role.recipe is None and role.retry_of in roles:
+            base = roles[role.retry_of]
+            role = dataclasses.replace(base, retry_of=role.retry_of, continues=role.continues or base.continues)
+        roles[t.number] = role
+    return roles
 
 
 def is_waiting_continuation(trial: Any) -> bool:
@@ -272,10 +335,10 @@ def enqueue_retry(study: optuna.Study, trial: Any, *, retried: set | None = None
         retried = retried_trials(study.get_trials(deepcopy=False))
     if trial.number in retried:
         return False
-    attrs: dict[str, Any] = {"retry_of": trial.number}
-    if isinstance(trial.user_attrs.get("continues"), int):
-        attrs["continues"] = trial.user_attrs["continues"]
-    study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+    # The whole role: a retried probe stays its backbone's probe, a retried continuation
+    # continues the same budget-cut trial, a recipe keeps the epochs the plan gave it.
+    role = PlanRole.from_attrs(trial.user_attrs).retry(trial.number)
+    study.enqueue_trial(dict(trial.params), user_attrs=role.to_user_attrs())
     retried.add(trial.number)
     return True
 

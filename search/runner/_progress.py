@@ -210,16 +210,24 @@ class ProgressView(tune.Callback):
             self.durations.append(time.time() - started)
         epoch = int(result.get("epoch") or result.get("training_iteration") or 0)
         number = (trial.config or {}).get("_trial_number", trial.trial_id)
-        if error or result.get("error"):
-            how = f"failed: {str(result.get('error') or 'worker error')[:120]}"
-        elif score is None:
-            how = f"failed: {self.metric} is not a finite number"
-        elif self.max_epochs and epoch < self.max_epochs:
-            how = f"stopped early at epoch {epoch}/{self.max_epochs}"
-        else:
-            how = f"finished {epoch} epochs"
+        how = self._ending(result, score, epoch, int(config.get("epochs") or self.max_epochs or 0), error=error)
         shown = f"{self.metric} {score:.4f}" if score is not None else f"{self.metric} -"
         self.pending_lines.append(f"trial {number}  {describe_config(config)}: {shown}, {how}")
+
+    def _ending(self, result: dict, score: float | None, epoch: int, epochs: int, *, error: bool) -> str:
+        """How a trial ended, in the words of the study's states: a trial the time budget stopped
+        is stopped by it, before its first epoch too, never failed."""
+        by_budget = bool(self.budget_s) and time.time() - self.start >= self.budget_s - 2.0
+        if error or result.get("error"):
+            return f"failed: {str(result.get('error') or 'worker error')[:120]}"
+        if by_budget and (score is None or epoch < epochs):
+            return f"stopped by the time budget at epoch {epoch}/{epochs}" if epoch else \
+                "stopped by the time budget before its first epoch"
+        if score is None:
+            return f"failed: {self.metric} is not a finite number"
+        if epochs and epoch < epochs:
+            return f"stopped early at epoch {epoch}/{epochs}"
+        return f"finished {epoch} epochs"
 
     def state(self, trials: list, now: float) -> ProgressState:
         """What the view shows now, from Tune's trials, the tally and the study's earlier trials."""

@@ -23,6 +23,7 @@ from ray.tune.search import ConcurrencyLimiter
 from search import studies
 from search.config import TLSearchError, check_study_name, default_cache_dir, dump_yaml
 from search.imbalance import class_counts
+from search.metrics import chance_level
 from search.outputs import is_interruption, resume_hint
 from search.runner._cluster import (
     _ensure_ray,
@@ -50,6 +51,7 @@ from search.runner._trainable import TrialFn, _trainable
 from search.settings import SearchSettings
 from search.space import (
     PROBE_RECIPE,
+    PlanRole,
     SearchSpace,
     backbones_in,
     default_space_at_hand,
@@ -98,38 +100,12 @@ def run_search(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our live view says what matters
     if space is not None:
         settings = settings.replace(space=space)
-    default = settings.space is None
-    if settings.space is None and settings.pretrained:
-        # Offline, the default space keeps the backbones whose weights are here (one line on the rest).
-        at_hand, note = default_space_at_hand(gpu=settings.gpus_per_trial > 0, weights_dir=settings.weights_dir)
-        settings = settings.replace(space=at_hand)
-        if note:
-            print(f"note: {note}", file=sys.stderr)
-    settings = settings.resolve()
+    settings, index = _prepared(settings)
     space = settings.space
-    for line in lr_warnings(space):
-        print(f"warning: {line}", file=sys.stderr)
-    index = preflight(settings, space)
-    if default:  # the default space searches imbalance handling where the training split needs it
-        counts = class_counts([label for _, label in index.train], len(index.classes))
-        settings = settings.replace(space=for_dataset(space, counts))
-        space = settings.space
     storage = studies.get_storage(settings.storage_url)
     study, created = _open_study(settings, storage, index, space)
     if settings.warm_start and created:
-        # A new study starts from a portfolio of proven recipes (linear probe, last stages, full
-        # fine-tune), cheapest first: a score to beat within seconds and a strong fine-tune within
-        # minutes; TPE learns from them as from any trial. Only the driver that created the study
-        # enqueues them, so two drivers never both do.
-        if settings.portfolio:
-            recipes = warm_start(space, settings.trials)
-            for recipe, params in recipes:
-                study.enqueue_trial(params, user_attrs={"baseline": True, "recipe": recipe})
-            # The fine-tunes follow the probes' ranking, decided as the probes end (every run of
-            # this study, resumes included, goes on with that plan).
-            study.set_user_attr("probe_plan", any(r == PROBE_RECIPE for r, _ in recipes))
-        else:
-            study.enqueue_trial(space.baseline(), user_attrs={"baseline": True})
+        _warm_start(study, settings, space)
     exp = settings.experiment_dir
     (exp / MARKER).write_text(f"tlsearch experiment folder of study {settings.study}\n", encoding="utf-8")
     dump_yaml(settings.to_dict(), exp / "settings.yaml")
@@ -162,6 +138,43 @@ def run_search(
         if isinstance(e, KeyboardInterrupt):
             raise
         raise KeyboardInterrupt from e
+
+
+def _prepared(settings: SearchSettings) -> tuple[SearchSettings, DatasetIndex]:
+    """The settings resolved, the space at hand and fitted to the data, after the pre-flight."""
+    default = settings.space is None
+    if settings.space is None and settings.pretrained:
+        # Offline, the default space keeps the backbones whose weights are here (one line on the rest).
+        at_hand, note = default_space_at_hand(gpu=settings.gpus_per_trial > 0, weights_dir=settings.weights_dir)
+        settings = settings.replace(space=at_hand)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+    settings = settings.resolve()
+    for line in lr_warnings(settings.space):
+        print(f"warning: {line}", file=sys.stderr)
+    index = preflight(settings, settings.space)
+    if default:  # the default space searches imbalance handling where the training split needs it
+        counts = class_counts([label for _, label in index.train], len(index.classes))
+        settings = settings.replace(space=for_dataset(
+            settings.space, counts, median_side=index.image_stats.median_side if index.image_stats else 0,
+            budget_s=settings.time_budget_s, cpus=os.cpu_count() or 1))
+    return settings, index
+
+
+def _warm_start(study: optuna.Study, settings: SearchSettings, space: SearchSpace) -> None:
+    """A new study starts from a portfolio of proven recipes (linear probe, last stages, full
+    fine-tune), cheapest first: a score to beat within seconds and a strong fine-tune within
+    minutes; TPE learns from them as from any trial. Only the driver that created the study
+    enqueues them, so two drivers never both do."""
+    if not settings.portfolio:
+        study.enqueue_trial(space.baseline(), user_attrs=PlanRole(baseline=True).to_user_attrs())
+        return
+    recipes = warm_start(space, settings.trials)
+    for recipe, params in recipes:
+        study.enqueue_trial(params, user_attrs=PlanRole(recipe=recipe, baseline=True).to_user_attrs())
+    # The fine-tunes follow the probes' ranking, decided as the probes end (every run of this
+    # study, resumes included, goes on with that plan).
+    study.set_user_attr("probe_plan", any(r == PROBE_RECIPE for r, _ in recipes))
 
 
 def _record_interruption(settings: SearchSettings, study: optuna.Study, driver: str) -> None:
@@ -213,71 +226,108 @@ def _tune(
         check_nodes_see_data(index, experiment_dir=settings.experiment_dir)
     resources = ray.cluster_resources()
     asha_stopped: set = set()
-    seed = settings.seed + len(study.trials)
-    if joined:
-        # A driver joining a study another may be sampling at this moment (same seed, same trial
-        # count) would draw the same params: its own id makes its seed differ. The driver that
-        # created the study keeps the plain seed, so a one-driver search stays reproducible.
-        seed = zlib.crc32(f"{seed}:{driver}".encode())
-    sampler = make_sampler(settings.sampler, seed=seed)
     # Tune starts its own clock a moment later, so a trial it stops at its budget's end is past this.
     deadline = time.time() + settings.time_budget_s if settings.time_budget_s else None
-    # Every CPU of this machine, for the plan's trials (CPU trials of a Ray of this search's own).
-    all_cpus = None if settings.gpus_per_trial or settings.address else resources.get("CPU")
-    searcher = HonestOptunaSearch(
-        space, metric=settings.metric, mode=settings.mode, sampler=sampler,
-        study_name=settings.study, storage=storage, asha_stopped=asha_stopped, tally=tally,
-        driver=driver, target=settings.trials, keep_checkpoints=settings.keep_checkpoints,
-        deadline=deadline if settings.budget_aware else None,
-        plan=bool(study.user_attrs.get("probe_plan")),
-        fine_tune_cpus=all_cpus if settings.finetune_all_cpus else None,
-        probe_cpus=all_cpus if settings.probes_all_cpus else None,
-        # With a time budget the plan runs what fits; without one, the portfolio's share of the trials.
-        plan_cap=None if settings.time_budget_s else portfolio_size(settings.trials),
-    )
-    searcher.learn_times()
-    concurrency = settings.max_concurrent or default_concurrency(
-        cpus=resources.get("CPU", 1), gpus=resources.get("GPU", 0),
-        cpus_per_trial=settings.cpus_per_trial, gpus_per_trial=settings.gpus_per_trial,
-    )
-    scheduler = PruneTrackingASHA(
-        time_attr="training_iteration", metric=settings.metric, mode=settings.mode,
-        max_t=space.max_epochs, grace_period=min(settings.grace_period, space.max_epochs),
-        reduction_factor=settings.reduction_factor, stopped=asha_stopped,
-        finetune_grace=_finetune_grace(settings, space), space=space,
-    )
-    trainable = tune.with_parameters(
-        _trainable, index=index, space=space, trial_fn=trial_fn, metric=settings.metric,
-        weights_dir=settings.weights_dir, cache=settings.cache, cache_dir=settings.cache_dir,
-        checkpoint_dir=str(settings.experiment_dir / "checkpoints"),
-        threads=max(1, int(settings.cpus_per_trial)),
-    )
-    trainable = tune.with_resources(trainable, partial(
-        _trial_resources, cpus=settings.cpus_per_trial, gpus=settings.gpus_per_trial))
+    searcher = _searcher(settings, space, storage, study, tally, asha_stopped, resources,
+                         driver=driver, joined=joined, deadline=deadline)
+    scheduler = _scheduler(settings, space, index, study, asha_stopped)
     callbacks: list = [ReportRefresher(settings)]  # the report keeps up, with or without the live view
     if progress:
         callbacks.append(ProgressView(
             tally, base=_base_tally(study, settings.mode), budget_s=settings.time_budget_s, target=settings.trials,
             max_epochs=space.max_epochs, metric=settings.metric,
         ))
-    run_name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    concurrency = settings.max_concurrent or default_concurrency(
+        cpus=resources.get("CPU", 1), gpus=resources.get("GPU", 0),
+        cpus_per_trial=settings.cpus_per_trial, gpus_per_trial=settings.gpus_per_trial,
+    )
     tuner = tune.Tuner(
-        trainable,
+        _trainable_for(settings, space, index, trial_fn),
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency),
-            scheduler=scheduler,
-            num_samples=remaining,
-            time_budget_s=settings.time_budget_s,
-            reuse_actors=REUSE_ACTORS,
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=concurrency), scheduler=scheduler,
+            num_samples=remaining, time_budget_s=settings.time_budget_s, reuse_actors=REUSE_ACTORS,
         ),
         run_config=tune.RunConfig(
-            name=run_name,
-            storage_path=str(settings.experiment_dir),
-            verbose=0,
-            failure_config=tune.FailureConfig(max_failures=0),
-            callbacks=callbacks,
+            name=f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=str(settings.experiment_dir),
+            verbose=0, failure_config=tune.FailureConfig(max_failures=0), callbacks=callbacks,
         ),
     )
+    return _fit(tuner, searcher, callbacks, settings, study, driver)
+
+
+def _searcher(settings: SearchSettings, space: SearchSpace, storage: Any, study: optuna.Study, tally: _Tally,
+              asha_stopped: set, resources: dict, *, driver: str, joined: bool,
+              deadline: float | None) -> HonestOptunaSearch:
+    """The study's searcher for this run, its epoch times learnt from the study's trials."""
+    seed = settings.seed + len(study.trials)
+    if joined:
+        # A driver joining a study another may be sampling at this moment (same seed, same trial
+        # count) would draw the same params: its own id makes its seed differ. The driver that
+        # created the study keeps the plain seed, so a one-driver search stays reproducible.
+        seed = zlib.crc32(f"{seed}:{driver}".encode())
+    # Every CPU of this machine, for the plan's trials (CPU trials of a Ray of this search's own).
+    all_cpus = None if settings.gpus_per_trial or settings.address else resources.get("CPU")
+    searcher = HonestOptunaSearch(
+        space, metric=settings.metric, mode=settings.mode, sampler=make_sampler(settings.sampler, seed=seed),
+        study_name=settings.study, storage=storage, asha_stopped=asha_stopped, tally=tally,
+        driver=driver, target=settings.trials, keep_checkpoints=settings.keep_checkpoints,
+        deadline=deadline if settings.budget_aware else None,
+        plan=bool(study.user_attrs.get("probe_plan")),
+        fine_tune_cpus=all_cpus if settings.finetune_all_cpus else None,
+        probe_cpus=all_cpus if settings.probes_all_cpus else None,
+        cpus_per_trial=settings.cpus_per_trial,
+        # With a time budget the plan runs what fits; without one, the portfolio's share of the trials.
+        plan_cap=None if settings.time_budget_s else portfolio_size(settings.trials),
+    )
+    searcher.learn_times()
+    return searcher
+
+
+def _scheduler(settings: SearchSettings, space: SearchSpace, index: DatasetIndex, study: optuna.Study,
+               asha_stopped: set) -> PruneTrackingASHA:
+    """ASHA with rungs per kind of trial; the study's earlier probes tell it what the frozen
+    features reach, against which a diverging fine-tune is stopped."""
+    sign = 1.0 if settings.mode == "max" else -1.0
+    chance = chance_level(settings.metric, len(index.classes))
+    probes = [sign * v for v in _head_only_values(study, space)]
+    return PruneTrackingASHA(
+        time_attr="training_iteration", metric=settings.metric, mode=settings.mode,
+        max_t=space.max_epochs, grace_period=min(settings.grace_period, space.max_epochs),
+        reduction_factor=settings.reduction_factor, stopped=asha_stopped,
+        finetune_grace=_finetune_grace(settings, space), space=space,
+        chance=None if chance is None else sign * chance, best_probe=max(probes) if probes else None,
+    )
+
+
+def _head_only_values(study: optuna.Study, space: SearchSpace) -> list[float]:
+    """The objective values the study's finished head-only trials reached (at their last epoch)."""
+    from search.runner._schedulers import trial_kind
+
+    values = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
+        if t.intermediate_values and trial_kind(space, t.params) == "head":
+            v = t.intermediate_values[max(t.intermediate_values)]
+            if studies.is_finite(v):
+                values.append(float(v))
+    return values
+
+
+def _trainable_for(settings: SearchSettings, space: SearchSpace, index: DatasetIndex,
+                   trial_fn: TrialFn | None) -> Any:
+    """The trainable with its data and resources bound."""
+    trainable = tune.with_parameters(
+        _trainable, index=index, space=space, trial_fn=trial_fn, metric=settings.metric,
+        weights_dir=settings.weights_dir, cache=settings.cache, cache_dir=settings.cache_dir,
+        checkpoint_dir=str(settings.experiment_dir / "checkpoints"),
+        threads=max(1, int(settings.cpus_per_trial)),
+    )
+    return tune.with_resources(trainable, partial(
+        _trial_resources, cpus=settings.cpus_per_trial, gpus=settings.gpus_per_trial))
+
+
+def _fit(tuner: Any, searcher: HonestOptunaSearch, callbacks: list, settings: SearchSettings,
+         study: optuna.Study, driver: str) -> tuple[bool, bool]:
+    """Runs the tuner, then records what it left open; returns (interrupted, budget_reached)."""
     start = time.time()
     beating = threading.Event()
     threading.Thread(target=_heartbeats, args=(searcher, beating), daemon=True, name="tlsearch-heartbeat").start()

@@ -19,34 +19,41 @@ from search.runner._ledger import (
     NOT_STARTED,
     SURPLUS,
     EpochTimes,
-    fits_budget,
-    timing_key,
     _claimed,
     _mean,
+    _never_ran,
     _other_drivers,
     _Tally,
     _unflatten,
     enqueue_retry,
+    fits_budget,
     is_waiting_continuation,
+    plan_roles,
+    timing_key,
     trial_outcome,
 )
 from search.space import (
-    FINE_TUNE_ORDER,
+    CHEAP_PROBE_RECIPE,
     FINETUNE_CHILDREN,
     POLICY_CHILDREN,
-    PROBE_RECIPE,
     WAIT,
     Choice,
-    Probe,
+    PlanRole,
+    PlanStep,
     SearchSpace,
+    StudySnapshot,
+    TrialView,
     backbones_in,
-    next_fine_tune,
+    next_step,
 )
 from search.studies import (
     CURVE_KEYS,
     TrialRecord,
     is_finite,
 )
+
+
+_GO = "go"  # `_gate`: a new trial may be asked
 
 
 def ot_trial_attrs(ot_trial: Any) -> dict:
@@ -65,9 +72,13 @@ class HonestOptunaSearch(OptunaSearch):
     is COMPLETE, one ASHA stopped is PRUNED, one that raised / died / reported NaN is FAIL with
     the reason, and one cut short by the driver (Ctrl-C) is FAIL "interrupted" and enqueued
     again. With a time budget (`deadline`), a drawn trial whose estimated duration exceeds the
-    time left is not started, and one the budget cuts after an epoch is PRUNED (`stopped_by`
-    "time budget"), which `resume` continues from its checkpoint. Every user_attr is set before
-    the state is told.
+    time left is not started, and one the budget cuts is PRUNED (`stopped_by` "time budget"),
+    which `resume` continues from its checkpoint (or runs again, cut before its first epoch).
+    Every user_attr is set before the state is told.
+
+    What runs next in a planned study is `space.next_step`, a pure function of the study's
+    snapshot (`_snapshot`); what a trial is to the plan is its `PlanRole`, read and written here
+    and in `_ledger` only. This class does the bookkeeping.
     """
 
     # Draws in a row that did not fit the time left before the search stops drawing.
@@ -92,18 +103,20 @@ class HonestOptunaSearch(OptunaSearch):
         plan_cap: int | None = None,
         fine_tune_cpus: float | None = None,
         probe_cpus: float | None = None,
+        cpus_per_trial: float = 1.0,
     ) -> None:
         self._search_space = space
         self._deadline = deadline  # unix time the run's time budget ends; None: no budget
         self._times = EpochTimes()
         self._skips = 0
-        # Probes first, then fine-tunes of the best-probed backbones (`space.next_fine_tune`).
+        # Probes first, then fine-tunes of the best-probed backbones (`space.next_step`).
         self._plan = plan
         self._plan_cap = plan_cap  # fine-tuning recipes in all; None: as many as the budget fits
         self._fine_tune_cpus = fine_tune_cpus  # CPUs of a fine-tune the probes chose; None: its share
         self._probe_cpus = probe_cpus  # CPUs of a probe the plan starts with; None: its share
+        self._cpus_per_trial = cpus_per_trial  # every other trial's share
         self.out_of_time = False  # drawing stopped because nothing fits the time left
-        self._refused: list[tuple[dict, dict]] = []  # enqueued trials the budget refused: (params, user_attrs)
+        self._refused: list[tuple[dict, PlanRole]] = []  # enqueued again when the run ends, for a resume
         self._asha_stopped = asha_stopped
         self._tally = tally
         self._driver = driver  # this driver's id, stamped on every trial it runs
@@ -119,7 +132,19 @@ class HonestOptunaSearch(OptunaSearch):
         )
 
     def suggest(self, trial_id: str) -> dict | str | None:
-        if self._target is not None and trial_id not in self._ot_trials:
+        if trial_id not in self._ot_trials:
+            gate = self._gate()
+            if gate != _GO:
+                return gate
+        params = super().suggest(trial_id)
+        if params is None:
+            return None
+        return self._prepare(trial_id, params)
+
+    def _gate(self) -> str | None:
+        """Before a new trial is asked: FINISHED at the trial count, None while the plan waits
+        for a probe, `_GO` otherwise (a due fine-tune is enqueued first)."""
+        if self._target is not None:
             trials = self._ot_study.get_trials(deepcopy=False)
             if _claimed(trials, driver=self._driver) >= self._target and not any(
                     is_waiting_continuation(t) for t in trials):
@@ -128,26 +153,38 @@ class HonestOptunaSearch(OptunaSearch):
                 # Drivers seeded alike would sample the same params: diverge from here on.
                 self._ot_study.sampler.reseed_rng()
                 self._reseeded = True
-        if self._plan and trial_id not in self._ot_trials and self._plan_next() == WAIT:
+        if not self._plan:
+            return _GO
+        snapshot = self._snapshot()
+        step = self._plan_next(snapshot)
+        if step == WAIT:
             return None  # a probe still runs: the fine-tunes wait for the ranking
-        params = super().suggest(trial_id)
-        if params is None:
-            return None
+        if step is None and self._held(snapshot):
+            return None  # the plan's fine-tunes hold the time left: no draw is asked meanwhile
+        return _GO
+
+    def _held(self, snapshot: StudySnapshot) -> bool:
+        """Whether open plan fine-tunes leave less time than the quickest trial measured needs."""
+        free = snapshot.free_time()
+        if free is None or not any(t.role.is_plan_fine_tune and t.open for t in snapshot.trials):
+            return False
+        quickest = self._times.quickest(self._search_space.max_epochs)
+        return quickest is None or free < quickest
+
+    def _prepare(self, trial_id: str, params: dict) -> dict | str | None:
+        """The asked trial's config as it will run (its role's epochs and CPUs, a continuation's
+        checkpoint), or None / FINISHED when it does not start."""
         ot_trial = self._ot_trials[trial_id]
         ot_trial.set_user_attr("driver", self._driver)
         ot_trial.set_user_attr("heartbeat", time.time())
         if self._target is not None and self._surplus(trial_id):
             return self.FINISHED
-        params["_trial_number"] = self._ot_trials[trial_id].number
-        # Only the plan's trials (its probes, the fine-tunes they chose) get every CPU: a fixed
-        # portfolio's recipes run beside the other trials at their share.
-        recipe = ot_trial_attrs(ot_trial).get("recipe")
-        cpus = self._fine_tune_cpus if recipe in FINE_TUNE_ORDER else self._probe_cpus if recipe == PROBE_RECIPE else None
-        if cpus and self._plan:
-            params["_cpus"] = cpus
+        params["_trial_number"] = ot_trial.number
+        role = PlanRole.from_attrs(ot_trial_attrs(ot_trial))
+        self._apply_role(params, role)
         self._curves[trial_id] = {}
         start_epoch = self._continuation(trial_id, params)
-        if not self._fits(trial_id, params, start_epoch):
+        if not self._fits(trial_id, params, start_epoch, role):
             if self._skips >= self.MAX_SKIPS:
                 self.out_of_time = True
                 return self.FINISHED
@@ -155,6 +192,21 @@ class HonestOptunaSearch(OptunaSearch):
         self._configs[trial_id] = dict(params)
         self._tally.running += 1
         return params
+
+    def _apply_role(self, params: dict, role: PlanRole) -> None:
+        """The epochs the plan gave a trial (its warm-up scaled alike), and the plan's CPUs.
+
+        Only the plan's trials (its probes, the fine-tunes they chose) get every CPU: a fixed
+        portfolio's recipes run beside the other trials at their share.
+        """
+        if role.epochs and role.epochs != self._search_space.max_epochs:
+            warmup = params.get("warmup_epochs")
+            if is_finite(warmup):
+                params["warmup_epochs"] = round(float(warmup) * role.epochs / self._search_space.max_epochs, 3)
+            params["epochs"] = role.epochs
+        cpus = self._fine_tune_cpus if role.is_plan_fine_tune else self._probe_cpus if role.is_probe else None
+        if cpus and self._plan:
+            params["_cpus"] = cpus
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._completed_trials:
@@ -175,8 +227,8 @@ class HonestOptunaSearch(OptunaSearch):
             Epochs already run (0 for a fresh trial).
         """
         ot_trial = self._ot_trials[trial_id]
-        parent_number = ot_trial.user_attrs.get("continues")
-        if not isinstance(parent_number, int):
+        parent_number = PlanRole.from_attrs(ot_trial.user_attrs).continues
+        if parent_number is None:
             return 0
         parent = TrialRecord.from_trial(self._ot_study.get_trials(deepcopy=False)[parent_number])
         done = [c for c in parent.curve if isinstance(c.get("epoch"), int)]
@@ -191,49 +243,64 @@ class HonestOptunaSearch(OptunaSearch):
                 ot_trial.report(float(c[self.metric]), step=c["epoch"])
         return start
 
-    def _plan_next(self) -> str | None:
-        """Enqueues the next fine-tuning recipe the probes point to, if any is due.
+    # ----- the plan -------------------------------------------------------------------------
+
+    def _plan_next(self, snapshot: StudySnapshot) -> PlanStep | str | None:
+        """Enqueues the fine-tune `space.next_step` says is due, if any.
 
         Returns:
-            `WAIT` while a probe runs and none waits to start; otherwise None.
+            The step enqueued; `WAIT` while a probe runs and none waits to start; otherwise None.
         """
+        step = next_step(self._search_space, snapshot, estimate=self._plan_estimate, cap=self._plan_cap)
+        if isinstance(step, PlanStep):
+            self._ot_study.enqueue_trial(step.params, user_attrs=step.role().to_user_attrs())
+        return step
+
+    def _snapshot(self) -> StudySnapshot:
+        """The study as the plan sees it: each trial's role, state, score and remaining time."""
         trials = self._ot_study.get_trials(deepcopy=False)
+        roles = plan_roles(trials)
         only = backbones_in(self._search_space)[0]
-        probes, planned, probe_waiting = [], set(), False
+        now = time.time()
+        views = []
         for t in trials:
-            recipe = t.user_attrs.get("recipe")
-            if not recipe:
-                continue
             params = t.params or t.system_attrs.get("fixed_params") or {}
-            backbone = params.get("backbone", only)
-            if recipe != PROBE_RECIPE:
-                planned.add((recipe, backbone))
-                continue
-            finished = t.state.is_finished()
-            probe_waiting |= t.state == TrialState.WAITING
+            role = roles[t.number]
             value = t.value if t.state == TrialState.COMPLETE else None
             if value is None and t.state == TrialState.PRUNED and t.intermediate_values:
                 value = t.intermediate_values[max(t.intermediate_values)]
-            probes.append(Probe(backbone=backbone, value=value, finished=finished))
-        left = None if self._deadline is None else self._deadline - time.time()
-        choice = next_fine_tune(
-            self._search_space, probes, planned, maximize=self.mode == "max", time_left=left,
-            estimate=self._estimate, cap=self._plan_cap,
-        )
-        if choice == WAIT:
-            return None if probe_waiting else WAIT
-        if choice is not None:
-            name, params = choice
-            self._ot_study.enqueue_trial(params, user_attrs={"baseline": True, "recipe": name})
-        return None
+            remaining = None
+            if role.is_plan_fine_tune and t.state in (TrialState.RUNNING, TrialState.WAITING):
+                remaining = self._remaining(params, role, t, now)
+            views.append(TrialView(t.number, role, t.state.name, str(params.get("backbone", only)), value,
+                                   never_ran=_never_ran(t), remaining_s=remaining))
+        left = None if self._deadline is None else self._deadline - now
+        return StudySnapshot(tuple(views), maximize=self.mode == "max", time_left=left)
 
-    def _estimate(self, params: dict, start_epoch: int = 0) -> float | None:
-        """Seconds a trial of these params needs to its last epoch, from alike trials; None: unknown."""
+    def _remaining(self, params: dict, role: PlanRole, trial: Any, now: float) -> float | None:
+        """Seconds an open plan fine-tune still needs: its estimate, less what it has run."""
+        needed = self._plan_estimate(params, role.epochs or self._search_space.max_epochs)
+        if needed is None or trial.state != TrialState.RUNNING or trial.datetime_start is None:
+            return needed
+        return max(0.0, needed - (now - trial.datetime_start.timestamp()))
+
+    def _plan_estimate(self, params: dict, epochs: int) -> float | None:
+        """Seconds a plan fine-tune of these params needs for `epochs` epochs, at the plan's CPUs."""
+        return self._estimate(params, epochs, cpus=self._fine_tune_cpus or self._cpus_per_trial)
+
+    # ----- the time budget ------------------------------------------------------------------
+
+    def _estimate(self, params: dict, epochs: int | None = None, *, cpus: Any = None,
+                  cautious: bool = True) -> float | None:
+        """Seconds a trial of these params needs for `epochs` epochs (None: all of its own), from
+        alike trials at the same CPUs, else (`cautious`) from its backbone's probe; None: unknown."""
         try:
             cfg = self._search_space.to_trial_config(params).to_dict()
         except Exception:
             return None
-        return self._times.estimate(timing_key(cfg), cfg["epochs"] - start_epoch)
+        key = timing_key(cfg, threads=cpus or params.get("_cpus") or self._cpus_per_trial)
+        n = cfg["epochs"] if epochs is None else epochs
+        return self._times.best_estimate(key, n) if cautious else self._times.estimate(key, n)
 
     def _cheaper(self, params: dict) -> dict | None:
         """The drawn params as a linear probe (head alone, un-augmented: seconds on cached
@@ -249,49 +316,58 @@ class HonestOptunaSearch(OptunaSearch):
                 cheap[name] = value
         if cheap.get("freeze_depth") != "all" or cheap == drawn:
             return None  # no probe in the space, or the draw is one already
-        needed = self._estimate(cheap)
+        cheap.pop("epochs", None)
+        cheap.pop("warmup_epochs", None)
+        needed = self._estimate(cheap, cpus=self._cpus_per_trial)
         if needed is None or needed > self._deadline - time.time():
             return None
         return cheap
 
-    def _fits(self, trial_id: str, params: dict, start_epoch: int) -> bool:
-        """Whether the drawn trial can reach its last epoch in the time left; one that cannot is
-        told FAIL (not started; not counted, not retried) and left out."""
+    def _fits(self, trial_id: str, params: dict, start_epoch: int, role: PlanRole) -> bool:
+        """Whether the asked trial may start: measured alike, it reaches its last epoch in the
+        time left; unmeasured, a cautious estimate (`EpochTimes.cautious`) reaches its first.
+        One that may not is told FAIL (not started; not counted, not retried) and left out."""
         if self._deadline is None:
             return True
         try:
-            self._search_space.to_trial_config(params)
+            epochs = self._search_space.to_trial_config(params).epochs - start_epoch
         except Exception:
             return True  # the trial reports its own config error
-        estimate = self._estimate(params, start_epoch)
         left = self._deadline - time.time()
+        estimate = self._estimate(params, epochs, cautious=False)
+        if estimate is None:
+            estimate = self._estimate(params, 1)
         if fits_budget(estimate, left):
             self._skips = 0
             return True
-        queued = {k: v for k, v in ot_trial_attrs(self._ot_trials[trial_id]).items()
-                  if k in ("recipe", "baseline", "retry_of")}
-        if queued:  # an enqueued recipe or retry: enqueued again when the run ends, for a resume
-            self._refused.append((dict(self._ot_trials[trial_id].params), queued))
+        self._refuse(trial_id, params, role, estimate, left)
+        return False
+
+    def _refuse(self, trial_id: str, params: dict, role: PlanRole, estimate: float | None, left: float) -> None:
+        """Closes a trial the budget cannot take; an enqueued one (a recipe, a retry, a
+        continuation) is enqueued again with its whole role when the run ends."""
+        ot_trial = self._ot_trials.pop(trial_id)
+        if role.to_user_attrs():
+            self._refused.append((dict(ot_trial.params), role))
         cheap = self._cheaper(params)
         if cheap is not None:  # a cheap trial that still fits runs before the run gives up
-            self._ot_study.enqueue_trial(cheap, user_attrs={"recipe": "linear probe (fits the time left)"})
+            self._ot_study.enqueue_trial(cheap, user_attrs=PlanRole(recipe=CHEAP_PROBE_RECIPE).to_user_attrs())
             self._skips -= 1
-        ot_trial = self._ot_trials.pop(trial_id)
-        ot_trial.set_user_attr("error", f"{NOT_STARTED} (needs ~{estimate:.0f}s, {max(0.0, left):.0f}s left)")
+        ot_trial.set_user_attr("error", f"{NOT_STARTED} (needs ~{estimate or 0:.0f}s, {max(0.0, left):.0f}s left)")
         ot_trial.set_user_attr("interrupted", True)  # does not count toward the trials
         ot_trial.set_user_attr("not_started", True)
         with contextlib.suppress(Exception):
             self._ot_study.tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
         self._curves.pop(trial_id, None)
         self._skips += 1
-        return False
 
     def requeue_refused(self) -> None:
-        """Enqueues again the recipes and retries the budget refused in this run (a later
-        `resume` with more time runs them), once each."""
-        for params, attrs in self._refused:
+        """Enqueues again, with their roles, the recipes, retries and continuations the budget
+        refused or stopped before their first epoch in this run (a later `resume` with more time
+        runs them), once each."""
+        for params, role in self._refused:
             with contextlib.suppress(Exception):
-                self._ot_study.enqueue_trial(params, user_attrs=attrs)
+                self._ot_study.enqueue_trial(params, user_attrs=role.to_user_attrs())
         self._refused = []
 
     def learn_times(self) -> None:
@@ -305,7 +381,7 @@ class HonestOptunaSearch(OptunaSearch):
         Trial numbers order the asks of every driver, so the earlier trials win.
         """
         ot_trial = self._ot_trials[trial_id]
-        if isinstance(ot_trial.user_attrs.get("continues"), int):
+        if PlanRole.from_attrs(ot_trial.user_attrs).continues is not None:
             return False  # it finishes a trial already counted
         earlier = [t for t in self._ot_study.get_trials(deepcopy=False) if t.number < ot_trial.number]
         if _claimed(earlier, driver=self._driver) < self._target:
@@ -353,13 +429,17 @@ class HonestOptunaSearch(OptunaSearch):
         if epoch in curve:
             return
         curve[epoch] = dict(result)
-        key = timing_key(self._trial_config(trial_id))
+        key = timing_key(self._trial_config(trial_id), threads=self._threads(trial_id))
         self._times.add_epoch(key, result.get("epoch_seconds"))
         if len(curve) == 1 and is_finite(result.get("train_seconds")) and is_finite(result.get("epoch_seconds")):
             self._times.add_startup(key, result["train_seconds"] - result["epoch_seconds"])
         value = result.get(self.metric)
         if is_finite(value):
             self._ot_trials[trial_id].report(float(value), step=epoch)
+
+    def _threads(self, trial_id: str) -> int:
+        """The CPU threads a trial trains with (as `_trainable` sets them)."""
+        return max(1, int(self._configs.get(trial_id, {}).get("_cpus") or self._cpus_per_trial))
 
     def _trial_config(self, trial_id: str) -> dict:
         try:
@@ -388,6 +468,8 @@ class HonestOptunaSearch(OptunaSearch):
         stopped_by = None
         if state == TrialState.PRUNED:
             stopped_by = "asha" if trial_id in self._asha_stopped else BUDGET_CUT
+            if not curve:  # the budget ended before its first epoch: it runs again on resume
+                self._refused.append((dict(ot_trial.params), PlanRole.from_attrs(ot_trial.user_attrs)))
         self._set_attrs(ot_trial, config, curve, last, final, error, interrupted, stopped_by)
         self._bound_checkpoints(ot_trial, state, value, config, interrupted, final)
         if interrupted:  # before the tell: a driver stopped in between leaves a RUNNING trial, retried once

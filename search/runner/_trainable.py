@@ -41,26 +41,13 @@ def _trainable(
     """
     import torch
 
-    from search.model_io import library_versions
-
     threads = max(1, int(config.get("_cpus") or threads))  # a fine-tune given the idle cores
     torch.set_num_threads(threads)
     if trial_fn is None:
         from search.trial import fine_tune as trial_fn
-    number = config.get("_trial_number")
-    checkpoint = str(Path(checkpoint_dir, f"trial-{number}.pt"))
-    host = socket.gethostname()
+    checkpoint = str(Path(checkpoint_dir, f"trial-{config.get('_trial_number')}.pt"))
     started = time.time()
-    extras = {
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "hostname": host,
-        "worker": f"{host}:{os.getpid()}",
-        "started_at": started,
-        "checkpoint": checkpoint,
-        # What the trial ran with, recorded here so that an export years later says the same.
-        "threads": threads,
-        "versions": library_versions(),
-    }
+    extras = _extras(checkpoint=checkpoint, threads=threads, started=started)
     state = {"epoch": 0, "in_report": False}
 
     def report(metrics: dict) -> None:
@@ -91,6 +78,23 @@ def _trainable(
             **extras,
             "train_seconds": time.time() - started,
         })
+
+
+def _extras(*, checkpoint: str, threads: int, started: float) -> dict[str, Any]:
+    """Where and how a trial runs, reported with every epoch."""
+    from search.model_io import library_versions
+
+    host = socket.gethostname()
+    return {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "hostname": host,
+        "worker": f"{host}:{os.getpid()}",
+        "started_at": started,
+        "checkpoint": checkpoint,
+        # What the trial ran with, recorded here so that an export years later says the same.
+        "threads": threads,
+        "versions": library_versions(),
+    }
 
 
 def _free_memory() -> None:

@@ -40,7 +40,21 @@ from search.space._params import (
     Param,
     Range,
 )
-from search.space._plan import FINE_TUNE_ORDER, WAIT, Probe, next_fine_tune, rank_backbones
+from search.space._plan import (
+    CHEAP_PROBE_RECIPE,
+    FINE_TUNE_ORDER,
+    MIN_PLAN_EPOCHS,
+    WAIT,
+    PlanRole,
+    PlanStep,
+    Probe,
+    StudySnapshot,
+    TrialView,
+    next_fine_tune,
+    next_step,
+    plan_epochs,
+    rank_backbones,
+)
 from search.space._space import PROBE_LR, PROBE_RECIPE, RECIPES, Recipe, SearchSpace, backbones_in, load_space
 
 __all__ = [
@@ -55,6 +69,14 @@ __all__ = [
     "PROBE_LR",
     "PROBE_RECIPE",
     "Probe",
+    "CHEAP_PROBE_RECIPE",
+    "MIN_PLAN_EPOCHS",
+    "PlanRole",
+    "PlanStep",
+    "StudySnapshot",
+    "TrialView",
+    "next_step",
+    "plan_epochs",
     "RECIPES",
     "VALID_KEYS",
     "WAIT",

@@ -186,6 +186,22 @@ def never_started(trial: Any) -> bool:
     return bool(attrs.get("not_started"))
 
 
+def stopped_before_first_epoch(trial: Any) -> bool:
+    """Whether the time budget stopped a trial before it finished an epoch (PRUNED, stopped_by
+    "time budget", no epoch): stopped, not failed; shown as such, and not counted.
+
+    Args:
+        trial: a frozen trial or a `TrialRecord`.
+    """
+    attrs = trial.user_attrs if hasattr(trial, "user_attrs") else {}
+    if hasattr(trial, "user_attrs"):
+        epochs = attrs.get("epochs_run") or len(getattr(trial, "intermediate_values", {}) or {})
+        stopped_by = attrs.get("stopped_by")
+    else:
+        epochs, stopped_by = getattr(trial, "epochs_run", 0), getattr(trial, "stopped_by", None)
+    return stopped_by == "time budget" and not epochs
+
+
 def shown_trials(trials: list) -> list:
     """The trials a user reads about: every one but the draws that never started (`never_started`)."""
     return [t for t in trials if not never_started(t)]
@@ -194,7 +210,8 @@ def shown_trials(trials: list) -> list:
 def counts_toward_target(trial: Any) -> bool:
     """Whether a finished trial counts toward the requested trial count.
 
-    COMPLETE and PRUNED trials count, and so does a FAIL that the trial itself caused (an error);
+    COMPLETE and PRUNED trials count (but not one the time budget stopped before its first
+    epoch), and so does a FAIL that the trial itself caused (an error);
     a FAIL the driver caused (Ctrl-C, time budget, a crash: `interrupted`) does not, since its
     params are run again. Running and waiting trials are not finished.
 
@@ -206,6 +223,8 @@ def counts_toward_target(trial: Any) -> bool:
         True when it counts.
     """
     state = trial.state if isinstance(trial.state, str) else trial.state.name
+    if state == "PRUNED" and stopped_before_first_epoch(trial):
+        return False  # the budget ended before it trained: its params run again on resume
     if state in ("COMPLETE", "PRUNED"):
         return True
     if state == "FAIL":
