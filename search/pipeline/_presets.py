@@ -16,7 +16,7 @@ class Preset:
     """One preset: how `fit` changes the default space, and whether it tries ensembles."""
 
     name: str  # what the user types after --preset
-    description: str  # one line, listed by `tlsearch fit --help` and the README
+    description: str  # one line, listed by `tlsearch fit --help` and the command reference
     # Parameters set in the default space (a list is a choice, a scalar a constant); {}: the
     # default space as it is, which the runner then fits to the dataset and the weights at hand.
     overrides: Mapping[str, Any] = field(default_factory=dict)
