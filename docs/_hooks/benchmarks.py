@@ -40,6 +40,8 @@ PARTS = (
     Part("coldstart", "The cold start (part l)", "coldstart", ("coldstart",)),
     Part("fit", "tlsearch fit (part m)", "fit", ("fit",)),
     Part("gpu", "The GPU path", "gpu", ("gpu",)),
+    Part("fairness", "Fair fine-tunes: early stopping, and fit against the hand-written search", "fairness",
+         ("fairness",)),
 )
 
 
@@ -117,6 +119,15 @@ def command(stem: str, d: dict) -> str:
         presets = list(dict.fromkeys(r["preset"] for r in rows))
         budgets = ",".join(f"{p}={next(r['budget_s'] for r in rows if r['preset'] == p):g}" for p in presets)
         return f"python -m benchmarks.fit --datasets {','.join(datasets)} --presets {','.join(presets)} --budgets {budgets}"
+    if part.slug == "fairness":
+        if stem.startswith("fairness-replay"):
+            c = d.get("case", {})
+            return (f"python -m benchmarks.fairness --part replay --classes {c.get('classes', 10)} "
+                    f"--per-class {c.get('per_class', 60)} --side {c.get('side', 64)}")
+        rows = d.get("rows", [])
+        datasets = ",".join(dict.fromkeys(r["data"] for r in rows))
+        seeds = ",".join(str(s) for s in dict.fromkeys(r["seed"] for r in rows))
+        return f"python -m benchmarks.fairness --part compare --datasets {datasets} --seeds {seeds} --budget {d.get('budget_s', 300):g}"
     return f"python -m benchmarks.{part.module}"
 
 
