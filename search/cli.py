@@ -180,7 +180,8 @@ def cmd_fit(a: argparse.Namespace) -> int:
 
     quiet = a.no_progress or a.json
     summary = fit(a.data, a.time_budget, preset=a.preset, study=a.study, space=a.space,
-                  out=a.out, refit=a.refit, weights_dir=a.weights_dir, progress=not quiet, verbose=a.verbose)
+                  out=a.out, refit=a.refit, weights_dir=a.weights_dir, progress=not quiet, verbose=a.verbose,
+                  seed=a.seed)
     if a.json:
         _print_json(summary.to_dict())
     else:

@@ -179,9 +179,9 @@ def trains_stages(key: tuple) -> bool:
 
 # A cautious epoch of a trial that trains stages, when none alike was measured: this many times
 # the forward pass of its backbone over the data, which its probe measured (the feature pass that
-# fills the cache: train and val). Backpropagation costs about twice the forward pass; the rest is
-# room for a slower start. Measured: benchmarks/results/fairness-*.md.
-FINE_TUNE_OVER_FEATURE_PASS = 4.0
+# fills the cache: train and val). Measured: 5.9 for a full fine-tune of Lite1 on 600 + 400
+# images at 128 px (benchmarks/results/fairness-replay.md, 2 busy cores).
+FINE_TUNE_OVER_FEATURE_PASS = 6.0
 # The start-up of such a trial when none alike was measured (model, data, latency probe).
 CAUTIOUS_STARTUP_S = 10.0
 

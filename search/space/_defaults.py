@@ -255,7 +255,8 @@ CPU_IMAGE_SIZE = 128
 LARGE_IMAGE_SIZE = 160
 LARGE_SIDE = 176  # median shorter side of the files from which 160 px shows more than 128 px
 # Images a full fine-tune of the default CPU backbones (EfficientNet-Lite0/1) trains per second
-# and CPU core at 128 px, forward and backward: measured in benchmarks/results/fairness-*.md.
+# and CPU core at 128 px, forward and backward, assumed for a machine the search has to itself
+# (benchmarks/results/fairness-replay.md measured 2.1 on 2 cores busy with other work too).
 FINE_TUNE_IMAGES_PER_CORE_S = 12.0
 # A 160-px fine-tune is chosen when this many of its epochs take at most half the budget.
 SIZED_EPOCHS = 3
