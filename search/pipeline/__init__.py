@@ -14,17 +14,20 @@ from search.pipeline._budget import (
     MIN_SEARCH_S,
     PhaseClock,
     Reserve,
+    ensemble_members,
     ensemble_seconds,
+    evaluate_seconds,
     fits,
     per_image_seconds,
     plan_reserve,
+    process_start,
     refit_seconds,
     search_budget,
 )
-from search.pipeline._fit import FitSummary, default_study_name, fit
+from search.pipeline._fit import FitSummary, default_study_name, fit, fit_reserve, refit_estimate
 from search.pipeline._format import format_fit
 from search.pipeline._presets import DEFAULT_PRESET, PRESETS, Preset, get_preset, preset_space
-from search.pipeline._ship import Shipped, ship_ensemble, ship_trial, stamp
+from search.pipeline._ship import Shipped, ship_ensemble, ship_trial, shipped_kind, stamp
 
 __all__ = [
     "DEFAULT_PRESET",
@@ -36,17 +39,23 @@ __all__ = [
     "Reserve",
     "Shipped",
     "default_study_name",
+    "ensemble_members",
     "ensemble_seconds",
+    "evaluate_seconds",
     "fit",
+    "fit_reserve",
     "fits",
     "format_fit",
     "get_preset",
     "per_image_seconds",
     "plan_reserve",
+    "process_start",
+    "refit_estimate",
     "refit_seconds",
     "preset_space",
     "search_budget",
     "ship_ensemble",
     "ship_trial",
+    "shipped_kind",
     "stamp",
 ]
