@@ -473,3 +473,51 @@ def test_fit_ends_by_its_budget_within_it_and_ships(tmp_path: Path, monkeypatch:
     assert sum(v for _, v in s.phases) == pytest.approx(s.wall_seconds, abs=0.01)
     assert s.wall_seconds <= wall + 0.01
     assert f"of {budget:.0f}s" in format_fit(s)
+
+
+def test_downloads_and_rays_shutdown_are_inside_the_budget_and_the_cli_counts_from_the_process_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_session) -> None:
+    import time
+
+    import search.pipeline._fit as fit_module
+    import search.runner as runner
+
+    data = make_image_folder(tmp_path / "data", size=32)
+    monkeypatch.chdir(tmp_path)
+    events: list[tuple[str, float]] = []
+
+    def slow_download(space, weights_dir):
+        time.sleep(2.0)  # as a download of the space's weights would take
+        events.append(("download", time.monotonic()))
+
+    real_search = fit_module._search
+
+    def search(settings, **kw):
+        events.append(("search", settings.time_budget_s))
+        return real_search(settings, **kw)
+
+    monkeypatch.setattr(runner, "check_space_weights", slow_download)
+    monkeypatch.setattr(fit_module, "_search", search)
+    monkeypatch.setattr(fit_module, "_start_ray", lambda settings, verbose: True)  # as if fit had started Ray
+    monkeypatch.setattr(fit_module, "_stop_ray", lambda: events.append(("stop", time.monotonic())))
+    t0 = time.monotonic()
+    s = _fit(data, "dl", started_at=t0 - 1.0)  # the process started a second before the call
+    assert [e for e, _ in events] == ["download", "search", "stop"]  # fetched before the search's budget was set
+    phases = dict(s.phases)
+    assert phases["start"] >= 3.0  # the process's second and the download
+    assert events[1][1] <= 180 - phases["start"]  # the search's budget left them out
+    assert list(phases)[-1] == "exit" and s.wall_seconds == pytest.approx(time.monotonic() - t0 + 1.0, abs=0.5)
+
+    # The CLI passes the process's start.
+    from search.cli import main
+    from search.pipeline import process_start
+
+    seen = {}
+
+    def fake_fit(*args, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("search.pipeline.fit", fake_fit)
+    main(["fit", str(data), "--time-budget", "1m"])
+    assert seen["started_at"] == pytest.approx(process_start(), abs=0.05) and seen["started_at"] < t0
