@@ -20,6 +20,9 @@ from search.config import ConfigError
 # written with its TorchScript and ONNX exports (tracing a large backbone takes seconds).
 SEARCH_OVERHEAD_S = 10.0
 REPORT_S = 5.0
+# After the summary: printing it and the interpreter's exit (its threads and atexit handlers), which
+# no phase can time: 3.4 s from outside the process on a loaded 2-core machine.
+EXIT_S = 4.0
 SHIP_S = 10.0
 EVALUATE_S = 2.0
 # Per image, when no trial of the study has measured its latency yet: one forward pass in a batch
@@ -37,6 +40,10 @@ BACKWARD_FACTOR = 3.0
 REFIT_SHARE = 0.3
 # A refit's time over its estimate: set-up, loaders, the slower epochs of a loaded machine.
 REFIT_MARGIN = 1.2
+# Starting a local Ray (its processes, the driver's connection): allowed for when a budget is
+# checked before Ray starts, so that the smallest budget named then still holds once it has.
+RAY_START_S = 5.0
+HINT_SPARE_S = 3.0
 # A search shorter than this finds nothing worth shipping: the budget is refused instead.
 MIN_SEARCH_S = 10.0
 # The ensemble procedure never takes more than this share of the budget from the search; when its
@@ -56,15 +63,16 @@ class Reserve:
     evaluate_s: float  # the held-out evaluation on test/ (never cut)
     refit_s: float  # the refit on train+val (--refit); 0 without
     ensemble_s: float = 0.0  # the ensemble procedure (its share is cut first, to 0 where need be)
+    exit_s: float = EXIT_S  # the process's end, after the summary
 
     @property
     def total_s(self) -> float:
-        return self.overhead_s + self.report_s + self.ship_s + self.evaluate_s + self.refit_s + self.ensemble_s
+        return self.fixed_s + self.refit_s + self.ensemble_s
 
     @property
     def fixed_s(self) -> float:
         """What no budget cuts: all but the ensemble and the refit."""
-        return self.overhead_s + self.report_s + self.ship_s + self.evaluate_s
+        return self.overhead_s + self.report_s + self.ship_s + self.evaluate_s + self.exit_s
 
 
 def per_image_seconds(latencies_ms: Iterable[float | None], *, gpu: bool) -> float:
@@ -171,9 +179,11 @@ def search_budget(budget_s: float, *, elapsed_s: float, reserve: Reserve) -> flo
         need = elapsed_s + reserve.fixed_s + MIN_SEARCH_S
         if reserve.refit_s:
             need /= 1 - REFIT_SHARE
+        # Rounded up, with a few seconds to spare: the start takes a little longer on one run than another.
+        need = math.ceil((need + HINT_SPARE_S) / 5) * 5
         raise ConfigError(f"--time-budget {budget_s:g}s leaves {max(left, 0):.0f}s to search after "
                           f"{elapsed_s + reserve.fixed_s + reserve.refit_s:.0f}s for starting, shipping and "
-                          f"evaluating; give at least {math.ceil(need)}s")
+                          f"evaluating; give at least {need}s")
     return left
 
 

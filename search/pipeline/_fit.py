@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from search.config import TLSearchError, parse_duration
 from search.pipeline._budget import (
+    EXIT_S,
+    RAY_START_S,
     PhaseClock,
     ensemble_members,
     ensemble_seconds,
@@ -135,7 +137,8 @@ def fit(
     started_ray = False
     if searched:
         reserve = fit_reserve(settings, index, budget_s=budget_s, preset=chosen, refit=refit, study=existing)
-        search_budget(budget_s, elapsed_s=clock.elapsed_s, reserve=reserve)  # too short: said before Ray starts
+        # Too short: said before Ray starts (allowing for its start, so the budget it names holds after).
+        search_budget(budget_s, elapsed_s=clock.elapsed_s + RAY_START_S, reserve=reserve)
         _fetch_weights(settings)  # downloads, if any, are part of the start, before the search's budget is set
         started_ray = _start_ray(settings, verbose=verbose)
         clock.lap("start")
@@ -166,7 +169,7 @@ def fit(
 
     st = load_study(name, storage=storage)
     metric, _ = objective_of(st)
-    shipped = _ship(st, chosen, out_dir, data=settings.data, left_s=clock.left_s(budget_s), index=index, gpu=gpu,
+    shipped = _ship(st, chosen, out_dir, data=settings.data, left_s=clock.left_s(budget_s) - EXIT_S, index=index, gpu=gpu,
                     progress=progress, notes=notes, allow_changed_data=allow_changed_data)
     fit_record = {"preset": chosen.name, "budget_s": budget_s, "shipped": shipped.name}
     stamp(shipped.model_dir, {"study": name, "trials": list(shipped.trials), "fit": fit_record})
@@ -445,7 +448,7 @@ def _refit(study: optuna.Study, shipped: Shipped, settings: SearchSettings, *, c
         return False
     trial = study.trials[shipped.trials[0]]
     need = refit_estimate(trial, index, cache=settings.cache)
-    left = clock.left_s(budget_s) - evaluate_seconds(
+    left = clock.left_s(budget_s) - EXIT_S - evaluate_seconds(
         test_images=len(index.test), per_image_s=per_image_seconds([shipped.latency_ms], gpu=settings.gpus_per_trial > 0))
     if not fits(need, left_s=left):
         notes.append(f"--refit skipped: about {need:.0f}s needed, {max(0.0, left):.0f}s left; "
