@@ -1,8 +1,9 @@
 """`tlsearch fit` (`search.fit`): search, ship and evaluate within one time budget.
 
 - `_presets.py`: the presets (fast, good, best), each a space and a ship policy.
-- `_budget.py`: what the steps after the search keep of the budget, what the search gets, and a
-  clock whose phases add up to the wall clock (pure functions).
+- `_budget.py`: the one budget model: what the steps after the search keep of the budget, what
+  the search gets, the ensemble's and the refit's estimates from measured parts, and a clock
+  from the process's start whose phases add up to the wall clock (pure functions).
 - `_ship.py`: the best trial's kept checkpoint, or the ensemble, as a model folder.
 - `_fit.py`: `fit` and its `FitSummary`.
 - `_format.py`: the one-screen summary.

@@ -4,7 +4,10 @@ The search (`run_search` with the preset's space and what is left of the budget 
 after it are provided for), the report and best config as `run` writes them, the ship step (no
 retraining), `--refit` when asked and when it fits, and the evaluation on test/. A search that
 finished is recorded in the study (user_attrs["fit"]), so `fit` again on the same study ships
-without searching again; an interrupted one is continued.
+without searching again, once DATA is checked to be the dataset it searched (its fingerprint); an
+interrupted one is continued. Every phase's time comes out of one budget (`_budget`): the
+process's start, downloads and Ray's start are measured before the search's share is set, and Ray's
+shutdown is the last phase.
 """
 
 from __future__ import annotations
