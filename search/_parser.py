@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "when it does not fit)")
     c.add_argument("--weights-dir", default=None, help="folder of <model name>.pth state dicts")
     c.add_argument("--seed", type=int, default=0, help="sampler and split seed of a new study (default 0)")
+    c.add_argument("--allow-changed-data", action="store_true",
+                   help="a study that finished its search on other data with the same classes ships its model, "
+                        "scored on DATA's test/")
     c.add_argument("--no-progress", action="store_true", help="print only the summary")
     c.add_argument("--verbose", action="store_true", help="show Ray's and Optuna's own messages")
     c.add_argument("--json", action="store_true", help="the summary as one JSON object on stdout")

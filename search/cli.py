@@ -178,10 +178,12 @@ def cmd_fit(a: argparse.Namespace) -> int:
     from search.outputs import _short
     from search.pipeline import fit, format_fit
 
+    from search.pipeline import process_start
+
     quiet = a.no_progress or a.json
     summary = fit(a.data, a.time_budget, preset=a.preset, study=a.study, space=a.space,
-                  out=a.out, refit=a.refit, weights_dir=a.weights_dir, progress=not quiet, verbose=a.verbose,
-                  seed=a.seed)
+                  out=a.out, refit=a.refit, weights_dir=a.weights_dir, allow_changed_data=a.allow_changed_data,
+                  progress=not quiet, verbose=a.verbose, started_at=process_start(), seed=a.seed)
     if a.json:
         _print_json(summary.to_dict())
     else:

@@ -52,7 +52,7 @@ def trial_record(study: Any, trial: Any) -> dict[str, Any]:
     attrs = study.user_attrs
     settings = attrs.get("settings") or {}
     threads = rec.threads or max(1, int(settings.get("cpus_per_trial", 1)))
-    record = dict(TrialConfig.from_dict(rec.config).to_dict())
+    record = dict(stored_config(rec.config).to_dict())
     record.update(
         {
             # CPU kernels sum in an order that depends on the thread count: training again with
@@ -77,6 +77,24 @@ def trial_record(study: Any, trial: Any) -> dict[str, Any]:
         record["split"] = dict(attrs["split_spec"])
     assert set(record) - set(TrialConfig().to_dict()) <= RECORD_KEYS
     return record
+
+
+def stored_config(config: dict[str, Any]) -> TrialConfig:
+    """The config a trial ran, from the dict stored with it.
+
+    A trial stored before a field existed ran at what that field's absence meant then, which is
+    not always today's default (`search.space.keep_stored_schedule`'s rule): a study made before
+    `lr_schedule` trained with the per-batch cosine.
+
+    Args:
+        config: the trial's stored config (user_attrs["config"]).
+
+    Returns:
+        The validated config.
+    """
+    from search.space._defaults import _BEFORE
+
+    return TrialConfig.from_dict({**_BEFORE, **config})
 
 
 def export_trial(

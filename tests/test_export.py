@@ -106,3 +106,21 @@ def test_study_names_from_storage_are_untrusted(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "evil?[31m" in r.stdout and "\x1b" not in r.stdout
+
+
+def test_a_trial_of_a_study_made_before_lr_schedule_exports_the_schedule_it_ran(tmp_path: Path) -> None:
+    from search.export import trial_record
+
+    storage = f"sqlite:///{tmp_path / 'old.db'}"
+    study = optuna.create_study(study_name="old", storage=storage, direction="maximize")
+    study.set_user_attr("class_names", ["circle", "square", "triangle"])
+    before = {k: v for k, v in CONFIG.to_dict().items() if k != "lr_schedule"}  # stored before the field
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.8, user_attrs={"config": before}))
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.7,
+                                              user_attrs={"config": CONFIG.to_dict()}))
+    old, new = study.trials
+    assert trial_record(study, old)["lr_schedule"] == "cosine_steps"  # the per-batch cosine it trained with
+    assert trial_record(study, new)["lr_schedule"] == CONFIG.lr_schedule  # a recorded schedule is kept
+    [path] = export_trial("old", storage=storage, reports_dir=tmp_path / "reports")
+    assert load_yaml(path)["lr_schedule"] == "cosine_steps"
+    assert load_trial_config(path).lr_schedule == "cosine_steps"  # what `train` and `fit --refit` retrain with

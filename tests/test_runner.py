@@ -492,20 +492,63 @@ def slow_trial(config, index, *, report, checkpoint_path=None, resume_from=None,
     if resume_from:
         assert int(Path(resume_from).read_text()) == start_epoch
     for epoch in range(start_epoch + 1, config.epochs + 1):
+        if not resume_from and epoch > 2 and checkpoint_path:
+            (Path(checkpoint_path).parent / STALLED).write_text("")  # `BudgetClock` ends the budget now
         time.sleep(0.2 if resume_from or epoch <= 2 else 3600)
         if checkpoint_path:
             Path(checkpoint_path).write_text(str(epoch))
         report(epoch_metrics(epoch, 0.1 * epoch, seconds=0.2, lr=config.lr))
 
 
+STALLED = "stalled"  # written beside its checkpoint by a trial that has begun its never-ending epoch
+
+
+class BudgetClock:
+    """The driver's clock for a budget test: the real one until a trial writes `STALLED` in
+    `folder`, then `jump_s` later, so that the time budget ends just then, however long the
+    machine took to get there (a loaded machine starts Ray's workers slowly).
+
+    It stands in for the `time` module where the budget is read: Tune's timeout stopper and the
+    runner's deadline; everything else is the real module's.
+    """
+
+    def __init__(self, folder: Path, *, jump_s: float) -> None:
+        self._folder, self._jump_s, self._jumped = folder, jump_s, False
+
+    def time(self) -> float:
+        if not self._jumped:
+            self._jumped = (self._folder / STALLED).exists()
+        return time.time() + (self._jump_s if self._jumped else 0.0)
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def _budget_clock(monkeypatch: pytest.MonkeyPatch, folder: Path, *, jump_s: float) -> BudgetClock:
+    import ray.tune.stopper.timeout as tune_timeout
+
+    import search.runner._run as run_module
+    import search.runner._search as search_module
+
+    clock = BudgetClock(folder, jump_s=jump_s)
+    for module in (tune_timeout, run_module, search_module):
+        monkeypatch.setattr(module, "time", clock)
+    return clock
+
+
 def test_a_trial_cut_by_the_budget_is_pruned_with_its_epochs_and_resume_continues_it(
-        tmp_path: Path, ray_session) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_session) -> None:
     data = make_image_folder(tmp_path / "data")
     space = dict(SPACE, max_epochs=6, lr=1e-3)
-    # The budget leaves room for a slow worker start; the trial's third epoch never ends.
-    s = _settings(tmp_path, data, "cut", trials=2, space=space, time_budget_s=60.0, max_concurrent=1, warm_start=False)
-    summary = run_search(s, trial_fn=slow_trial, progress=False)
-    assert summary.budget_reached
+    # The trial's third epoch never ends; the budget ends once it has begun (the test's clock jumps
+    # past the budget then), not after a number of seconds a loaded machine may not reach it in.
+    budget = 1800.0
+    s = _settings(tmp_path, data, "cut", trials=2, space=space, time_budget_s=budget, max_concurrent=1,
+                  warm_start=False)
+    with monkeypatch.context() as m:
+        clock = _budget_clock(m, s.experiment_dir / "checkpoints", jump_s=budget + 1)
+        summary = run_search(s, trial_fn=slow_trial, progress=False)
+    assert clock._jumped and summary.budget_reached
     cut = [t for t in _study(s).trials if t.user_attrs.get("stopped_by") == "time budget"]
     assert len(cut) == 1, [(t.state, t.user_attrs.get("error"), t.intermediate_values) for t in _study(s).trials]
     t = cut[0]
@@ -525,7 +568,7 @@ def test_a_trial_cut_by_the_budget_is_pruned_with_its_epochs_and_resume_continue
 
     # resume continues it from its checkpoint, as a new trial that records which one it continues.
     resume_search("cut", studies_dir=str(tmp_path / "studies"), trial_fn=slow_trial, progress=False,
-                  time_budget_s=90.0)
+                  time_budget_s=budget)  # it ends by its count: the continuation is the trial still missing
     st = _study(s)
     cont = [c for c in st.trials if c.user_attrs.get("continues") == t.number]
     assert len(cont) == 1 and cont[0].state == optuna.trial.TrialState.COMPLETE

@@ -166,3 +166,23 @@ def test_a_complete_trial_keeps_its_validation_logits_beside_its_checkpoint(tiny
     assert labels.tolist() == [y for _, y in index.val]
     # The same predictions the last epoch was scored with.
     assert (logits.argmax(1) == labels).float().mean().item() == pytest.approx(seen[-1]["val_acc"])
+
+
+def test_the_probe_of_an_lp_ft_refit_trains_on_train_plus_val_too(tiny_dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from search.trial import _loop
+
+    index = scan_dataset(tiny_dataset)
+    seen = []
+    load_data = _loop.load_data
+
+    def spy(config, *args, train_on_val=False, **kwargs):
+        seen.append((config.freeze_depth, train_on_val))
+        return load_data(config, *args, train_on_val=train_on_val, **kwargs)
+
+    monkeypatch.setattr(_loop, "load_data", spy)
+    cfg = TrialConfig(**{**TINY, "epochs": 1}, freeze_depth=2, lp_epochs=1, lp_lr=1e-2)
+    fine_tune(cfg, index, cache=False, train_on_val=True)
+    assert seen == [("all", True), (2, True)]  # the probe, then the fine-tune: both on train+val
+    seen.clear()
+    fine_tune(cfg, index, cache=False)
+    assert seen == [("all", False), (2, False)]  # a trial's probe trains on train only

@@ -82,17 +82,27 @@ def preset_space(preset: Preset, base: SearchSpace, *, more: Sequence[str] = ())
     return base.fixed(**overrides) if overrides else base
 
 
-def more_backbones_at_hand(*, weights_dir: str | None) -> list[str]:
+# Backbone families whose input size is fixed (ViT's position embeddings are for 224 px): they
+# join a space only at that size.
+FIXED_INPUT_SIZE = {"vit": 224}
+
+
+def more_backbones_at_hand(*, weights_dir: str | None, image_size: int | None = None) -> list[str]:
     """The built-in defaults of every hardware (CPU and GPU lists) whose pretrained weights are at
     hand: in `weights_dir` or the torch/timm caches.
 
     Args:
         weights_dir: the --weights-dir folder, or None.
+        image_size: the space's image size; a backbone that takes only another size is left out
+            (None: the size is not one constant, none is left out).
 
     Returns:
         Backbone names, the CPU list's first.
     """
+    from search.backbones import get_spec
     from search.space import backbones_at_hand, backbones_in, default_space
 
     names = [n for gpu in (False, True) for n in backbones_in(default_space(gpu=gpu))]
+    if image_size is not None:
+        names = [n for n in names if FIXED_INPUT_SIZE.get(get_spec(n).family, image_size) == image_size]
     return backbones_at_hand(list(dict.fromkeys(names)), weights_dir=weights_dir)

@@ -75,7 +75,8 @@ def ship_trial(study: optuna.Study, out: Path) -> Shipped:
                    (chosen.number,), rec.value, rec.latency_ms, note)
 
 
-def ship_ensemble(study: optuna.Study, out: Path, *, data: str, progress: bool) -> Shipped:
+def ship_ensemble(study: optuna.Study, out: Path, *, data: str, progress: bool,
+                  allow_changed_data: bool = False) -> Shipped:
     """`tlsearch ensemble`'s procedure over the kept trials; its folder ships (one trial's when
     the out-of-sample rule keeps the best single trial).
 
@@ -84,19 +85,28 @@ def ship_ensemble(study: optuna.Study, out: Path, *, data: str, progress: bool) 
         out: the model folder to write.
         data: the dataset.
         progress: one line per step on stderr.
+        allow_changed_data: go on when DATA is not the study's dataset (`build_ensemble`).
 
     Returns:
-        What was shipped; its val_score is the shipped candidate's on all of validation.
+        What was shipped; its val_score is the shipped candidate's on all of validation. Its kind
+        is "trial" when the procedure kept the best single trial as it is (no TTA), so that
+        `--refit` can train that trial's config again; "ensemble" otherwise.
     """
     from search.ensemble import build_ensemble
 
     storage = (study.user_attrs.get("settings") or {}).get("storage")
     summary = build_ensemble(study.study_name, out=out, data=data, storage=storage,
-                             studies_dir=_studies_dir(study), progress=progress)
+                             studies_dir=_studies_dir(study), progress=progress, allow_changed_data=allow_changed_data)
     row = next(r for r in summary["candidates"] if r["shipped"])
     trials = sorted({t for m in row["members"] for t in m["trials"]})
-    return Shipped(Path(summary["model_dir"]), row["name"], "ensemble", tuple(trials), row["val_score"],
+    return Shipped(Path(summary["model_dir"]), row["name"], shipped_kind(row), tuple(trials), row["val_score"],
                    row["latency_ms"])
+
+
+def shipped_kind(row: dict[str, Any]) -> str:
+    """"trial" for the ensemble procedure's best single trial without TTA, else "ensemble"."""
+    single = row.get("kind") == "single" and not row.get("tta") and len(row.get("members") or ()) == 1
+    return "trial" if single else "ensemble"
 
 
 def _studies_dir(study: optuna.Study) -> str:

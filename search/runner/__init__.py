@@ -41,6 +41,8 @@ from search.runner._cluster import (  # noqa: F401
     check_nodes_see_data,
     console_log,
     default_concurrency,
+    start_ray,
+    stop_ray,
 )
 from search.runner._ledger import (  # noqa: F401
     HEARTBEAT_S,
@@ -67,6 +69,7 @@ from search.runner._preflight import (  # noqa: F401
     _open_study,
     _uses_pretrained,
     _writable,
+    check_space_weights,
     preflight,
 )
 from search.runner._progress import (  # noqa: F401
@@ -97,4 +100,4 @@ from search.runner._trainable import (  # noqa: F401
     _trainable,
 )
 
-__all__ = ['HEARTBEAT_S', 'HonestOptunaSearch', 'INTERRUPTED', 'LOOPBACK', 'MARKER', 'NODE_CHECK_FILES', 'NODE_CHECK_TIMEOUT_S', 'PROGRESS_EVERY_S', 'ProgressView', 'PruneTrackingASHA', 'REPORT_EVERY_S', 'REUSE_ACTORS', 'ReportRefresher', 'RunSummary', 'STALE_AFTER_S', 'SURPLUS', 'SamplerEntry', 'TrialFn', 'check_nodes_see_data', 'console_log', 'default_concurrency', 'finished_count', 'is_stale', 'make_sampler', 'new_driver_id', 'preflight', 'reconcile', 'resume_search', 'run_search', 'trial_outcome']
+__all__ = ['HEARTBEAT_S', 'HonestOptunaSearch', 'INTERRUPTED', 'LOOPBACK', 'MARKER', 'NODE_CHECK_FILES', 'NODE_CHECK_TIMEOUT_S', 'PROGRESS_EVERY_S', 'ProgressView', 'PruneTrackingASHA', 'REPORT_EVERY_S', 'REUSE_ACTORS', 'ReportRefresher', 'RunSummary', 'STALE_AFTER_S', 'SURPLUS', 'SamplerEntry', 'TrialFn', 'check_nodes_see_data', 'check_space_weights', 'console_log', 'default_concurrency', 'finished_count', 'is_stale', 'make_sampler', 'new_driver_id', 'preflight', 'reconcile', 'resume_search', 'run_search', 'start_ray', 'stop_ray', 'trial_outcome']

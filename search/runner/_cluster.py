@@ -126,6 +126,24 @@ def _ensure_ray(settings: SearchSettings, *, verbose: bool = False) -> None:
               file=sys.stderr)
 
 
+def start_ray(settings: SearchSettings, *, verbose: bool = False) -> bool:
+    """`_ensure_ray`, saying whether this call started Ray (one already running is not the caller's).
+
+    Returns:
+        True when Ray was started here, so that its caller also shuts it down (`stop_ray`).
+    """
+    if ray.is_initialized():
+        return False
+    _ensure_ray(settings, verbose=verbose)
+    return True
+
+
+def stop_ray() -> None:
+    """Shuts down the Ray that `start_ray` started (a command ends with it, inside its own time)."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 # Ray's servers (GCS, raylet, object manager, agents, each worker's gRPC server) bind loopback only
 # when the node's IP is loopback; any other node IP (even 127.0.0.2) means every interface. On Linux,
 # ray.init rewrites a loopback `_node_ip_address` to the routable one (so does `ray start

@@ -55,7 +55,6 @@ def preflight(settings: SearchSettings, space: SearchSpace) -> DatasetIndex:
     Returns:
         The scanned dataset (`search.data.DatasetIndex`).
     """
-    from search import backbones
     from search.data import scan_dataset
 
     check_study_name(settings.study)
@@ -66,10 +65,24 @@ def preflight(settings: SearchSettings, space: SearchSpace) -> DatasetIndex:
     _writable(settings.experiment_dir, "experiment")
     _writable(Path(settings.reports_dir).resolve(), "reports")
     index = scan_dataset(settings.data, val_fraction=settings.val_fraction, seed=settings.seed)
+    check_space_weights(space, settings.weights_dir)
+    return index
+
+
+def check_space_weights(space: SearchSpace, weights_dir: str | None) -> None:
+    """Makes sure every backbone of `space` has its pretrained weights, fetching those not at hand
+    (a random-init space needs none). `fit` calls it before it sets the search's budget, so that a
+    download is measured time, not time the budget did not know of.
+
+    Args:
+        space: the search space.
+        weights_dir: the --weights-dir folder, or None.
+    """
+    from search import backbones
+
     if _uses_pretrained(space):
         for name in backbones_in(space):
-            backbones.check_weights(name, settings.weights_dir)
-    return index
+            backbones.check_weights(name, weights_dir)
 
 
 def _open_study(

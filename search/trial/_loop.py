@@ -127,8 +127,9 @@ def fine_tune(
 
         bb.model.load_state_dict(load_checkpoint(resume_from))
     elif config.lp_epochs > 0 and backbones.resolve_depth(bb, config.freeze_depth) < len(bb.stages):
+        # A refit's probe trains on train+val too: the head it hands on has seen what the fine-tune sees.
         probe = fine_tune(probe_config(config), index, weights_dir=weights_dir, cache=cache, cache_dir=cache_dir,
-                          device=device, threads=threads, keep_model=True)
+                          device=device, threads=threads, keep_model=True, train_on_val=train_on_val)
         bb.model.head.load_state_dict(probe.model.head.state_dict())
         lp_val_acc = probe.final["val_acc"]
     model = bb.model.to(dev, memory_format=torch.channels_last)  # on every device (`features.model_layout`)
