@@ -90,3 +90,14 @@ def fmt(v: Any, digits: int = 2) -> str:
 def met(v: Any) -> str:
     return {True: "yes", False: "**no**", None: "n/a"}[v]
 
+
+
+def write_results(out: str | Path, name: str, result: dict, markdown: str) -> None:
+    """Writes `name`.json (the result) and `name`.md (its table) under `out`, and prints the table."""
+    import json
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (folder / f"{name}.md").write_text(markdown, encoding="utf-8")
+    print(markdown)

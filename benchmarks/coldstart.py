@@ -122,13 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     # The two ways of running the probes, interleaved.
     runs = [one_run(args.data, args.trials, all_cpus) for _ in range(args.repeats) for all_cpus in (False, True)]
     result = {"data": args.data, "trials": args.trials, "cpus": os.cpu_count(), "runs": runs}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"coldstart-{Path(args.data).name}{args.tag}"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    md = markdown(result)
-    (out / f"{name}.md").write_text(md, encoding="utf-8")
-    print(md)
+    from benchmarks._common import write_results
+
+    write_results(args.out, f"coldstart-{Path(args.data).name}{args.tag}", result, markdown(result))
     return 0
 
 

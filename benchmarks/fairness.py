@@ -373,12 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result, name, md = part_compare(args), "fairness-compare-" + args.datasets.replace(",", "-"), compare_markdown
     name += f"-{args.tag}" if args.tag else ""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    text = md(result)
-    (out / f"{name}.md").write_text(text, encoding="utf-8")
-    print(text)
+    from benchmarks._common import write_results
+
+    write_results(args.out, name, result, md(result))
     return 0
 
 
