@@ -942,3 +942,21 @@ def test_a_plan_fine_tune_runs_the_epochs_its_role_gives_it(tmp_path: Path) -> N
     params = searcher.suggest("a")
     assert params["epochs"] == 3 and params["warmup_epochs"] == pytest.approx(0.3)
     assert space.to_trial_config(params).epochs == 3
+
+
+def test_no_draw_is_asked_while_a_plan_fine_tune_holds_every_cpu(tmp_path: Path) -> None:
+    from search.space import PROBE_RECIPE, PlanRole
+
+    space = SearchSpace.from_dict({"backbone": "resnet18", "freeze_depth": ["all", 0], "lr": 1e-3, "image_size": 32,
+                                   "max_epochs": 2})
+    searcher = _searcher(tmp_path, space, deadline=None)
+    searcher._plan, searcher._fine_tune_cpus = True, 2
+    study = searcher._ot_study
+    dist = {"freeze_depth": optuna.distributions.CategoricalDistribution(["all", 0])}
+    study.add_trial(optuna.trial.create_trial(params={"freeze_depth": "all"}, distributions=dist, value=0.9,
+                                              user_attrs=PlanRole(recipe=PROBE_RECIPE).to_user_attrs()))
+    fine_tune = searcher.suggest("a")  # the plan's full fine-tune, on both CPUs
+    assert fine_tune["freeze_depth"] == 0 and fine_tune["_cpus"] == 2
+    assert searcher.suggest("b") is None  # a draw beside it would take one of its cores
+    searcher.on_trial_complete("a", epoch_metrics(2, 0.95, seconds=1.0, lr=1e-3))
+    assert isinstance(searcher.suggest("c"), dict)  # it has ended: the sampler draws again

@@ -160,16 +160,21 @@ class HonestOptunaSearch(OptunaSearch):
         if step == WAIT:
             return None  # a probe still runs: the fine-tunes wait for the ranking
         if step is None and self._held(snapshot):
-            return None  # the plan's fine-tunes hold the time left: no draw is asked meanwhile
+            return None  # the plan's fine-tunes hold the machine: no draw is asked meanwhile
         return _GO
 
     def _held(self, snapshot: StudySnapshot) -> bool:
-        """Whether open plan fine-tunes leave less time than the quickest trial measured needs."""
+        """Whether the plan's open fine-tunes hold the machine: each is given every CPU, so a draw
+        started beside one would make it wait for its cores (seen: a 2-CPU fine-tune pending
+        while a 1-CPU draw ran its 6 epochs); else whether they leave less time than the
+        quickest trial measured needs."""
+        if not any(t.role.is_plan_fine_tune and t.state == "RUNNING" for t in snapshot.trials):
+            return False  # (a waiting one is the queue's to start next)
+        if self._fine_tune_cpus:
+            return True
         free = snapshot.free_time()
-        if free is None or not any(t.role.is_plan_fine_tune and t.open for t in snapshot.trials):
-            return False
         quickest = self._times.quickest(self._search_space.max_epochs)
-        return quickest is None or free < quickest
+        return free is not None and (quickest is None or free < quickest)
 
     def _prepare(self, trial_id: str, params: dict) -> dict | str | None:
         """The asked trial's config as it will run (its role's epochs and CPUs, a continuation's
