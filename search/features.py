@@ -18,6 +18,8 @@ folder is kept under a size budget by removing the least recently used files.
 
 from __future__ import annotations
 
+import time
+
 import functools
 import hashlib
 import importlib.metadata
@@ -198,10 +200,22 @@ def cached_features(
             except Exception:  # a damaged, foreign or just removed file is recomputed, never trusted
                 path.unlink(missing_ok=True)
         # The trial's random stream must not depend on whether the cache was warm.
+        started = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             feats, labels = compute_features(body, ds, device=device, batch_size=batch_size, dtype=dtype)
+        _COMPUTED["seconds"] += time.perf_counter() - started
         atomic_save(path, {"features": feats, "labels": labels})
         return feats, labels
+
+
+# Seconds this process spent computing features (not loading them): a trial's feature pass, the
+# forward cost of its frozen stages over the data, which the search's time estimates start from.
+_COMPUTED = {"seconds": 0.0}
+
+
+def computed_seconds() -> float:
+    """Seconds this process has spent computing (not loading) cached features so far."""
+    return _COMPUTED["seconds"]
 
 
 def model_layout(x: torch.Tensor) -> torch.Tensor:

@@ -893,12 +893,22 @@ def test_epoch_times_are_kept_apart_by_cpus_and_an_unmeasured_fine_tune_is_estim
     times.add_epoch(timing_key(cfg, threads=2), 10.0)  # a fine-tune given both cores
     assert times.estimate(timing_key(cfg, threads=1), 1) is None  # a one-core draw is not alike
     assert times.estimate(timing_key(cfg, threads=2), 1) == pytest.approx(10.0)
-    # Nothing alike measured: from the backbone's probe, whose start-up was the feature pass.
+    # Nothing alike at one thread: the two-thread fine-tune, at half its speed.
+    assert times.cautious(timing_key(cfg, threads=1), 2) == pytest.approx(10.0 + 2 * 20.0)
+    # Nothing that trains stages measured: from the backbone's probe, whose start-up was the feature pass.
+    times = EpochTimes()
     probe = {**cfg, "freeze_depth": "all"}
     times.add_startup(timing_key(probe, threads=1), 30.0)
     assert times.cautious(timing_key(cfg, threads=1), 2) == pytest.approx(10.0 + 2 * FINE_TUNE_OVER_FEATURE_PASS * 30.0)
     assert times.cautious(timing_key(probe, threads=1), 2) is None  # a probe is never guessed
     assert times.cautious(timing_key({**cfg, "image_size": 128}, threads=1), 2) is None  # another size
+    # The probe's feature pass timed alone (its start-up also decoded the images): that, not the start-up.
+    times.add_feature_pass(timing_key(probe, threads=1), 5.0)
+    assert times.cautious(timing_key(cfg, threads=1), 2) == pytest.approx(10.0 + 2 * FINE_TUNE_OVER_FEATURE_PASS * 5.0)
+    # A measured trial that trains stages of the same backbone and size (another input): its epochs.
+    drawn = {**cfg, "augmentation": "flip", "freeze_depth": 2}
+    times.add_epoch(timing_key(drawn, threads=1), 15.0)
+    assert times.cautious(timing_key(cfg, threads=1), 2) == pytest.approx(10.0 + 2 * 15.0)
 
     # The searcher records a trial's epochs under the CPUs it gave it.
     space = SearchSpace.from_dict({"backbone": "resnet18", "freeze_depth": 0, "lr": 1e-3, "image_size": 32,

@@ -192,6 +192,7 @@ class EpochTimes:
     def __init__(self) -> None:
         self._epochs: dict[tuple, list[float]] = {}
         self._startup: dict[tuple, list[float]] = {}
+        self._feature_pass: dict[tuple, list[float]] = {}  # probes: computing the cached features alone
 
     def add_epoch(self, key: tuple, seconds: Any) -> None:
         if is_finite(seconds) and seconds > 0:
@@ -201,12 +202,17 @@ class EpochTimes:
         if is_finite(seconds) and seconds >= 0:
             self._startup.setdefault(key, []).append(float(seconds))
 
+    def add_feature_pass(self, key: tuple, seconds: Any) -> None:
+        if is_finite(seconds) and seconds > 0:
+            self._feature_pass.setdefault(key, []).append(float(seconds))
+
     def add_trial(self, trial: Any) -> None:
         """Learns from a finished trial's record (its config, threads and per-epoch curve)."""
         rec = TrialRecord.from_trial(trial)
         if not rec.config or not rec.curve:
             return
         key = timing_key(rec.config, threads=rec.threads)
+        self.add_feature_pass(key, rec.curve[0].get("feature_pass_s"))
         epochs = [c.get("epoch_seconds") for c in rec.curve]
         for e in epochs:
             self.add_epoch(key, e)
@@ -226,23 +232,33 @@ class EpochTimes:
         return startup + epochs * sum(times) / len(times)
 
     def cautious(self, key: tuple, epochs: int) -> float | None:
-        """A cautious estimate for a trial that trains stages when nothing alike was measured:
-        from its backbone's probe at the same size and batch (any threads), whose start-up was
-        the feature pass over the data (`FINE_TUNE_OVER_FEATURE_PASS` times it per epoch).
+        """A cautious estimate for a trial that trains stages when nothing alike was measured, at
+        the same backbone, image size and batch size: from the slowest measured trial that trains
+        stages (any depth or input; one at more threads scaled to these), else from its backbone's
+        probe (any threads):
+        `FINE_TUNE_OVER_FEATURE_PASS` times the probe's feature pass per epoch, the pass timed
+        alone where the trial reported it (`feature_pass_s`), else its whole start-up.
 
         Returns:
-            Seconds; None for a probe, or when no such probe was measured.
+            Seconds; None for a probe, or when neither was measured.
         """
         if not trains_stages(key):
             return None
-        passes = [min(v) for k, v in self._startup.items()
-                  if k[0] == key[0] and k[1] == "all" and k[2:4] == key[2:4] and v]
-        if not passes:
+        alike = [k for k in self._epochs if k[0] == key[0] and k[2:4] == key[2:4]]
+        # One measured at more threads than this trial gets would run slower here: scaled up.
+        stages = [sum(self._epochs[k]) / len(self._epochs[k]) * max(1.0, k[5] / key[5])
+                  for k in alike if trains_stages(k)]
+        probes = [k for k in [*self._startup, *self._feature_pass]
+                  if k[0] == key[0] and k[1] == "all" and k[2:4] == key[2:4]]
+        passes = [min(self._feature_pass[k]) for k in probes if self._feature_pass.get(k)]
+        passes = passes or [min(self._startup[k]) for k in probes if self._startup.get(k)]
+        if not stages and not passes:
             return None
-        feature_pass = max(passes)
+        feature_pass = max(passes) if passes else 0.0
+        epoch = max(stages) if stages else FINE_TUNE_OVER_FEATURE_PASS * feature_pass
         # A partial fine-tune fills a cache of its frozen stages' output first: one more pass.
         startup = CAUTIOUS_STARTUP_S + (feature_pass if key[1] != "0" else 0.0)
-        return startup + epochs * FINE_TUNE_OVER_FEATURE_PASS * feature_pass
+        return startup + epochs * epoch
 
     def quickest(self, epochs: int) -> float | None:
         """The shortest estimate for `epochs` epochs of any kind measured; None: none measured."""

@@ -438,6 +438,7 @@ class HonestOptunaSearch(OptunaSearch):
         self._times.add_epoch(key, result.get("epoch_seconds"))
         if len(curve) == 1 and is_finite(result.get("train_seconds")) and is_finite(result.get("epoch_seconds")):
             self._times.add_startup(key, result["train_seconds"] - result["epoch_seconds"])
+            self._times.add_feature_pass(key, result.get("feature_pass_s"))
         value = result.get(self.metric)
         if is_finite(value):
             self._ot_trials[trial_id].report(float(value), step=epoch)

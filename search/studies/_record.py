@@ -25,7 +25,7 @@ T = TypeVar("T")
 # Every validation metric is among them (search.metrics.RECORDED), so the report can draw any of them;
 # val_top5_acc only where the dataset has 10 classes or more.
 CURVE_KEYS = ("epoch", "val_acc", "val_loss", "val_balanced_acc", "train_loss", "epoch_seconds", "images_per_s",
-              "val_macro_f1", "val_top5_acc")
+              "val_macro_f1", "val_top5_acc", "feature_pass_s")
 
 
 def is_finite(v: Any) -> bool:

@@ -208,6 +208,8 @@ def fine_tune(
             "device": str(dev),
             "weights_id": getattr(bb, "weights_id", None),
         }
+        if epoch == start_epoch + 1 and plan.feature_pass_s is not None:
+            metrics["feature_pass_s"] = plan.feature_pass_s  # what the search's cautious estimates start from
         result.history.append(metrics)
         if report is not None:
             report(dict(metrics))
@@ -247,6 +249,7 @@ class _Plan:
 
     tail: nn.Module | None = None  # set: the val loader yields cached features
     train_cached: bool = False  # the train loader yields cached features too
+    feature_pass_s: float | None = None  # seconds spent computing those features; None: none computed
 
     def train_module(self, model: nn.Module) -> nn.Module:
         model.train()
@@ -292,13 +295,20 @@ def load_data(
     if cache and not train_on_val:
         from search import features
 
+        for ds in (train_ds, val_ds):  # the image cache first, so that the feature pass is timed alone
+            if getattr(ds, "cached", False):
+                ds.prepare()
+        before = features.computed_seconds()
         cached = features.cached_loaders(config, bb, train_ds, val_ds, index=index, device=device,
                                          cache_dir=cache_dir)
+        spent = features.computed_seconds() - before
         if cached is not None:
             train_loader, val_loader, tail = cached
+            timed = spent if spent > 0 else None
             if train_loader is None:  # augmented training input: only validation is cached
-                return _image_loader(config, train_ds, device, train=True, labels=labels), val_loader, _Plan(tail=tail)
-            return train_loader, val_loader, _Plan(tail=tail, train_cached=True)
+                return (_image_loader(config, train_ds, device, train=True, labels=labels), val_loader,
+                        _Plan(tail=tail, feature_pass_s=timed))
+            return train_loader, val_loader, _Plan(tail=tail, train_cached=True, feature_pass_s=timed)
 
     return (_image_loader(config, train_ds, device, train=True, labels=labels),
             _image_loader(config, val_ds, device, train=False), _Plan())
