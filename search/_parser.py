@@ -167,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--val-fraction", type=float, default=0.2)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", action="store_true")
+    c.add_argument("--labels", action="store_true",
+                   help="also rank the train/val images whose label looks wrong (out-of-fold linear probe on "
+                        "one backbone's features, then cleanlab; needs: pip install 'tlsearch[labels]')")
+    c.add_argument("--backbone", default=None, metavar="NAME",
+                   help="with --labels: whose pretrained features (default timm/tf_efficientnet_lite0)")
+    c.add_argument("--image-size", type=int, default=None, metavar="PX", help="with --labels: input side (default 128)")
+    c.add_argument("--folds", type=int, default=None, metavar="K", help="with --labels: out-of-fold folds (default 5)")
+    c.add_argument("--weights-dir", default=None, metavar="DIR",
+                   help="with --labels: folder of <model name>.pth pretrained weights")
+    c.add_argument("--no-near-duplicates", action="store_true",
+                   help="skip the search for resized, re-encoded or trimmed copies across splits")
 
     c = sub.add_parser("cache", help="what the image/feature caches and kept checkpoints hold; frees them")
     c.add_argument("--clear", action="store_true",

@@ -27,11 +27,39 @@ from search.outputs import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, i
 def cmd_check(a: argparse.Namespace) -> int:
     from search.data import format_summary, scan_dataset
 
+    if not a.labels and any(v is not None for v in (a.backbone, a.image_size, a.folds, a.weights_dir)):
+        raise TLSearchError("--backbone, --image-size, --folds and --weights-dir only go with --labels")
+    if a.labels:
+        from search.label_issues import require_cleanlab
+
+        require_cleanlab()  # before any scan: the missing package is said at once
     index = scan_dataset(a.data, val_fraction=a.val_fraction, seed=a.seed, warn=None if not a.json else _quiet)
-    if a.json:
-        _print_json(index.summary())
+    summary = index.summary() if a.json else None
+    near_lines: list[str] = []
+    if not a.no_near_duplicates:
+        from search.data import format_near_duplicates, near_duplicates
+
+        near = near_duplicates(index)
+        if summary is not None:
+            summary["near_duplicates_across_splits"] = [d.to_dict() for d in near]
+        near_lines = format_near_duplicates(near, root=index.root)
+    lines = [format_summary(index, more_health=near_lines)]
+    if a.labels:
+        from search import label_issues as li
+
+        result = li.find_label_issues(
+            index, backbone=a.backbone or li.DEFAULT_LABEL_BACKBONE, image_size=a.image_size or li.DEFAULT_LABEL_IMAGE_SIZE,
+            folds=a.folds or li.DEFAULT_FOLDS, weights_dir=a.weights_dir, seed=a.seed,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+        li.keep(result)
+        if summary is not None:
+            summary["label_issues"] = result.to_dict()
+        lines += ["", *li.format_label_issues(result, root=index.root)]
+    if summary is not None:
+        _print_json(summary)
     else:
-        print(format_summary(index))
+        print("\n".join(lines))
     return EXIT_OK
 
 

@@ -15,6 +15,7 @@ Where things live (import them from `search.data`, not from the private modules)
 - `_index`: `SplitSpec`, `DatasetIndex`, `ImageStats`, `format_summary`, `DatasetError`, the `Sample` type.
 - `_labels`: label files (CSV/TSV): which file DATA stands for, its header and rows.
 - `_scan`: `scan_dataset`, `resplit`: the walk, the checks, the random split, the fingerprint.
+- `_near`: near-duplicates across splits (perceptual fingerprints: resized, re-encoded, trimmed copies).
 - `_hashes`: per-file content hashes and their cache, `verify`'s decode (and each file's size and
   mode), known placeholders, identical files.
 - `_cache`: `ImageDataset` (the shared decoded-image cache) and `dataset_splits`.
@@ -51,6 +52,13 @@ from search.data._index import (
     format_summary,
 )
 from search.data._labels import LABEL_FILE_EXTENSIONS, SPLIT_VALUES
+from search.data._near import (
+    NEAR_DUPLICATE_SIMILARITY,
+    NearDuplicate,
+    fingerprint_files,
+    format_near_duplicates,
+    near_duplicates,
+)
 from search.data._scan import (
     IGNORED_NAMES,
     IMAGE_EXTENSIONS,
@@ -75,6 +83,8 @@ __all__ = [
     "KNOWN_PLACEHOLDERS",
     "LABEL_FILE_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
+    "NEAR_DUPLICATE_SIMILARITY",
+    "NearDuplicate",
     "SPLIT_LAYOUTS",
     "SPLIT_VALUES",
     "TEST_SPLIT_NAME",
@@ -90,8 +100,11 @@ __all__ = [
     "dataset_splits",
     "decode_resized",
     "default_cache_dir",
+    "fingerprint_files",
+    "format_near_duplicates",
     "format_summary",
     "load_image",
+    "near_duplicates",
     "resplit",
     "scan_dataset",
     "stored_size",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from search.config import TLSearchError
 
@@ -249,11 +249,12 @@ class DatasetIndex:
         }
 
 
-def format_summary(index: DatasetIndex) -> str:
+def format_summary(index: DatasetIndex, *, more_health: Sequence[str] = ()) -> str:
     """Human-readable report of a scan: a classes x splits table, then the skipped files.
 
     Args:
         index: the scan result.
+        more_health: lines printed after the duplicate files (e.g. `format_near_duplicates`).
 
     Returns:
         Multi-line text without a trailing newline.
@@ -273,7 +274,7 @@ def format_summary(index: DatasetIndex) -> str:
     for c in index.classes:
         lines.append(f"{c:<{width}}" + "".join(f"  {counts[c][name]:>7}" for name, _ in splits))
     lines.append(f"{'total':<{width}}" + "".join(f"  {len(samples):>7}" for _, samples in splits))
-    lines += ["", *_health_lines(index)]
+    lines += ["", *_health_lines(index), *more_health]
     if index.skipped:
         lines += ["", f"skipped {len(index.skipped)} file(s):"]
         for p, reason in index.skipped:

@@ -5,7 +5,10 @@ Compute, then render, in three steps:
 1. data (`_data`): `collect(study)` turns the study into plain tables (`ReportData`: the
    leaderboard from `studies.leaderboard`, one row per trial with its timing, the per-epoch curves,
    parameter importances, the best trial's confusion matrix at its last epoch, and the summary
-   `tlsearch ensemble` left in studies/<study>/ensemble.json, when there is one);
+   `tlsearch ensemble` left in studies/<study>/ensemble.json, when there is one; the error gallery
+   from `_gallery`: the validation images the best kept trials get wrong, read from the logits each
+   kept beside its checkpoint, as small embedded JPEGs; the last `tlsearch check --labels` of the
+   study's dataset, when there is one);
 2. figures (`_figures`, drawing with `_figures_search` and `_figures_trials`, sharing `_plotting`):
    one function per plot (`history_figure`, `backbone_figure`, ...) builds a plotly Figure from
    that plain data, or raises `NotEnoughData` with a short reason the page shows instead;
@@ -15,8 +18,9 @@ Compute, then render, in three steps:
 
 The page loads nothing from outside: plotly.js is inlined once, there are no fonts, no CDN and no
 fetch, and a Content-Security-Policy forbids any load (only the page's own two scripts, by hash,
-may run). Every user string (study name, class names, paths, param values, errors) is escaped with
-`html.escape`, inside plot labels too; JSON inside <script> has `<`, `>` and `&` escaped.
+may run; images are data: URIs). Every user string (study name, class names, paths, param values, errors) is escaped with
+`html.escape`, inside plot labels too (the gallery's file and class names reach
+the page as JSON data and are set as text by app.js, never as markup); JSON inside <script> has `<`, `>` and `&` escaped.
 
 This is the only package that imports plotly; the CLI imports it only when a report is written.
 """

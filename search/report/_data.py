@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from search.config import ConfigError, ensemble_summary_path
+from search.label_issues import read_kept
 from search.metrics import RECORDED
+from search.report._gallery import DEFAULT_GALLERY_IMAGES, gallery_data
 from search.studies import TrialRecord, best_trial, leaderboard, objective_of, score_of, shown_trials
 
 if TYPE_CHECKING:
@@ -40,15 +42,21 @@ class ReportData:
     best_trial: int | None = None  # the best trial's number (studies.best_trial); None: none yet
     per_class: list[dict] | None = None  # best trial's last epoch: class, precision, recall, f1, support; None: absent
     ensemble: dict | None = None  # the last `tlsearch ensemble` summary (studies/<study>/ensemble.json); None: none
+    gallery: dict | str | None = None  # `_gallery.gallery_data`: wrong val images of the best kept trials, or why none
+    label_issues: dict | None = None  # the last `tlsearch check --labels` of the study's dataset; None: none
     generated: float = field(default_factory=time.time)  # when the data was read (unix s)
 
 
-def collect(study: "optuna.Study", *, studies_dir: str | Path | None = None) -> ReportData:
+def collect(study: "optuna.Study", *, studies_dir: str | Path | None = None, gallery: bool = True,
+            gallery_images: int = DEFAULT_GALLERY_IMAGES, cache_dir: str | Path | None = None) -> ReportData:
     """Reads a study into the plain tables the report draws.
 
     Args:
         study: the Optuna study.
         studies_dir: where the study's folder is, to find its ensemble summary; None: not looked for.
+        gallery: read the kept validation predictions and the dataset's images for the error gallery.
+        gallery_images: wrong images shown per trial.
+        cache_dir: where `check --labels` kept its result; None: the default cache folder.
 
     Returns:
         The report data.
@@ -60,12 +68,16 @@ def collect(study: "optuna.Study", *, studies_dir: str | Path | None = None) -> 
     trials = shown_trials(study.get_trials(deepcopy=False))
     records = [TrialRecord.from_trial(t) for t in trials]
     best = best_trial(records, maximize=maximize)
+    board = leaderboard(study, trials=trials)
+    by_number = {r.number: r for r in records}
+    ranked = [by_number[int(n)] for n in board["trial"] if int(n) in by_number]
+    attrs = dict(study.user_attrs)
     return ReportData(
         name=study.study_name,
         metric=metric,
         maximize=maximize,
-        attrs=dict(study.user_attrs),
-        board=leaderboard(study, trials=trials),
+        attrs=attrs,
+        board=board,
         trials=_trials_table(trials, records, maximize=maximize),
         curves=_curves_table(records),
         importances=param_importances(study),
@@ -74,6 +86,9 @@ def collect(study: "optuna.Study", *, studies_dir: str | Path | None = None) -> 
         per_class=(best.per_class_results(study.user_attrs.get("class_names")) or None) if best is not None else None,
         generated=now,
         ensemble=read_ensemble(study.study_name, studies_dir) if studies_dir is not None else None,
+        gallery=gallery_data(ranked, attrs, best=best.number if best is not None else None,
+                             max_images=gallery_images) if gallery else None,
+        label_issues=read_kept(attrs.get("dataset_fingerprint"), cache_dir=cache_dir),
     )
 
 

@@ -155,7 +155,11 @@ def render_page(data: ReportData, figures: list[tuple[Plot, go.Figure | str]]) -
     per_class = _per_class_html(data)
     at = next((i for i, (plot, _) in enumerate(figures) if plot.key == "confusion"), len(sections))
     sections.insert(at, per_class)  # read beside the confusion matrix
-    payload = _script_json({"config": _PLOTLY_CONFIG, "figures": specs})
+    # The images the model gets wrong and the labels that look wrong follow the confusion matrix.
+    at = next((i for i, sec in enumerate(sections) if 'id="confusion"' in sec), len(sections) - 1) + 1
+    sections[at:at] = [_gallery_html(data), *([_label_issues_html(data)] if data.label_issues else [])]
+    gallery = data.gallery if isinstance(data.gallery, dict) else None
+    payload = _script_json({"config": _PLOTLY_CONFIG, "figures": specs, "gallery": gallery})
     # Only these two scripts may run (CSP by hash): no injected handler or script can, and no
     # request can leave the page (default-src 'none').
     csp = (
@@ -309,3 +313,53 @@ def _table_html(board: pd.DataFrame) -> str:
         f'<div class="tablewrap"><table id="leaderboard"><thead><tr>{head}</tr></thead>'
         f'<tbody>{"".join(body)}</tbody></table></div>'
     )
+
+
+def _gallery_html(data: ReportData) -> str:
+    """The error gallery's frame; app.js fills it from the JSON block (names go in as text only)."""
+    about = ("The validation images the trial gets wrong at its last epoch, highest loss first, each with its "
+             "true class, the predicted class and that prediction's probability; above them the most "
+             "confused pairs (true &rarr; predicted): click one to see its images. From the validation "
+             "predictions the trial kept with its checkpoint.")
+    if isinstance(data.gallery, dict):
+        n = len(data.gallery["images"])
+        body = ('<div class="controls"><label>Trial <select id="gallery-trial"></select></label>'
+                '<span id="gallery-shown"></span></div><div id="gallery-pairs" class="pairs"></div>'
+                f'<div id="gallery-grid" class="gallery" data-images="{n}"></div>')
+    else:
+        why = data.gallery if isinstance(data.gallery, str) else "not computed for this page"
+        body = f'<p class="note" data-gallery-note="1">No error gallery: {_e(why)}.</p>'
+    return (f'<section class="card" id="gallery-section"><h2>What the model gets wrong</h2>'
+            f'<p class="about">{about}</p>{body}</section>')
+
+
+# Label issues with a thumbnail in the report (the rest are in `tlsearch check --labels --json`).
+LABEL_ISSUES_SHOWN = 24
+
+
+def _label_issues_html(data: ReportData) -> str:
+    """The last `tlsearch check --labels` of the study's dataset: its ranked suspects."""
+    from search.report._gallery import thumbnail
+
+    li = data.label_issues or {}
+    issues = li.get("issues") or []
+    about = (f"From <code>tlsearch check DATA --labels</code> on this dataset (same files and split): "
+             f"{len(issues)} of {_e(li.get('images'))} train and val images whose given label looks wrong "
+             f"(out-of-fold linear probe on <code>{_e(li.get('backbone'))}</code> features, "
+             f"{_e(li.get('folds'))} folds, accuracy {_e(li.get('probe_accuracy'))}; cleanlab), most likely first.")
+    rows = []
+    root = data.attrs.get("dataset") or ""
+    for r in issues[:LABEL_ISSUES_SHOWN]:
+        src = thumbnail(str(r.get("path", "")), side=72)
+        img = f'<img class="thumb" alt="" src="{_e(src)}">' if src else ""
+        name = str(r.get("path", ""))
+        if root and name.startswith(str(root)):
+            name = name[len(str(root)):].lstrip("/\\")
+        rows.append(f'<tr><td data-t="n">{_e(r.get("rank"))}</td><td>{img}</td><td>{_e(r.get("split"))}</td>'
+                    f'<td class="fname">{_e(name)}</td><td>{_e(r.get("given"))} ({_e(r.get("given_prob"))})</td>'
+                    f'<td>{_e(r.get("suggested"))} ({_e(r.get("suggested_prob"))})</td></tr>')
+    table = ('<div class="tablewrap"><table id="label-issues"><thead><tr><th>rank</th><th></th><th>split</th>'
+             '<th>file</th><th>given (prob.)</th><th>suggested (prob.)</th></tr></thead>'
+             f'<tbody>{"".join(rows)}</tbody></table></div>') if rows else '<p class="note">No label issue found.</p>'
+    return (f'<section class="card" id="label-issues-section"><h2>Labels that look wrong</h2>'
+            f'<p class="about">{about}</p>{table}</section>')

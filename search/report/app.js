@@ -114,6 +114,82 @@
 
   // ---- figures -----------------------------------------------------------------------------
   var payload = JSON.parse(document.getElementById("tl-figures").textContent);
+
+  // ---- error gallery: every name goes in as text (textContent), never as markup. A link may
+  // choose the trial and the pair: #gallery.trial=N&gallery.pair=TRUE-PRED (read once, on load) --
+  var gallery = payload.gallery;
+  var grid = document.getElementById("gallery-grid");
+  if (gallery && grid) {
+    var pick = document.getElementById("gallery-trial");
+    var pairsBox = document.getElementById("gallery-pairs");
+    var shownBox = document.getElementById("gallery-shown");
+    var wanted = {};
+    location.hash.replace(/^#/, "").split("&").forEach(function (part) {
+      var kv = part.split("=");
+      if (kv.length === 2 && kv[0].indexOf("gallery.") === 0) wanted[kv[0].slice(8)] = decodeURIComponent(kv[1]);
+    });
+    var cls = function (i) { return String(gallery.classes[i]); };
+    var el = function (tag, className, text) {
+      var e = document.createElement(tag);
+      if (className) e.className = className;
+      if (text !== undefined) e.textContent = text;
+      return e;
+    };
+    var current = null, pair = null;
+    function drawGrid() {
+      while (grid.firstChild) grid.removeChild(grid.firstChild);
+      var rows = current.shown.filter(function (r) { return !pair || (r.true === pair[0] && r.pred === pair[1]); });
+      rows.forEach(function (r) {
+        var img = gallery.images[r.image];
+        var fig = el("figure");
+        fig.setAttribute("data-true", String(r.true));
+        fig.setAttribute("data-pred", String(r.pred));
+        var pic = el("img");
+        pic.alt = img.name;
+        pic.src = img.src;
+        fig.appendChild(pic);
+        var cap = el("figcaption");
+        cap.appendChild(el("div", "true", "true: " + cls(r.true)));
+        cap.appendChild(el("div", "pred", "predicted: " + cls(r.pred) + " (" + r.prob.toFixed(2) + ")"));
+        cap.appendChild(el("div", "loss", "loss " + (r.loss === null ? "inf" : r.loss.toFixed(2))));
+        cap.appendChild(el("div", "fname", img.name));
+        fig.appendChild(cap);
+        grid.appendChild(fig);
+      });
+      shownBox.textContent = rows.length + " shown of " + current.wrong + " wrong (" + current.images + " validation images)";
+      status.setAttribute("data-gallery", String(rows.length));
+    }
+    function drawPairs() {
+      while (pairsBox.firstChild) pairsBox.removeChild(pairsBox.firstChild);
+      var all = el("button", "", "all mistakes");
+      all.type = "button";
+      all.setAttribute("aria-pressed", pair ? "false" : "true");
+      all.addEventListener("click", function () { pair = null; drawPairs(); drawGrid(); });
+      pairsBox.appendChild(all);
+      current.pairs.forEach(function (p) {
+        var b = el("button", "", cls(p.true) + " \u2192 " + cls(p.pred) + " \u00d7" + p.count);
+        b.type = "button";
+        b.setAttribute("data-pair", p.true + "-" + p.pred);
+        b.setAttribute("aria-pressed", pair && pair[0] === p.true && pair[1] === p.pred ? "true" : "false");
+        b.addEventListener("click", function () { pair = [p.true, p.pred]; drawPairs(); drawGrid(); });
+        pairsBox.appendChild(b);
+      });
+    }
+    function choose(i) { current = gallery.trials[i]; pair = null; drawPairs(); drawGrid(); }
+    gallery.trials.forEach(function (t, i) {
+      var o = el("option", "", "#" + t.trial + (i === 0 ? " (best kept)" : "") + ": " + t.wrong + " wrong");
+      o.value = String(i);
+      pick.appendChild(o);
+    });
+    pick.addEventListener("change", function () { choose(parseInt(pick.value, 10)); });
+    var first = Math.max(0, gallery.trials.findIndex(function (t) { return String(t.trial) === wanted.trial; }));
+    pick.value = String(first);
+    choose(first);
+    if (wanted.pair) {
+      var tp = wanted.pair.split("-").map(Number);
+      if (current.pairs.some(function (p) { return p.true === tp[0] && p.pred === tp[1]; })) { pair = tp; drawPairs(); drawGrid(); }
+    }
+  }
   var ids = Object.keys(payload.figures);
   var pending = ids.map(function (id) {
     var spec = payload.figures[id];
