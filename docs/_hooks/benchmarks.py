@@ -127,7 +127,10 @@ def command(stem: str, d: dict) -> str:
         rows = d.get("rows", [])
         datasets = ",".join(dict.fromkeys(r["data"] for r in rows))
         seeds = ",".join(str(s) for s in dict.fromkeys(r["seed"] for r in rows))
-        return f"python -m benchmarks.fairness --part compare --datasets {datasets} --seeds {seeds} --budget {d.get('budget_s', 300):g}"
+        base = "fairness-compare-" + datasets.replace(",", "-")
+        tag = f" --tag {stem[len(base) + 1:]}" if stem.startswith(base + "-") else ""
+        return (f"python -m benchmarks.fairness --part compare --datasets {datasets} --seeds {seeds} "
+                f"--budget {d.get('budget_s', 300):g}{tag}")
     return f"python -m benchmarks.{part.module}"
 
 
