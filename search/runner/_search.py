@@ -14,40 +14,33 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from search.runner._records import bound_checkpoints, ended_record, snapshot
 from search.runner._ledger import (
     BUDGET_CUT,
     NOT_STARTED,
     SURPLUS,
     EpochTimes,
     _claimed,
-    _mean,
-    _never_ran,
     _other_drivers,
     _Tally,
-    _unflatten,
     enqueue_retry,
     fits_budget,
     is_waiting_continuation,
-    plan_roles,
     timing_key,
     trial_outcome,
 )
 from search.space import (
     CHEAP_PROBE_RECIPE,
-    FINETUNE_CHILDREN,
-    POLICY_CHILDREN,
     WAIT,
-    Choice,
     PlanRole,
     PlanStep,
     SearchSpace,
     StudySnapshot,
-    TrialView,
+    as_probe,
     backbones_in,
     next_step,
 )
 from search.studies import (
-    CURVE_KEYS,
     TrialRecord,
     is_finite,
 )
@@ -262,25 +255,11 @@ class HonestOptunaSearch(OptunaSearch):
         return step
 
     def _snapshot(self) -> StudySnapshot:
-        """The study as the plan sees it: each trial's role, state, score and remaining time."""
-        trials = self._ot_study.get_trials(deepcopy=False)
-        roles = plan_roles(trials)
-        only = backbones_in(self._search_space)[0]
+        """The study as the plan sees it (`_records.snapshot`), open plan fine-tunes timed."""
         now = time.time()
-        views = []
-        for t in trials:
-            params = t.params or t.system_attrs.get("fixed_params") or {}
-            role = roles[t.number]
-            value = t.value if t.state == TrialState.COMPLETE else None
-            if value is None and t.state == TrialState.PRUNED and t.intermediate_values:
-                value = t.intermediate_values[max(t.intermediate_values)]
-            remaining = None
-            if role.is_plan_fine_tune and t.state in (TrialState.RUNNING, TrialState.WAITING):
-                remaining = self._remaining(params, role, t, now)
-            views.append(TrialView(t.number, role, t.state.name, str(params.get("backbone", only)), value,
-                                   never_ran=_never_ran(t), remaining_s=remaining))
-        left = None if self._deadline is None else self._deadline - now
-        return StudySnapshot(tuple(views), maximize=self.mode == "max", time_left=left)
+        return snapshot(self._ot_study.get_trials(deepcopy=False), only=backbones_in(self._search_space)[0],
+                        maximize=self.mode == "max", time_left=None if self._deadline is None else self._deadline - now,
+                        remaining=lambda params, role, t: self._remaining(params, role, t, now))
 
     def _remaining(self, params: dict, role: PlanRole, trial: Any, now: float) -> float | None:
         """Seconds an open plan fine-tune still needs: its estimate, less what it has run."""
@@ -308,21 +287,11 @@ class HonestOptunaSearch(OptunaSearch):
         return self._times.best_estimate(key, n) if cautious else self._times.estimate(key, n)
 
     def _cheaper(self, params: dict) -> dict | None:
-        """The drawn params as a linear probe (head alone, un-augmented: seconds on cached
-        features) when the space offers one and its measured time fits what is left; else None."""
-        if self._deadline is None:
+        """The drawn params as a linear probe (`space.as_probe`) when its measured time fits what
+        is left; else None."""
+        cheap = as_probe(self._search_space, params) if self._deadline is not None else None
+        if cheap is None:
             return None
-        space = self._search_space.param_dict
-        drawn = {k: v for k, v in params.items() if not k.startswith("_")}
-        cheap = {k: v for k, v in drawn.items() if k not in FINETUNE_CHILDREN and k not in POLICY_CHILDREN}
-        for name, value in (("freeze_depth", "all"), ("augmentation", "none")):
-            p = space.get(name)
-            if isinstance(p, Choice) and value in p.values:
-                cheap[name] = value
-        if cheap.get("freeze_depth") != "all" or cheap == drawn:
-            return None  # no probe in the space, or the draw is one already
-        cheap.pop("epochs", None)
-        cheap.pop("warmup_epochs", None)
         needed = self._estimate(cheap, cpus=self._cpus_per_trial)
         if needed is None or needed > self._deadline - time.time():
             return None
@@ -496,42 +465,8 @@ class HonestOptunaSearch(OptunaSearch):
         self, ot_trial: Any, config: dict, curve: list, last: dict, final: dict,
         error: str | None, interrupted: bool, stopped_by: str | None = None,
     ) -> None:
-        try:
-            cfg_dict: dict | None = self._search_space.to_trial_config(config).to_dict()
-        except Exception:
-            cfg_dict = {k: v for k, v in config.items() if not k.startswith("_")}
-        src = last or final
-        record = TrialRecord(
-            config=cfg_dict,
-            epochs_run=int(last.get("epoch", 0)),
-            curve=tuple({k: c.get(k) for k in CURVE_KEYS if k in c} for c in curve),
-            # One epoch for everything: the value, these metrics and the checkpoint are the last epoch's.
-            confusion_matrix=last.get("confusion_matrix"),
-            val_loss=last.get("val_loss"),
-            val_balanced_acc=last.get("val_balanced_acc"),
-            val_macro_f1=last.get("val_macro_f1"),
-            per_class=tuple(last.get("per_class") or ()),
-            best_val_acc=last.get("best_val_acc"),
-            params_total=src.get("params_total"),
-            params_trainable=src.get("params_trainable"),
-            latency_ms=src.get("latency_ms"),
-            train_seconds=final.get("train_seconds", src.get("train_seconds")),
-            images_per_s=_mean([c.get("images_per_s") for c in curve]),
-            node_id=final.get("node_id"),
-            hostname=final.get("hostname"),
-            worker=final.get("worker"),
-            device=src.get("device"),
-            threads=final.get("threads"),
-            weights_id=src.get("weights_id"),
-            versions=_unflatten(final, "versions"),
-            started_at=final.get("started_at"),
-            finished_at=time.time(),
-            checkpoint=final.get("checkpoint"),
-            error=error[:2000] if error else None,
-            traceback=str(final["traceback"])[-4000:] if final.get("traceback") else None,
-            interrupted=interrupted,
-            stopped_by=stopped_by,
-        )
+        record = ended_record(self._search_space, config, curve, last, final, error=error, interrupted=interrupted,
+                              stopped_by=stopped_by)
         attrs = record.to_user_attrs()  # retry_of, baseline, driver, heartbeat: set by the search, kept
         for key, val in attrs.items():
             try:
@@ -541,33 +476,10 @@ class HonestOptunaSearch(OptunaSearch):
 
     def _bound_checkpoints(self, ot_trial: Any, state: TrialState, value: Any, config: dict,
                            interrupted: bool, final: dict) -> None:
-        """Removes the checkpoints the study no longer keeps, this ending trial's among them
-        (`disk.checkpoints_to_remove`); this trial's attributes say so before its state is told."""
-        if self._keep_checkpoints is None:
-            return
-        from search import disk
-
-        try:
-            backbone = self._search_space.to_trial_config(config).backbone
-        except Exception:
-            backbone = config.get("backbone")
-        retry_of, continues = ot_trial.user_attrs.get("retry_of"), ot_trial.user_attrs.get("continues")
-        ending = disk.CheckpointTrial(
-            number=ot_trial.number, state=state.name,
-            value=float(value) if state == TrialState.COMPLETE and is_finite(value) else None,
-            backbone=backbone, interrupted=interrupted, retry_of=retry_of if isinstance(retry_of, int) else None,
-            continues=continues if isinstance(continues, int) else None,
-            has_checkpoint=bool(final.get("checkpoint")),
-            budget_cut=ot_trial.user_attrs.get("stopped_by") == BUDGET_CUT,
-        )
-        try:
-            _, own = disk.prune_study_checkpoints(self._ot_study, keep=self._keep_checkpoints, ending=ending)
-            if own:
-                disk.remove_checkpoint(final.get("checkpoint"))
-                ot_trial.set_user_attr("checkpoint", None)
-                ot_trial.set_user_attr("checkpoint_removed", True)
-        except Exception as e:  # disk space is not worth a trial: the next trial's end tries again
-            print(f"warning: trial {ot_trial.number}: checkpoints not cleaned up: {e}", file=sys.stderr)
+        """Removes the checkpoints the study no longer keeps (`_records.bound_checkpoints`)."""
+        if self._keep_checkpoints is not None:
+            bound_checkpoints(self._ot_study, self._search_space, ot_trial, state, value, config, interrupted, final,
+                              keep=self._keep_checkpoints)
 
     def _update_tally(self, state: TrialState, interrupted: bool, value: Any, config: dict, final: dict) -> None:
         t = self._tally

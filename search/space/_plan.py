@@ -266,3 +266,23 @@ def next_fine_tune(
     if isinstance(step, PlanStep):
         return step.recipe, step.params
     return step
+
+
+def as_probe(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any] | None:
+    """A drawn trial's params as a linear probe (head alone, un-augmented: seconds on cached
+    features), what a draw becomes when it does not fit the time left.
+
+    Returns:
+        The params; None when the space offers no probe, or the draw is one already.
+    """
+    from search.space._params import FINETUNE_CHILDREN, POLICY_CHILDREN, Choice
+
+    drawn = {k: v for k, v in params.items() if not k.startswith("_") and k not in ("epochs", "warmup_epochs")}
+    cheap = {k: v for k, v in drawn.items() if k not in FINETUNE_CHILDREN and k not in POLICY_CHILDREN}
+    for name, value in (("freeze_depth", "all"), ("augmentation", "none")):
+        p = space.param_dict.get(name)
+        if isinstance(p, Choice) and value in p.values:
+            cheap[name] = value
+    if cheap.get("freeze_depth") != "all" or cheap == drawn:
+        return None
+    return cheap
