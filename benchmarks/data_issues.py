@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                                   work=work, seed=a.seed),
                     bench_dataset("hymenoptera", per_class_train=None, per_class_val=None, work=work, seed=a.seed)]
     clean = [clean_pairs(SHARED / "data" / n) for n in ("aid25", "hymenoptera", "spoken_digits", "cifar10_mini")]
-    res = {"machine": f"{os.cpu_count()} CPU cores, no GPU used", "datasets": datasets, "clean": clean,
+    res = {"cpus": os.cpu_count(), "machine": f"{os.cpu_count()} CPU cores, no GPU used", "datasets": datasets, "clean": clean,
            "seconds": round(time.perf_counter() - t0, 1)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "data_issues.json").write_text(json.dumps(res, indent=2) + "\n")

@@ -163,6 +163,7 @@ def part_replay(args: argparse.Namespace) -> dict:
     }
     out["real"] = real
     out["case"] = {"classes": args.classes, "per_class": args.per_class, "side": args.side, "threads": args.threads}
+    out["cpus"] = os.cpu_count()
     return out
 
 
