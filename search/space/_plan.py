@@ -43,8 +43,6 @@ class PlanRole:
     retry_of: int | None = None  # the interrupted trial whose params it runs again
     continues: int | None = None  # the budget-cut trial whose checkpoint it continues
 
-    KEYS = ("recipe", "baseline", "plan_epochs", "retry_of", "continues")
-
     @property
     def is_probe(self) -> bool:
         return self.recipe == PROBE_RECIPE
